@@ -1,0 +1,34 @@
+# The two quick-start commands (README) and the bootstrap they share.
+#   make demo   — the main job on the embedded default (no ImageNet, SLURM or GPU needed)
+#   make test   — the test suite (what .ci/run runs)
+# `make setup` creates .venv and installs the project with every extra; it re-runs only when
+# pyproject.toml changed, so the two commands above are quick the second time.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup demo test bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: DeepSpeed's sdist imports torch while it builds (hence --no-build-isolation below).
+	$(PY) -m pip install -q "torch>=2.3" "torchvision>=0.18" setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation -e '.[dali,deepspeed,submitit,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(PY) -m lowrank_dist.report.costs
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/decompose_vgg16.py
+
+clean-venv:
+	rm -rf $(VENV)

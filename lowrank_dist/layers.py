@@ -1,0 +1,204 @@
+"""LowRankConv2d: a kh×kw convolution factorised into a vertical kh×1 conv (C→K) followed by a
+horizontal 1×kw conv (K→N), as in Tai et al. (ICLR 2016).
+
+The vertical conv takes the height part of the stride, padding and dilation; the horizontal conv
+takes the width part and the bias. With no nonlinearity between them the pair is one linear map
+whose kernel is Ŵ[n,c,i,j] = Σ_k V[k,c,i]·H[n,k,j] (`dense_weight`), so a forward pass equals the
+dense conv with Ŵ, and `reproject` can re-impose rank K exactly. An optional BatchNorm between the
+two convs (off by default; the authors put BN after the horizontal conv) breaks that equivalence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .decompose import Decomposition, decompose_kernel, recompose
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
+    """Integer (ph, pw) for an nn.Conv2d padding argument; 'same' only where it is symmetric."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(
+                f"padding='same' with kernel {kernel_size} and dilation {dilation} pads asymmetrically,"
+                " which a vertical/horizontal split cannot express; give integer padding"
+            )
+        return (total[0] // 2, total[1] // 2)
+    return _pair(padding)
+
+
+class LowRankConv2d(nn.Module):
+    """vertical: Conv2d(C → groups·K, (kh,1), stride (sh,1), padding (ph,0), dilation (dh,1), no bias)
+    [between: BatchNorm2d(groups·K), only if bn_between]
+    horizontal: Conv2d(groups·K → N, (1,kw), stride (1,sw), padding (0,pw), dilation (1,dw), bias)
+
+    `rank` is K per group; a grouped conv keeps its groups in both factors.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        bn_between: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        sh, sw = _pair(stride)
+        dh, dw = _pair(dilation)
+        ph, pw = _resolve_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+        if kh * kw == 1:
+            raise ValueError("a 1×1 convolution cannot be factorised into vertical and horizontal parts")
+        limit = min((in_channels // groups) * kh, kw * (out_channels // groups))
+        if not 1 <= rank <= limit:
+            raise ValueError(
+                f"rank {rank} is out of range for a {kh}×{kw} conv {in_channels}→{out_channels}"
+                f" (groups={groups}): allowed 1..{limit}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = (kh, kw), (sh, sw), (ph, pw), (dh, dw)
+        self.groups, self.rank = groups, rank
+        factory = {"device": device, "dtype": dtype}
+        self.vertical = nn.Conv2d(
+            in_channels, groups * rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+            groups=groups, bias=False, **factory,
+        )
+        self.between = nn.BatchNorm2d(groups * rank, **factory) if bn_between else None
+        self.horizontal = nn.Conv2d(
+            groups * rank, out_channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
+            groups=groups, bias=bias, **factory,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.vertical(x)
+        if self.between is not None:
+            x = self.between(x)
+        return self.horizontal(x)
+
+    # -- construction from a dense conv ----------------------------------------------------------
+
+    @classmethod
+    def _like(cls, conv: nn.Conv2d, rank: int, bn_between: bool) -> "LowRankConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode={conv.padding_mode!r} cannot be split into a vertical and a horizontal"
+                " pass (the corners differ); only 'zeros' is supported"
+            )
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+            bn_between=bn_between, device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, rank: int, bn_between: bool = False, decomposition: Decomposition | None = None
+    ) -> "LowRankConv2d":
+        """The exact rank-K decomposition of a (trained) dense conv: the fine-tune path.
+        `decomposition`, if given, is `decompose_kernel(conv.weight, rank, conv.groups)` computed
+        by the caller (who wants its error)."""
+        layer = cls._like(conv, rank, bn_between)
+        layer.load_decomposition(decomposition or decompose_kernel(conv.weight, rank, conv.groups))
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.horizontal.bias.copy_(conv.bias)
+        return layer
+
+    @classmethod
+    def from_scratch_like(cls, conv: nn.Conv2d, rank: int, bn_between: bool = False) -> "LowRankConv2d":
+        """A freshly initialised factorised twin of `conv`, for training from scratch.
+
+        The factors are drawn so that the composed map has the same gain as the dense layer's own
+        initialisation (whatever scheme the model used): V ~ N(0, 1/(C·kh)) preserves the input's
+        variance, and H ~ N(0, σ_W²·C·kh·kw / (K·kw)) then reproduces the dense output variance
+        C·kh·kw·σ_W²·E[x²], where σ_W is the standard deviation of conv.weight as initialised.
+        """
+        layer = cls._like(conv, rank, bn_between)
+        c = conv.in_channels // conv.groups
+        kh, kw = conv.kernel_size
+        sigma_w = float(conv.weight.detach().float().std()) if conv.weight.numel() > 1 else 0.0
+        if not math.isfinite(sigma_w) or sigma_w == 0.0:
+            sigma_w = 1.0 / math.sqrt(c * kh * kw)
+        with torch.no_grad():
+            layer.vertical.weight.normal_(0.0, 1.0 / math.sqrt(c * kh))
+            layer.horizontal.weight.normal_(0.0, sigma_w * math.sqrt(c * kh * kw / (rank * kw)))
+            if conv.bias is not None:
+                layer.horizontal.bias.copy_(conv.bias)
+        return layer
+
+    # -- the composed kernel and re-projection ----------------------------------------------------
+
+    def load_decomposition(self, decomposition: Decomposition) -> None:
+        """Copy factors into this layer, resizing it if the rank changed."""
+        if decomposition.groups != self.groups:
+            raise ValueError(f"decomposition has {decomposition.groups} groups, layer has {self.groups}")
+        if decomposition.rank != self.rank:
+            # New parameters: an optimizer holding the old ones must be rebuilt by the caller.
+            self.rank = decomposition.rank
+            self.vertical.out_channels = self.horizontal.in_channels = self.groups * self.rank
+            self.vertical.weight = nn.Parameter(torch.empty_like(decomposition.vertical))
+            self.horizontal.weight = nn.Parameter(torch.empty_like(decomposition.horizontal))
+            if self.between is not None:
+                self.between = nn.BatchNorm2d(self.groups * self.rank).to(decomposition.vertical.device)
+        with torch.no_grad():
+            self.vertical.weight.copy_(decomposition.vertical)
+            self.horizontal.weight.copy_(decomposition.horizontal)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Ŵ[n,c,i,j] = Σ_k V[k,c,i]·H[n,k,j]: the N×(C/groups)×kh×kw kernel this layer applies."""
+        if self.between is not None:
+            raise ValueError(
+                "dense_weight() is undefined with BatchNorm between the vertical and horizontal convs:"
+                " the pair is no longer one linear kernel"
+            )
+        return recompose(self.vertical.weight, self.horizontal.weight, self.groups)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent dense nn.Conv2d (same outputs up to rounding)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, bias=self.horizontal.bias is not None,
+            device=self.vertical.weight.device, dtype=self.vertical.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if conv.bias is not None:
+                conv.bias.copy_(self.horizontal.bias)
+        return conv
+
+    @torch.no_grad()
+    def reproject(self, rank: int | None = None) -> Decomposition:
+        """Replace the factors by the exact rank-`rank` decomposition (default: the current rank) of
+        the current composed kernel. At the same rank this re-balances V and H (‖V_k‖ = ‖H_k‖ = √s_k)
+        without changing the layer's output, in place, so an optimizer's references stay valid."""
+        decomposition = decompose_kernel(self.dense_weight(), self.rank if rank is None else rank, self.groups)
+        self.load_decomposition(decomposition)
+        return decomposition
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank},"
+            f" stride={self.stride}, padding={self.padding}, groups={self.groups}"
+        )

@@ -1,0 +1,79 @@
+"""Models: AlexNet, VGG-16, GoogLeNet (torchvision's architectures) and NIN for CIFAR-10, each
+built dense or low-rank from a plain dict.
+
+    build_model({"name": "vgg16", "batch_norm": True, "lowrank": {"preset": "tai2016"}})
+    build_model({"name": "googlenet", "lowrank": {"speedup": 2.0}})
+    build_model({"name": "alexnet", "batch_norm": True, "lowrank": {"energy": 0.9}})
+
+`lowrank` takes exactly one of preset (a named rank list of the model), ranks (a list, one per
+factorisable conv in module order, or a mapping layer name → rank; null keeps a layer dense),
+speedup (per-layer theoretical target) or energy (fraction of singular-value energy), plus
+factorise_first (default: only when ranks are explicit) and bn_between (default false).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import nn
+
+from . import alexnet, googlenet, nin, vgg  # noqa: F401  (registration)
+from .convert import LayerError, convert, decompose, factorisable_convs
+from .registry import MODELS, ModelSpec, model_spec, register_model
+
+MODEL_KEYS = {"name", "num_classes", "batch_norm", "dropout", "lowrank"}
+LOWRANK_KEYS = {"preset", "ranks", "speedup", "energy", "factorise_first", "bn_between"}
+
+
+def lowrank_policy(spec: ModelSpec, lowrank: Mapping) -> dict:
+    """The rank-policy dict for `convert`/`decompose`: a preset name resolved to its ranks."""
+    unknown = sorted(set(lowrank) - LOWRANK_KEYS)
+    if unknown:
+        raise ValueError(f"model.lowrank: unknown key(s) {unknown}; allowed: {sorted(LOWRANK_KEYS)}")
+    policy = {key: lowrank[key] for key in ("ranks", "speedup", "energy") if lowrank.get(key) is not None}
+    if lowrank.get("preset") is not None:
+        preset = lowrank["preset"]
+        if preset not in spec.presets:
+            raise ValueError(
+                f"model.lowrank.preset: {spec.name} has no preset {preset!r};"
+                f" available: {sorted(spec.presets) or 'none'}"
+            )
+        policy["ranks"] = list(spec.presets[preset])
+        if len(policy) > 1:
+            raise ValueError("model.lowrank: give a preset or ranks/speedup/energy, not both")
+    return policy
+
+
+def build_model(cfg: Mapping) -> nn.Module:
+    """Dense model, or its low-rank twin freshly initialised for training from scratch."""
+    if "name" not in cfg:
+        raise ValueError(f"model: 'name' is required; available: {', '.join(sorted(MODELS))}")
+    spec = model_spec(cfg["name"])
+    allowed = MODEL_KEYS | set(spec.options)
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"model: unknown key(s) {unknown} for {spec.name}; allowed: {sorted(allowed)}")
+    options = {key: cfg.get(key, default) for key, default in spec.options.items()}
+    if "dropout" in cfg:
+        options["dropout"] = cfg["dropout"]
+    model = spec.build(
+        num_classes=cfg.get("num_classes", spec.num_classes),
+        batch_norm=cfg.get("batch_norm", spec.name == "googlenet"),
+        **options,
+    )
+    lowrank = cfg.get("lowrank")
+    if lowrank:
+        model = convert(
+            model,
+            lowrank_policy(spec, lowrank),
+            factorise_first=lowrank.get("factorise_first"),
+            bn_between=bool(lowrank.get("bn_between", False)),
+            inplace=True,
+        )
+    return model
+
+
+__all__ = [
+    "MODELS", "ModelSpec", "LayerError", "build_model", "convert", "decompose", "factorisable_convs",
+    "lowrank_policy", "model_spec", "register_model",
+]

@@ -1,0 +1,31 @@
+"""AlexNet, torchvision's architecture (64-192-384-256-256 convs), optionally with BatchNorm after
+each conv (the paper's low-rank AlexNet trains from scratch with BN)."""
+
+from torch import nn
+from torchvision.models import AlexNet
+
+from .registry import register_model
+
+# Tai et al., CaffeNet ranks for conv1..conv5 (DESIGN.md §1).
+TAI2016_RANKS = [8, 40, 60, 100, 200]
+
+
+def _conv_block(in_channels, out_channels, kernel_size, stride, padding, batch_norm):
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_channels))
+    return layers + [nn.ReLU(inplace=True)]
+
+
+@register_model("alexnet", presets={"tai2016": TAI2016_RANKS})
+def alexnet(num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
+    model = AlexNet(num_classes=num_classes, dropout=dropout)
+    if batch_norm:
+        model.features = nn.Sequential(
+            *_conv_block(3, 64, 11, 4, 2, True), nn.MaxPool2d(3, 2),
+            *_conv_block(64, 192, 5, 1, 2, True), nn.MaxPool2d(3, 2),
+            *_conv_block(192, 384, 3, 1, 1, True),
+            *_conv_block(384, 256, 3, 1, 1, True),
+            *_conv_block(256, 256, 3, 1, 1, True), nn.MaxPool2d(3, 2),
+        )
+    return model

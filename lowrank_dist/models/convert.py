@@ -1,0 +1,122 @@
+"""Turn a dense torchvision-style CNN into its low-rank form.
+
+`convert` replaces each factorisable conv (kh·kw > 1, zero padding) by a freshly initialised
+LowRankConv2d — training from scratch, the paper's main recipe. `decompose` replaces it by the
+exact decomposition of its trained kernel — the decompose-and-fine-tune path — and reports each
+layer's approximation error. Both leave 1×1 convs dense (nothing to factorise) and, unless the
+policy names every layer explicitly, keep the first conv dense (it sees 3 input channels, so it is
+cheap and its rank would be tiny).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from torch import nn
+
+from ..decompose import ExplicitRanks, RankPolicy, decompose_kernel, policy_from_config
+from ..layers import LowRankConv2d
+
+
+def factorisable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
+    """(name, conv) for every dense conv that can be factorised, in module order. The convs inside
+    an existing LowRankConv2d are not visited."""
+    inside_lowrank: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankConv2d):
+            inside_lowrank.append(name + ".")
+            continue
+        if any(name.startswith(prefix) for prefix in inside_lowrank):
+            continue
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.kernel_size[0] * module.kernel_size[1] > 1
+            and module.padding_mode == "zeros"
+        ):
+            yield name, module
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _chosen_ranks(model: nn.Module, policy: RankPolicy, factorise_first: bool | None) -> dict[str, int]:
+    """Layer name → rank for every layer the policy factorises."""
+    if factorise_first is None:  # explicit per-layer ranks name the first conv deliberately
+        factorise_first = isinstance(policy, ExplicitRanks)
+    convs = list(factorisable_convs(model))
+    if isinstance(policy, ExplicitRanks):
+        if isinstance(policy.ranks, Mapping):
+            known = {name for name, _ in convs}
+            unknown = sorted(set(policy.ranks) - known)
+            if unknown:
+                raise ValueError(
+                    f"ranks name layers the model does not have (or that are 1×1): {unknown};"
+                    f" factorisable layers: {sorted(known)}"
+                )
+        elif len(policy.ranks) != len(convs):
+            raise ValueError(
+                f"a rank list needs one entry per factorisable conv: the model has {len(convs)},"
+                f" the list has {len(policy.ranks)}"
+            )
+    chosen = {}
+    for ordinal, (name, conv) in enumerate(convs):
+        if ordinal == 0 and not factorise_first:
+            continue
+        rank = policy.rank_for(name, conv.weight, conv.groups, ordinal=ordinal)
+        if rank is not None:
+            chosen[name] = rank
+    return chosen
+
+
+def convert(
+    model: nn.Module,
+    policy: RankPolicy | Mapping,
+    factorise_first: bool | None = None,
+    bn_between: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Low-rank twin of `model` for training from scratch: factorised layers are freshly initialised
+    with the same gain as the dense layer they replace (see LowRankConv2d.from_scratch_like)."""
+    policy = policy_from_config(policy)
+    model = model if inplace else copy.deepcopy(model)
+    for name, rank in _chosen_ranks(model, policy, factorise_first).items():
+        conv = model.get_submodule(name)
+        _replace(model, name, LowRankConv2d.from_scratch_like(conv, rank, bn_between))
+    return model
+
+
+@dataclass
+class LayerError:
+    name: str
+    rank: int
+    max_rank: int
+    error: float  # ‖W − Ŵ‖_F
+    relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
+
+
+def decompose(
+    model: nn.Module,
+    policy: RankPolicy | Mapping,
+    factorise_first: bool | None = None,
+    bn_between: bool = False,
+    inplace: bool = False,
+) -> tuple[nn.Module, list[LayerError]]:
+    """Low-rank model from trained weights by the exact decomposition, with per-layer errors."""
+    policy = policy_from_config(policy)
+    model = model if inplace else copy.deepcopy(model)
+    errors = []
+    for name, rank in _chosen_ranks(model, policy, factorise_first).items():
+        conv = model.get_submodule(name)
+        decomposition = decompose_kernel(conv.weight, rank, conv.groups)
+        _replace(model, name, LowRankConv2d.from_conv(conv, rank, bn_between, decomposition))
+        errors.append(
+            LayerError(
+                name, rank, decomposition.singular_values.shape[-1], decomposition.error,
+                decomposition.relative_error,
+            )
+        )
+    return model, errors

@@ -1,0 +1,40 @@
+"""Network in Network for CIFAR-10 (Lin et al. 2014), the model of Tai et al.'s CIFAR-10 study:
+three 'mlpconv' blocks (a k×k conv followed by two 1×1 convs), global average pooling."""
+
+from torch import nn
+
+from .registry import register_model
+
+
+def _mlpconv(in_channels, widths, kernel_size, padding, batch_norm):
+    layers = []
+    for i, out_channels in enumerate(widths):
+        k, p = (kernel_size, padding) if i == 0 else (1, 0)
+        layers.append(nn.Conv2d(in_channels, out_channels, k, padding=p))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU(inplace=True))
+        in_channels = out_channels
+    return layers
+
+
+class NIN(nn.Module):
+    def __init__(self, num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            *_mlpconv(3, (192, 160, 96), 5, 2, batch_norm),
+            nn.MaxPool2d(3, 2, ceil_mode=True), nn.Dropout(dropout),
+            *_mlpconv(96, (192, 192, 192), 5, 2, batch_norm),
+            nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(dropout),
+            *_mlpconv(192, (192, 192), 3, 1, batch_norm),
+            nn.Conv2d(192, num_classes, 1),  # class maps: no BN or ReLU on the logits
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.features(x)).flatten(1)
+
+
+@register_model("nin", input_size=(3, 32, 32), num_classes=10)
+def nin(num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
+    return NIN(num_classes, batch_norm, dropout)

@@ -1,0 +1,1 @@
+"""Reports on what factorisation buys: theoretical costs (costs.py)."""

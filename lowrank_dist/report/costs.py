@@ -1,0 +1,162 @@
+"""Theoretical per-layer costs of a (low-rank) CNN: multiply-accumulates and parameters per conv.
+
+MACs are counted from the shapes a real forward pass produces, so strides and padding are exact:
+a dense conv costs (C/groups)·kh·kw MACs per output element; a LowRankConv2d costs its vertical
+conv ((C/groups)·kh per element of the K-channel intermediate, which has the output's height but the
+input's width) plus its horizontal conv (K·kw per output element). For stride 1 this is the paper's
+K·(C·kh + N·kw) per output pixel; the "dense" column is what the original kh×kw conv would cost.
+
+    python -m lowrank_dist.report.costs                      # every model, its default policy
+    python -m lowrank_dist.report.costs --model vgg16 --speedup 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..layers import LowRankConv2d
+
+
+@dataclass
+class LayerCost:
+    name: str
+    kernel: tuple[int, int, int, int]  # N × C/groups × kh × kw of the (equivalent) dense kernel
+    groups: int
+    rank: int | None  # None: dense
+    output: tuple[int, int]  # H × W of the layer's output
+    dense_macs: int  # per image
+    lowrank_macs: int  # per image (equal to dense_macs for a dense layer)
+    dense_params: int
+    lowrank_params: int
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_macs / self.lowrank_macs
+
+
+def _params(*modules: nn.Module | None) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+def conv_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerCost]:
+    """One row per conv layer (dense or factorised), in module order, for one image of
+    `input_size` = (C, H, W)."""
+    shapes: dict[nn.Module, torch.Size] = {}
+    hooks = [
+        m.register_forward_hook(lambda module, _inp, out: shapes.__setitem__(module, out.shape))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            param = next(model.parameters())
+            model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+
+    rows, inner = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankConv2d):
+            v, h = module.vertical, module.horizontal
+            inner.update((v, h))
+            n, c, (kh, kw), g = module.out_channels, module.in_channels // module.groups, module.kernel_size, module.groups
+            out_h, out_w = shapes[h][2:]
+            dense_macs = n * c * kh * kw * out_h * out_w
+            lowrank_macs = shapes[v][1:].numel() * c * kh + shapes[h][1:].numel() * module.rank * kw
+            dense_params = n * c * kh * kw + (n if h.bias is not None else 0)
+            rows.append(
+                LayerCost(name, (n, c, kh, kw), g, module.rank, (out_h, out_w), dense_macs, lowrank_macs,
+                          dense_params, _params(v, module.between, h))
+            )
+        elif isinstance(module, nn.Conv2d) and module not in inner and module in shapes:
+            n, c, kh, kw = module.weight.shape
+            out_h, out_w = shapes[module][2:]
+            macs = shapes[module][1:].numel() * c * kh * kw
+            params = _params(module)
+            rows.append(LayerCost(name, (n, c, kh, kw), module.groups, None, (out_h, out_w), macs, macs, params, params))
+    return rows
+
+
+def format_table(rows: list[LayerCost], title: str = "") -> str:
+    """Markdown table with a totals line."""
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| layer | kernel N×C×kh×kw | rank | output | dense MMACs | low-rank MMACs | speedup | dense params | low-rank params |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        kernel = "×".join(map(str, r.kernel)) + (f" /{r.groups}g" if r.groups > 1 else "")
+        lines.append(
+            f"| {r.name} | {kernel} | {r.rank if r.rank is not None else 'dense'} | {r.output[0]}×{r.output[1]}"
+            f" | {r.dense_macs / 1e6:,.1f} | {r.lowrank_macs / 1e6:,.1f} | {r.speedup:.2f}×"
+            f" | {r.dense_params:,} | {r.lowrank_params:,} |"
+        )
+    dense, lowrank = sum(r.dense_macs for r in rows), sum(r.lowrank_macs for r in rows)
+    dense_p, lowrank_p = sum(r.dense_params for r in rows), sum(r.lowrank_params for r in rows)
+    factorised = sum(r.rank is not None for r in rows)
+    lines.append(
+        f"| **all {len(rows)} convs ({factorised} factorised)** | | | | **{dense / 1e6:,.1f}** | **{lowrank / 1e6:,.1f}**"
+        f" | **{dense / lowrank:.2f}×** | **{dense_p:,}** | **{lowrank_p:,}** |"
+    )
+    return "\n".join(lines)
+
+
+def as_dicts(rows: list[LayerCost]) -> list[dict]:
+    return [asdict(r) | {"speedup": r.speedup} for r in rows]
+
+
+# The policies the demo shows: the authors' ranks where they published them, else a target speedup.
+DEFAULT_LOWRANK = {
+    "alexnet": {"preset": "tai2016"},
+    "vgg16": {"preset": "tai2016"},
+    "googlenet": {"speedup": 2.0},
+    "nin": {"speedup": 2.0},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..models import MODELS, build_model, model_spec
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lowrank_dist.report.costs",
+        description="Per-layer theoretical cost of each low-rank model (MACs and parameters, dense vs factorised).",
+    )
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="model (repeatable; default: all)")
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument("--preset", help="a named rank preset of the model, e.g. tai2016")
+    policy.add_argument("--speedup", type=float, help="per-layer theoretical speedup target")
+    policy.add_argument("--energy", type=float, help="fraction of singular-value energy to keep (of the initial weights)")
+    parser.add_argument("--batch-norm", action="store_true", help="build the BN variant")
+    args = parser.parse_args(argv)
+
+    override = {key: getattr(args, key) for key in ("preset", "speedup", "energy") if getattr(args, key) is not None}
+    for name in args.model or ["alexnet", "vgg16", "googlenet", "nin"]:
+        lowrank = override or DEFAULT_LOWRANK[name]
+        cfg = {"name": name, "lowrank": lowrank}
+        if args.batch_norm:
+            cfg["batch_norm"] = True
+        try:
+            model = build_model(cfg)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        spec = model_spec(name)
+        rows = conv_costs(model, spec.input_size)
+        policy_text = ", ".join(f"{k}={v}" for k, v in lowrank.items())
+        size = "×".join(map(str, spec.input_size[1:]))
+        print(format_table(rows, f"{name} — low-rank ({policy_text}) at {size}, per image"))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
