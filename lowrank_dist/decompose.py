@@ -18,10 +18,10 @@ and the error is ‖W − Ŵ‖_F = sqrt(Σ_{k>K} s_k²). Cost per output pixel 
 K·(C·kh + N·kw) multiply-accumulates. Grouped convolutions are decomposed group by group.
 
 How the SVD is computed: only the top K singular pairs are needed, so instead of a full SVD we
-diagonalise the Gram matrix of M's shorter side (G = M Mᵀ or Mᵀ M, at most 1536×1536 for VGG-16)
-in float64. Its eigenvalues are s², its top-K eigenvectors span the optimal subspace, and the other
-factor follows as U_Kᵀ M; the singular value used for the balanced √s split is the norm of that
-row, which is exact for the computed subspace and needs no division by a tiny s.
+take the top-K eigenpairs of the Gram matrix of M's shorter side (G = M Mᵀ or Mᵀ M, at most
+1536×1536 for VGG-16) in float64. Its eigenvalues are s², its top-K eigenvectors span the optimal
+subspace, and the other factor follows by projection (U_Kᵀ M); the √s split uses the norms of the
+two factors' rows, exact for the computed subspace, so no division by a tiny s is needed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
+import scipy.linalg
 import torch
 
 
@@ -40,9 +41,10 @@ class Decomposition:
 
     vertical:        (groups·K) × (C/groups) × kh × 1, in the input's dtype
     horizontal:      N × K × 1 × kw, in the input's dtype (a conv with `groups` groups)
-    singular_values: every singular value of the unfolded matrix, descending, float64;
-                     shape (max_rank,) or (groups, max_rank) for grouped kernels
+    singular_values: the top-K singular values of the unfolded matrix, descending, float64;
+                     shape (K,) or (groups, K) for grouped kernels (`singular_values()` gives all)
     error:           ‖W − recomposition‖_F, computed in float64
+    norm:            ‖W‖_F
     rank:            K, per group
     groups:          the number of groups the kernel was decomposed in
     """
@@ -51,14 +53,14 @@ class Decomposition:
     horizontal: torch.Tensor
     singular_values: torch.Tensor
     error: float
+    norm: float
     rank: int
     groups: int = 1
 
     @property
     def relative_error(self) -> float:
         """‖W − Ŵ‖_F / ‖W‖_F (0 for an all-zero kernel)."""
-        total = float(self.singular_values.square().sum().sqrt())
-        return self.error / total if total > 0 else 0.0
+        return self.error / self.norm if self.norm > 0 else 0.0
 
 
 def _check_weight(weight: torch.Tensor, groups: int) -> tuple[int, int, int, int]:
@@ -87,37 +89,53 @@ def singular_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     (groups, max_rank). Cheaper than `decompose_kernel` (eigenvalues only)."""
     _check_weight(weight, groups)
     spectra = []
-    for w in weight.detach().to(torch.float64).chunk(groups):
-        m = unfold(w)
+    for w in weight.chunk(groups):
+        m = unfold(w, torch.float64)
         gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
         spectra.append(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt())
     spectrum = torch.stack(spectra)
     return spectrum[0] if groups == 1 else spectrum
 
 
-def unfold(weight: torch.Tensor) -> torch.Tensor:
-    """W (N×C×kh×kw) → M ((C·kh)×(kw·N)) with M[(c,i),(j,n)] = W[n,c,i,j]."""
+def unfold(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W (N×C×kh×kw) → M ((C·kh)×(kw·N)) with M[(c,i),(j,n)] = W[n,c,i,j], a new contiguous
+    tensor (in `dtype` if given: one copy, no intermediate)."""
     n, c, kh, kw = weight.shape
-    return weight.permute(1, 2, 3, 0).reshape(c * kh, kw * n)
+    m = torch.empty((c, kh, kw, n), dtype=dtype or weight.dtype, device=weight.device)
+    return m.copy_(weight.detach().permute(1, 2, 3, 0)).view(c * kh, kw * n)
 
 
-def fold(matrix: torch.Tensor, n: int, c: int, kh: int, kw: int) -> torch.Tensor:
-    """Inverse of `unfold`."""
-    return matrix.reshape(c, kh, kw, n).permute(3, 0, 1, 2)
+def _top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues (descending) and their eigenvectors (r × k) of a symmetric matrix.
+
+    On the CPU, LAPACK's MRRR solver (dsyevr, through SciPy) computes only the k wanted pairs with
+    O(r) workspace; torch.linalg.eigh (dsyevd) would compute all r with an O(r²) workspace, which
+    is slower and triples the memory peak. Other devices use torch.linalg.eigh."""
+    r = gram.shape[0]
+    if gram.device.type == "cpu":
+        values, vectors = scipy.linalg.eigh(
+            gram.numpy(), subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True, check_finite=False
+        )
+        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = values[-k:], vectors[:, -k:]
+    return values.flip(0), vectors.flip(1)
 
 
-def _top_singular_triplets(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` left vectors (rows × K), right vectors (K × cols) with singular values folded in
-    (so that left @ right = M_K), and all singular values, via the Gram matrix of the shorter side."""
+def _top_subspace(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Orthonormal basis (r × K, top first) of the top-K singular subspace of the shorter side of
+    M = unfold(weight), the top-K singular values, and whether the shorter side is the columns.
+
+    The eigenvalues of the Gram matrix G = A Aᵀ (A = M or Mᵀ, r × c with r <= c) are s², its
+    eigenvectors are A's left singular vectors. M is released before the eigensolver runs (it is
+    cheap to unfold again) to keep the memory peak to about one r × r matrix."""
+    m = unfold(weight, torch.float64)
     transpose = m.shape[0] > m.shape[1]
-    a = m.T if transpose else m  # a is r × c with r <= c
-    eigenvalues, eigenvectors = torch.linalg.eigh(a @ a.T)  # ascending
-    singular_values = eigenvalues.flip(0).clamp_min(0).sqrt()
-    basis = eigenvectors[:, -rank:].flip(1)  # r × K, orthonormal, top-K first
-    projected = basis.T @ a  # K × c, rows have norms s_k
-    if transpose:  # M = aᵀ ≈ projectedᵀ · basisᵀ
-        return projected.T, basis.T, singular_values
-    return basis, projected, singular_values
+    gram = m.T @ m if transpose else m @ m.T
+    del m
+    eigenvalues, basis = _top_eigenpairs(gram, rank)
+    return basis, eigenvalues.clamp_min(0).sqrt(), transpose
 
 
 def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomposition:
@@ -134,14 +152,17 @@ def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomp
             f" (groups={groups}): allowed 1..{limit}"
         )
     rank = int(rank)
-    w64 = weight.detach().to(torch.float64)
     n_g = n // groups
     verticals, horizontals, spectra = [], [], []
     error_squared = 0.0
     for g in range(groups):
-        w = w64[g * n_g:(g + 1) * n_g]
-        m = unfold(w)
-        left, right, singular_values = _top_singular_triplets(m, rank)
+        part = weight[g * n_g:(g + 1) * n_g]
+        basis, singular_values, transpose = _top_subspace(part, rank)
+        m = unfold(part, torch.float64)
+        if transpose:  # M ≈ (Mᵀ's projection)ᵀ: left = M·basis, right = basisᵀ
+            left, right = m @ basis, basis.T
+        else:  # M ≈ basis·(basisᵀ M)
+            left, right = basis, basis.T @ m
         # Balanced split: scale column k of `left` and row k of `right` to norm √s_k each.
         left_norms = left.norm(dim=0)
         right_norms = right.norm(dim=1)
@@ -149,7 +170,7 @@ def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomp
         safe = torch.where(s > 0, s, torch.ones_like(s))
         left = left * (safe.sqrt() / torch.where(left_norms > 0, left_norms, torch.ones_like(s)))
         right = right * (safe.sqrt() / torch.where(right_norms > 0, right_norms, torch.ones_like(s)))[:, None]
-        error_squared += float((m - left @ right).square().sum())
+        error_squared += float(torch.linalg.vector_norm(m.addmm_(left, right, alpha=-1))) ** 2  # ‖M − M_K‖², M is spent
         verticals.append(left.T.reshape(rank, c, kh, 1))  # V[k,c,i] = U[(c,i),k]·√s_k
         horizontals.append(right.reshape(rank, kw, n_g).permute(2, 0, 1).unsqueeze(2))  # H[n,k,0,j]
         spectra.append(singular_values)
@@ -159,6 +180,7 @@ def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomp
         horizontal=torch.cat(horizontals).to(weight.dtype).to(weight.device),
         singular_values=spectrum[0] if groups == 1 else spectrum,
         error=math.sqrt(error_squared),
+        norm=float(torch.linalg.vector_norm(weight.detach(), dtype=torch.float64)),
         rank=rank,
         groups=groups,
     )

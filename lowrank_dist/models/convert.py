@@ -50,12 +50,12 @@ def _chosen_ranks(model: nn.Module, policy: RankPolicy, factorise_first: bool | 
     convs = list(factorisable_convs(model))
     if isinstance(policy, ExplicitRanks):
         if isinstance(policy.ranks, Mapping):
-            known = {name for name, _ in convs}
-            unknown = sorted(set(policy.ranks) - known)
+            known = [name for name, _ in convs]
+            unknown = sorted(set(policy.ranks) - set(known))
             if unknown:
                 raise ValueError(
                     f"ranks name layers the model does not have (or that are 1×1): {unknown};"
-                    f" factorisable layers: {sorted(known)}"
+                    f" factorisable layers: {known}"
                 )
         elif len(policy.ranks) != len(convs):
             raise ValueError(

@@ -1,0 +1,126 @@
+"""Models dense and low-rank: the authors' VGG-16 numbers, conversion, decomposition, bad configs."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.models import build_model, convert, decompose, factorisable_convs
+from lowrank_dist.report.costs import conv_costs
+
+# VGG-16 convs: (C, N) and the authors' ranks (Tai et al.; DESIGN.md §1).
+VGG16_CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+                  (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+VGG16_SIZES = [224, 224, 112, 112, 56, 56, 56, 28, 28, 28, 14, 14, 14]
+TAI2016_RANKS = [5, 24, 48, 48, 64, 128, 160, 192, 192, 256, 320, 320, 320]
+
+
+def test_vgg16_with_the_authors_ranks_costs_what_the_paper_says():
+    rows = conv_costs(build_model({"name": "vgg16", "lowrank": {"preset": "tai2016"}}), (3, 224, 224))
+    assert [r.rank for r in rows] == TAI2016_RANKS
+    dense = sum(r.dense_macs for r in rows)
+    lowrank = sum(r.lowrank_macs for r in rows)
+    # by hand: dense N·C·9·H·W, factorised K·(3C + 3N)·H·W, summed over the 13 convs
+    assert dense == sum(n * c * 9 * s * s for (c, n), s in zip(VGG16_CHANNELS, VGG16_SIZES)) == 15_346_630_656
+    assert lowrank == sum(k * (3 * c + 3 * n) * s * s for (c, n), k, s in zip(VGG16_CHANNELS, TAI2016_RANKS, VGG16_SIZES))
+    assert round(dense / 1e9, 2) == 15.35 and round(lowrank / 1e9, 2) == 4.94
+    assert round(dense / lowrank, 2) == 3.10
+    # parameters by hand: dense 9·C·N + N; factorised K·(3C + 3N) + N (the bias moves to conv_h)
+    assert rows[0].lowrank_params == 5 * (3 * 3 + 3 * 64) + 64 == 1069
+    assert rows[-1].lowrank_params == 320 * (3 * 512 + 3 * 512) + 512 == 983_552
+    assert sum(r.dense_params for r in rows) == 14_714_688
+    assert sum(r.lowrank_params for r in rows) == 5_362_797
+
+
+def test_alexnet_strided_first_conv_counts_the_wide_intermediate():
+    """conv1 (11×11, stride 4, pad 2, 224→55): the vertical conv keeps the input's width 224."""
+    rows = conv_costs(build_model({"name": "alexnet", "lowrank": {"preset": "tai2016"}}), (3, 224, 224))
+    first = rows[0]
+    assert first.rank == 8 and first.output == (55, 55)
+    assert first.dense_macs == 64 * 3 * 121 * 55 * 55
+    assert first.lowrank_macs == 8 * 3 * 11 * 55 * 224 + 64 * 8 * 11 * 55 * 55
+
+
+@pytest.mark.parametrize("name,size", [("alexnet", 224), ("vgg16", 224), ("googlenet", 224), ("nin", 32)])
+def test_every_model_builds_dense_and_low_rank(name, size):
+    torch.manual_seed(0)
+    dense = build_model({"name": name})
+    lowrank = build_model({"name": name, "lowrank": {"speedup": 2.0}})
+    convs = list(factorisable_convs(dense))
+    lowrank_layers = [m for m in lowrank.modules() if isinstance(m, LowRankConv2d)]
+    assert len(lowrank_layers) == len(convs) - 1  # the first conv stays dense by default
+    assert isinstance(lowrank.get_submodule(convs[0][0]), nn.Conv2d)
+    x = torch.randn(2, 3, size, size)
+    assert dense.eval()(x).shape == lowrank.eval()(x).shape
+    rows = conv_costs(lowrank, (3, size, size))
+    assert all(r.speedup >= 2.0 for r in rows if r.rank is not None and r.rank > 1)
+
+
+def test_low_rank_vgg16_bn_runs_in_the_authors_order():
+    model = build_model({"name": "vgg16", "batch_norm": True, "lowrank": {"preset": "tai2016"}})
+    features = list(model.features)
+    first = features[0]
+    assert isinstance(first, LowRankConv2d) and first.between is None
+    assert isinstance(features[1], nn.BatchNorm2d) and isinstance(features[2], nn.ReLU)
+    names = [n for n, _ in first.named_children()]
+    assert names == ["vertical", "horizontal"]
+
+
+def test_googlenet_aux_heads_are_optional():
+    with_aux = build_model({"name": "googlenet", "aux_logits": True, "num_classes": 10})
+    assert with_aux.aux1 is not None
+    assert build_model({"name": "googlenet"}).aux1 is None
+
+
+def test_decompose_at_full_rank_reproduces_the_dense_model():
+    torch.manual_seed(1)
+    dense = build_model({"name": "nin"}).double().eval()
+    full = [min(conv.in_channels * conv.kernel_size[0], conv.kernel_size[1] * conv.out_channels)
+            for _, conv in factorisable_convs(dense)]
+    lowrank, errors = decompose(dense, {"ranks": full})
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(lowrank.eval()(x), dense(x), rtol=1e-10, atol=1e-10)
+    assert [e.rank for e in errors] == full and all(e.relative_error < 1e-12 for e in errors)
+    assert not any(isinstance(m, LowRankConv2d) for m in dense.modules())  # the input is untouched
+
+
+def test_decompose_reports_each_layers_error():
+    torch.manual_seed(2)
+    dense = build_model({"name": "alexnet"})
+    lowrank, errors = decompose(dense, {"ranks": [8, 40, 60, 100, 200]})
+    assert [e.name for e in errors] == [n for n, _ in factorisable_convs(dense)]
+    for e in errors:
+        original = dense.get_submodule(e.name).weight
+        recomposed = lowrank.get_submodule(e.name).dense_weight()
+        assert float((original - recomposed).detach().norm()) == pytest.approx(e.error, rel=1e-4)
+        assert 0 < e.relative_error < 1
+
+
+def test_convert_by_layer_name_and_keep_dense():
+    model = build_model({"name": "nin"})
+    names = [n for n, _ in factorisable_convs(model)]
+    converted = convert(model, {"ranks": {names[1]: 30}})
+    assert isinstance(converted.get_submodule(names[1]), LowRankConv2d)
+    assert converted.get_submodule(names[1]).rank == 30
+    assert isinstance(converted.get_submodule(names[2]), nn.Conv2d)
+
+
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, googlenet, nin, vgg16"),
+        ({}, r"'name' is required"),
+        ({"name": "vgg16", "depth": 19}, r"unknown key\(s\) \['depth'\]"),
+        ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016'\]"),
+        ({"name": "nin", "lowrank": {"preset": "tai2016"}}, r"nin has no preset 'tai2016'; available: none"),
+        ({"name": "vgg16", "lowrank": {"rank": 3}}, r"unknown key\(s\) \['rank'\]"),
+        ({"name": "vgg16", "lowrank": {"ranks": [5, 6]}}, r"one entry per factorisable conv: the model has 13, the list has 2"),
+        ({"name": "vgg16", "lowrank": {"ranks": {"features.1": 4}}}, r"does not have .*\['features.1'\]; factorisable layers: \['features.0', 'features.2'"),
+        ({"name": "vgg16", "lowrank": {"ranks": [5000] + [8] * 12}}, r"rank 5000 is out of range .* allowed 1\.\.9"),
+        ({"name": "alexnet", "lowrank": {"preset": "tai2016", "speedup": 2}}, "not both"),
+        ({"name": "googlenet", "batch_norm": False}, "always has BatchNorm"),
+    ],
+)
+def test_bad_model_configs(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
