@@ -124,3 +124,21 @@ def test_convert_by_layer_name_and_keep_dense():
 def test_bad_model_configs(cfg, message):
     with pytest.raises(ValueError, match=message):
         build_model(cfg)
+
+
+def test_cost_table_command_prints_a_row_per_conv_and_totals(capsys):
+    from lowrank_dist.report.costs import main
+
+    assert main(["--model", "nin", "--speedup", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| features.")]
+    assert len(rows) == 9  # NIN: 3 k×k convs and 6 1×1 convs
+    assert sum("| dense |" in row for row in rows) == 7  # 1×1s and the first conv stay dense
+    assert "**all 9 convs (2 factorised)**" in out
+
+
+def test_cost_table_command_rejects_a_bad_preset(capsys):
+    from lowrank_dist.report.costs import main
+
+    assert main(["--model", "nin", "--preset", "tai2016"]) == 2
+    assert "nin has no preset 'tai2016'" in capsys.readouterr().err
