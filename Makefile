@@ -1,5 +1,6 @@
 # The two quick-start commands (README) and the bootstrap they share.
 #   make demo   — the main job on the embedded default (no ImageNet, SLURM or GPU needed)
+#   make costs  — the per-layer cost tables of the low-rank models
 #   make test   — the test suite (what .ci/run runs)
 # `make setup` creates .venv and installs the project with every extra; it re-runs only when
 # pyproject.toml changed, so the two commands above are quick the second time.
@@ -9,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo costs test bench clean-venv
 
 setup: $(STAMP)
 
@@ -21,7 +22,15 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The demo: a learnable synthetic JPEG set in ImageNet layout (made once), then the debug low-rank
+# model trained on it on the CPU (or the GPU if there is one); prints top-1/top-5 and where the
+# checkpoints and TensorBoard logs are. Running it again resumes (or just re-evaluates) that run.
 demo: setup
+	test -d data/synthetic/train || $(PY) -m lowrank_dist.data.synthetic --out data/synthetic
+	$(PY) -m lowrank_dist.train --config configs/debug.yaml
+
+# Per-layer theoretical costs (MACs, parameters) of every low-rank model.
+costs: setup
 	$(PY) -m lowrank_dist.report.costs
 
 test: setup

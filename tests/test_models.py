@@ -108,7 +108,7 @@ def test_convert_by_layer_name_and_keep_dense():
 @pytest.mark.parametrize(
     "cfg,message",
     [
-        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, googlenet, nin, vgg16"),
+        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, googlenet, nin, tiny_vgg, vgg16"),
         ({}, r"'name' is required"),
         ({"name": "vgg16", "depth": 19}, r"unknown key\(s\) \['depth'\]"),
         ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016'\]"),

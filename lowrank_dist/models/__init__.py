@@ -17,8 +17,8 @@ from typing import Mapping
 
 from torch import nn
 
-from . import alexnet, googlenet, nin, vgg  # noqa: F401  (registration)
-from .convert import LayerError, convert, decompose, factorisable_convs
+from . import alexnet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
+from .convert import LayerError, choose_ranks, convert, decompose, factorisable_convs
 from .registry import MODELS, ModelSpec, model_spec, register_model
 
 MODEL_KEYS = {"name", "num_classes", "batch_norm", "dropout", "lowrank"}
@@ -74,6 +74,6 @@ def build_model(cfg: Mapping) -> nn.Module:
 
 
 __all__ = [
-    "MODELS", "ModelSpec", "LayerError", "build_model", "convert", "decompose", "factorisable_convs",
+    "MODELS", "ModelSpec", "LayerError", "build_model", "choose_ranks", "convert", "decompose", "factorisable_convs",
     "lowrank_policy", "model_spec", "register_model",
 ]

@@ -43,8 +43,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _chosen_ranks(model: nn.Module, policy: RankPolicy, factorise_first: bool | None) -> dict[str, int]:
-    """Layer name → rank for every layer the policy factorises."""
+def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first: bool | None = None) -> dict[str, int]:
+    """Layer name → rank for every layer the policy factorises (the others stay dense)."""
+    policy = policy_from_config(policy)
     if factorise_first is None:  # explicit per-layer ranks name the first conv deliberately
         factorise_first = isinstance(policy, ExplicitRanks)
     convs = list(factorisable_convs(model))
@@ -81,9 +82,8 @@ def convert(
 ) -> nn.Module:
     """Low-rank twin of `model` for training from scratch: factorised layers are freshly initialised
     with the same gain as the dense layer they replace (see LowRankConv2d.from_scratch_like)."""
-    policy = policy_from_config(policy)
     model = model if inplace else copy.deepcopy(model)
-    for name, rank in _chosen_ranks(model, policy, factorise_first).items():
+    for name, rank in choose_ranks(model, policy, factorise_first).items():
         conv = model.get_submodule(name)
         _replace(model, name, LowRankConv2d.from_scratch_like(conv, rank, bn_between))
     return model
@@ -106,10 +106,9 @@ def decompose(
     inplace: bool = False,
 ) -> tuple[nn.Module, list[LayerError]]:
     """Low-rank model from trained weights by the exact decomposition, with per-layer errors."""
-    policy = policy_from_config(policy)
     model = model if inplace else copy.deepcopy(model)
     errors = []
-    for name, rank in _chosen_ranks(model, policy, factorise_first).items():
+    for name, rank in choose_ranks(model, policy, factorise_first).items():
         conv = model.get_submodule(name)
         decomposition = decompose_kernel(conv.weight, rank, conv.groups)
         _replace(model, name, LowRankConv2d.from_conv(conv, rank, bn_between, decomposition))

@@ -1,0 +1,246 @@
+"""Run configuration: YAML → validated, typed config, with `--set key.path=value` overrides.
+
+Every section forbids unknown keys, so a typo is an error, not a silently ignored setting. Errors
+come back as one ConfigError naming the file, the key and what is allowed; the entry points turn
+it into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value (exit code 2, no traceback)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LowRankConfig(Section):
+    """How the low-rank model is obtained (mode) and which ranks it has (one policy)."""
+
+    mode: Literal["factorized", "decomposed", "projected"] = "factorized"
+    preset: str | None = None  # a named rank list of the model, e.g. tai2016
+    ranks: list[int | None] | dict[str, int | None] | None = None
+    speedup: float | None = Field(default=None, gt=1.0)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    factorise_first: bool | None = None
+    bn_between: bool = False
+    dense_checkpoint: Path | None = None  # decomposed mode: the trained dense model to start from
+    project_every: int = Field(default=100, ge=1)  # projected mode: optimizer steps between projections
+
+    @model_validator(mode="after")
+    def _one_policy(self):
+        given = [key for key in ("preset", "ranks", "speedup", "energy") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of preset, ranks, speedup, energy (got {given or 'none'})")
+        if self.mode == "decomposed" and self.dense_checkpoint is None:
+            raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
+        if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):
+            raise ValueError(f"ranks must be >= 1 (or null for a dense layer), got {self.ranks}")
+        if isinstance(self.ranks, dict) and any(r is not None and r < 1 for r in self.ranks.values()):
+            raise ValueError(f"ranks must be >= 1 (or null for a dense layer), got {self.ranks}")
+        return self
+
+    def policy_dict(self) -> dict:
+        """The `lowrank` dict that models.build_model accepts (policy only, no training mode)."""
+        keys = ("preset", "ranks", "speedup", "energy", "factorise_first")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None} | {"bn_between": self.bn_between}
+
+
+class ModelConfig(Section):
+    name: str
+    num_classes: int | None = Field(default=None, ge=2)  # default: the data set's class count
+    batch_norm: bool | None = None
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    aux_logits: bool | None = None  # GoogLeNet only
+    lowrank: LowRankConfig | None = None  # None: the dense baseline
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from .models import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+        return name
+
+    def build_dict(self, num_classes: int | None = None) -> dict:
+        """The plain dict models.build_model accepts; `num_classes` fills in an unset class count."""
+        cfg: dict[str, Any] = {"name": self.name}
+        for key in ("num_classes", "batch_norm", "dropout", "aux_logits"):
+            if getattr(self, key) is not None:
+                cfg[key] = getattr(self, key)
+        if "num_classes" not in cfg and num_classes is not None:
+            cfg["num_classes"] = num_classes
+        if self.lowrank is not None:
+            cfg["lowrank"] = self.lowrank.policy_dict()
+        return cfg
+
+
+class DataConfig(Section):
+    root: Path
+    backend: Literal["auto", "dali", "torchvision"] = "auto"
+    dali_device: Literal["auto", "cpu", "gpu"] = "auto"
+    batch_size: int = Field(default=256, ge=1)  # per process (GPU)
+    image_size: int = Field(default=224, ge=8)
+    val_resize: int | None = Field(default=None, ge=8)
+    workers: int = Field(default=4, ge=0)
+    min_crop_scale: float = Field(default=0.08, gt=0.0, le=1.0)  # random-resized-crop area range (s, 1)
+    hflip: bool = True  # random horizontal flips in training
+    train_list: Path | None = None
+    val_list: Path | None = None
+
+    @model_validator(mode="after")
+    def _paths_exist(self, info: ValidationInfo):
+        if not (info.context or {}).get("check_paths", True):
+            return self
+        if not self.root.is_dir():
+            raise ValueError(f"data folder {str(self.root)!r} does not exist")
+        for key in ("train_list", "val_list"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: file {str(path)!r} does not exist")
+        return self
+
+
+class OptimConfig(Section):
+    epochs: int = Field(default=90, ge=1)
+    lr: float = Field(default=0.1, gt=0.0)  # for the global batch (batch_size × processes × accumulate)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=1e-4, ge=0.0)  # not applied to BN parameters and biases
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    milestones: list[int] = Field(default_factory=lambda: [30, 60, 80])  # step schedule, in epochs
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    min_lr: float = Field(default=0.0, ge=0.0)  # cosine floor
+    accumulate: int = Field(default=1, ge=1)  # micro-batches per optimizer step
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})")
+        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
+            raise ValueError(f"milestones must be increasing epochs >= 1, got {self.milestones}")
+        return self
+
+
+class PrecisionConfig(Section):
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+
+
+class RunConfig(Section):
+    name: str | None = None  # default: the config file's stem
+    out_dir: Path = Path("runs")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = Field(default=1, ge=1)  # epochs
+    checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0: at the end of each epoch only
+    keep_last: int = Field(default=3, ge=1)  # step checkpoints kept, besides the best
+    log_every: int = Field(default=20, ge=1)  # optimizer steps
+    max_steps: int | None = Field(default=None, ge=1)  # stop early (debugging, tests)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or "/" in name or name.startswith(".")):
+            raise ValueError(f"run name {name!r} must be a plain folder name")
+        return name
+
+    @property
+    def folder(self) -> Path:
+        return self.out_dir / self.name
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+
+    def resolved(self) -> dict:
+        """Plain, YAML-safe dict of every setting (defaults included): what the run really used."""
+        return self.model_dump(mode="json")
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """`optim.lr=0.05` → tree["optim"]["lr"] = 0.05 (the value is parsed as YAML: numbers, booleans,
+    lists and null come out typed)."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. optim.lr=0.05")
+    keys = path.strip().split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({error})") from None
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            section = item["loc"][:-1]
+            message = f"unknown key; allowed here: {', '.join(_allowed_keys(section))}"
+        elif item["type"] not in ("value_error", "missing") and "input" in item:
+            message += f" (got {item['input']!r})"
+        lines.append(f"{where}: {message}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    section: type[BaseModel] = Config
+    for part in loc:
+        field = section.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        section = nested[0]
+    return sorted(section.model_fields)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> Config:
+    """Read, override and validate a YAML config. Relative data paths are taken from the current
+    directory (where the user runs the command), like any command-line path. `check_paths=False`
+    skips checking that data paths exist (for commands that never read the data, like reports)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, precision)")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    tree.setdefault("run", {})
+    if isinstance(tree["run"], dict):
+        tree["run"].setdefault("name", path.stem)
+    try:
+        return Config.model_validate(tree, context={"check_paths": check_paths})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, str(path))) from None

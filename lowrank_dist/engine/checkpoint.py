@@ -1,0 +1,111 @@
+"""Checkpoints that survive being killed mid-write.
+
+Each checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
+over its final name (rename is atomic on POSIX), so a reader sees the old file or the new one,
+never half of one. The folder keeps the last `keep_last` step checkpoints plus `best.pt`.
+
+A checkpoint holds everything needed to continue bitwise: model, optimizer, scheduler, AMP
+scaler, step and epoch, every RNG state, and the resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """torch.save to `path` so that a crash or a full disk leaves any previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # make the rename itself durable
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, unreadable, or for another model)."""
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        # our checkpoints hold numpy RNG state and the config, so not weights_only
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {error}") from None
+
+
+class CheckpointManager:
+    """Step checkpoints `step_000001234.pt` (the last `keep_last` kept) and `best.pt`."""
+
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def step_files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if STEP_FILE.match(p.name))
+
+    def latest(self) -> Path | None:
+        files = self.step_files()
+        return files[-1] if files else None
+
+    def save(self, payload: dict, step: int, is_best: bool = False) -> Path:
+        path = self.folder / f"step_{step:09d}.pt"
+        atomic_save(payload, path)
+        if is_best:
+            self._copy_atomic(path, self.folder / "best.pt")
+        for old in self.step_files()[:-self.keep_last]:
+            old.unlink()
+        return path
+
+    def mark_best(self, path: Path) -> None:
+        self._copy_atomic(path, self.folder / "best.pt")
+
+    @staticmethod
+    def _copy_atomic(source: Path, target: Path) -> None:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -1,0 +1,318 @@
+"""The training loop: one model, one data set, SGD, evaluation, checkpoints, TensorBoard.
+
+Reads top to bottom: `build_model_for` (the three low-rank modes), `fit` (set-up, resume, the
+epoch loop, the end-of-run export and summary). The loop does not know how it was launched: a
+DistContext says which rank it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..config import Config, ConfigError
+from ..data import build_loaders
+from ..layers import LowRankConv2d
+from ..models import build_model, choose_ranks, decompose, lowrank_policy, model_spec
+from .checkpoint import (
+    CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states, rng_states,
+)
+from .distributed import DistContext, select_device
+from .evaluate import evaluate, logits_of
+from .optim import build_optimizer, build_scheduler
+from .projection import Projector
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept."""
+
+
+@dataclass
+class ModelSetup:
+    model: nn.Module
+    ranks: dict[str, int] = field(default_factory=dict)  # factorised (or projected) layers → K
+    projector: Projector | None = None
+    decomposition_errors: dict[str, float] = field(default_factory=dict)  # decomposed mode
+
+
+def _dense_state_dict(path: Path, model_name: str) -> dict:
+    """A dense model's weights from one of our checkpoints or a plain state_dict file."""
+    payload = load_checkpoint(path)
+    if isinstance(payload, dict) and "model" in payload and "config" in payload:
+        trained = payload["config"]["model"]["name"]
+        if trained != model_name:
+            raise CheckpointError(
+                f"model.lowrank.dense_checkpoint {str(path)!r} holds a {trained!r} model; this config builds {model_name!r}"
+            )
+        if payload["config"]["model"].get("lowrank"):
+            raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} holds a low-rank model, not a dense one")
+        return payload["model"]
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} is neither our checkpoint nor a state_dict")
+
+
+def build_model_for(cfg: Config, num_classes: int) -> ModelSetup:
+    """The model the run trains, by mode: dense baseline, `factorized` (V and H from scratch, the
+    paper), `decomposed` (exact decomposition of a trained dense model, then fine-tune) or
+    `projected` (dense kernels, re-projected onto rank K every N steps)."""
+    build = cfg.model.build_dict(num_classes)
+    lowrank = cfg.model.lowrank
+    if lowrank is None:
+        return ModelSetup(build_model(build))
+    if lowrank.mode == "factorized":
+        model = build_model(build)
+        ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankConv2d)}
+        return ModelSetup(model, ranks)
+
+    policy = lowrank_policy(model_spec(cfg.model.name), build.pop("lowrank"))
+    dense = build_model(build)
+    if lowrank.mode == "decomposed":
+        state = _dense_state_dict(lowrank.dense_checkpoint, cfg.model.name)
+        try:
+            dense.load_state_dict(state)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"model.lowrank.dense_checkpoint {str(lowrank.dense_checkpoint)!r} does not fit {cfg.model.name}"
+                f" with {num_classes} classes: {str(error).splitlines()[0]}"
+            ) from None
+        model, errors = decompose(dense, policy, lowrank.factorise_first, lowrank.bn_between, inplace=True)
+        return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
+    ranks = choose_ranks(dense, policy, lowrank.factorise_first)
+    return ModelSetup(dense, ranks, Projector(dense, ranks))
+
+
+class RunLog:
+    """TensorBoard, a metrics.jsonl file and the console; silent except on the main rank."""
+
+    def __init__(self, folder: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(folder / "tensorboard")) if enabled else None
+        self.metrics = open(folder / "metrics.jsonl", "a") if enabled else None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.metrics.close()
+
+
+@dataclass
+class TrainResult:
+    top1: float
+    top5: float
+    loss: float
+    step: int
+    folder: Path
+    exported: Path | None = None
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None = None) -> TrainResult:
+    """Train as configured; resume from `resume` or, if the run folder has checkpoints, from the latest."""
+    folder = cfg.run.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        device = select_device(cfg.run.device, dist_ctx)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if cfg.precision.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("precision.amp: 'fp16' needs a CUDA GPU (use 'bf16' or 'none' on the CPU)")
+    torch.manual_seed(cfg.run.seed)
+    log = RunLog(folder, dist_ctx.is_main)
+
+    loaders = build_loaders(
+        cfg.data.root, backend=cfg.data.backend, dali_device=cfg.data.dali_device, batch_size=cfg.data.batch_size,
+        image_size=cfg.data.image_size, val_resize=cfg.data.val_resize, workers=cfg.data.workers,
+        train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
+    )
+    try:
+        setup = build_model_for(cfg, len(loaders.classes))
+    except CheckpointError:
+        raise
+    except ValueError as error:  # a rank or option this model cannot take
+        raise ConfigError(f"model: {error}") from None
+    model = setup.model.to(device)
+    if cfg.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.precision.compile else model
+
+    accumulate = cfg.optim.accumulate
+    micro_batches = len(loaders.train)
+    steps_per_epoch = math.ceil(micro_batches / accumulate)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
+    checkpoints = CheckpointManager(folder / "checkpoints", cfg.run.keep_last)
+
+    step, epoch, start_batch, best_top1 = 0, 0, 0, -1.0
+    resume = resume or checkpoints.latest()
+    if resume is not None:
+        state = load_checkpoint(Path(resume), map_location=device)
+        if state.get("config", {}).get("model") != cfg.resolved()["model"]:
+            raise CheckpointError(
+                f"--resume {str(resume)!r} was written for model {state.get('config', {}).get('model')},"
+                f" not this config's {cfg.resolved()['model']}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, start_batch, best_top1 = state["step"], state["epoch"], state["batch"], state["best_top1"]
+        restore_rng_states(state["rng"])
+        log.print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {start_batch}")
+        if epoch >= cfg.optim.epochs:
+            log.print(f"the run is complete ({cfg.optim.epochs} epochs): evaluating its final weights only")
+    else:
+        log.text("config", "```yaml\n" + yaml.safe_dump(cfg.resolved(), sort_keys=False) + "```")
+        if dist_ctx.is_main:
+            (folder / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        log.scalars(0, {f"ranks/{name}": rank for name, rank in setup.ranks.items()})
+        log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
+
+    def save(is_best: bool = False) -> Path | None:
+        if not dist_ctx.is_main:
+            return None
+        payload = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch": batch_index, "best_top1": best_top1,
+            "rng": rng_states(), "config": cfg.resolved(), "ranks": setup.ranks,
+        }
+        return checkpoints.save(payload, step, is_best)
+
+    def project(tag_step: int) -> None:
+        residuals = setup.projector.project()
+        log.scalars(tag_step, {f"projection/residual/{name}": r for name, r in residuals.items()})
+
+    autocast = _autocast(device, cfg.precision.amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.run.max_steps or total_steps)
+    metrics: dict[str, float] = {}
+    batch_index = start_batch
+    progress = tqdm(total=last_step, initial=step, desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
+    window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    while epoch < cfg.optim.epochs and step < last_step:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        batches = iter(loaders.train.epoch(epoch, start_batch))
+        batch_index = start_batch
+        while step < last_step:
+            waited = time.perf_counter()
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            window["wait"] += time.perf_counter() - waited
+            group_start = batch_index // accumulate * accumulate
+            group_size = min(accumulate, micro_batches - group_start)
+            with autocast:
+                outputs = forward(images)
+                if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
+                    loss = criterion(outputs[0], labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
+                else:
+                    loss = criterion(outputs, labels)
+            if not torch.isfinite(loss):
+                latest = checkpoints.latest()
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {step} (epoch {epoch}, batch {batch_index});"
+                    f" last good checkpoint: {latest or 'none yet'}. Lower optim.lr or add warm-up."
+                )
+            scaler.scale(loss / group_size).backward()
+            window["loss"] += loss.item() * images.shape[0]
+            window["count"] += images.shape[0]
+            window["images"] += images.shape[0]
+            batch_index += 1
+            if batch_index - group_start < group_size:
+                continue  # accumulate more micro-batches
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            progress.update()
+            if setup.projector is not None and step % cfg.model.lowrank.project_every == 0:
+                project(step)
+            if step % cfg.run.log_every == 0 or step == last_step:
+                elapsed = time.perf_counter() - window["start"]
+                log.scalars(step, {
+                    "train/loss": window["loss"] / max(1, window["count"]),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/images_per_s": window["images"] * dist_ctx.world_size / elapsed,
+                    "train/data_wait_fraction": window["wait"] / elapsed,
+                })
+                progress.set_postfix(loss=f"{window['loss'] / max(1, window['count']):.3f}")
+                window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                save()
+        if batch_index < micro_batches:  # stopped early (max_steps): keep where we are
+            break
+        epoch, start_batch, batch_index = epoch + 1, 0, 0
+        if epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs:
+            metrics = evaluate(forward, loaders.val, dist_ctx, autocast)
+            log.scalars(step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
+            log.print(f"epoch {epoch}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
+            is_best = metrics["top1"] > best_top1
+            best_top1 = max(best_top1, metrics["top1"])
+            save(is_best)
+        else:
+            save()
+    progress.close()
+
+    exported = None
+    stopped_mid_epoch = batch_index > 0
+    if setup.projector is not None:
+        project(step)  # the final weights are exactly rank K
+    if not metrics or stopped_mid_epoch or setup.projector is not None:
+        # the last evaluation (if any) does not describe the final weights
+        metrics = evaluate(forward, loaders.val, dist_ctx, autocast)
+        log.scalars(step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
+        is_best = metrics["top1"] > best_top1
+        best_top1 = max(best_top1, metrics["top1"])
+        save(is_best)
+    if setup.projector is not None and dist_ctx.is_main:
+        exported = folder / "exported_lowrank.pt"
+        factorised = setup.projector.export(model)
+        atomic_save({"model": factorised.state_dict(), "ranks": setup.ranks, "config": cfg.resolved()}, exported)
+    log.print(
+        f"final: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['count']} images)\n"
+        f"checkpoints: {checkpoints.folder}\n"
+        + (f"exported factorised model: {exported}\n" if exported else "")
+        + f"TensorBoard: tensorboard --logdir {folder / 'tensorboard'}"
+    )
+    log.close()
+    return TrainResult(metrics["top1"], metrics["top5"], metrics["loss"], step, folder, exported)
