@@ -1,0 +1,94 @@
+"""ImageNet-style data for training and evaluation: one `build_loaders` call, two back-ends.
+
+    loaders = build_loaders("data/imagenet", batch_size=256, rank=rank, world_size=world_size)
+    for images, labels in loaders.train.epoch(epoch, start_batch):   # len(loaders.train) per epoch
+        ...
+    for images, labels, valid in loaders.val:                          # count only `valid` samples
+        ...
+
+The back-ends (DALI on the CPU or GPU, torchvision with PIL) crop the same windows of the same
+images in the same order; sharding, padding and the determinism guarantees are described in
+`sampling`. `python -m lowrank_dist.data.synthetic --out DIR` writes a small learnable data set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .dali import DaliBackend, check_dali, dali_available
+from .loaders import TrainLoader, ValLoader
+from .samples import DataError, load_samples
+from .sampling import CropPlan
+from .torchvision_loader import TorchvisionBackend
+
+__all__ = ["DataError", "Loaders", "build_loaders"]
+
+
+@dataclass
+class Loaders:
+    train: TrainLoader
+    val: ValLoader
+    classes: list[str]
+    num_train: int
+    num_val: int
+    backend: str  # "dali-cpu", "dali-gpu" or "torchvision"
+
+
+def build_loaders(
+    root: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    dali_device: str = "auto",
+    batch_size: int = 32,
+    image_size: int = 224,
+    val_resize: int | None = None,
+    workers: int = 2,
+    train_list: str | os.PathLike | None = None,
+    val_list: str | os.PathLike | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    channels_last: bool = False,
+    min_crop_scale: float = 0.08,
+    hflip: bool = True,
+) -> Loaders:
+    """Train and val loaders for this rank. `batch_size` is per rank; `image_size` is the train crop
+    and the val centre crop; `val_resize` the shorter side before the val crop (default
+    round(image_size·256/224)). backend "auto" is DALI if it is installed, else torchvision;
+    dali_device "auto" is the GPU if CUDA is available. `workers` is DataLoader processes for
+    torchvision and decoding threads for DALI. `min_crop_scale` and `hflip` set the train
+    augmentation: crop area fraction in (min_crop_scale, 1), random horizontal mirror."""
+    if backend not in ("auto", "dali", "torchvision"):
+        raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
+    if dali_device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"dali_device must be 'auto', 'cpu' or 'gpu', got {dali_device!r}")
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be ≥ 1 and workers ≥ 0, got {batch_size} and {workers}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    val_resize = val_resize or round(image_size * 256 / 224)
+    if val_resize < image_size:
+        raise DataError(f"val_resize {val_resize} is smaller than image_size {image_size}: the centre crop would not fit")
+    use_dali = backend == "dali" or (backend == "auto" and dali_available())
+    if use_dali:
+        dali_device = check_dali(dali_device)
+
+    classes, train, val = load_samples(root, train_list, val_list)
+    plan = CropPlan(image_size, val_resize, seed, min_crop_scale, hflip)
+    device = torch.device(device)
+
+    def backend_for(samples):
+        if use_dali:
+            return DaliBackend(samples, plan, dali_device, workers, device, channels_last)
+        return TorchvisionBackend(samples, plan, workers, device, channels_last)
+
+    train_backend = backend_for(train)
+    return Loaders(
+        train=TrainLoader(train, train_backend, batch_size, rank, world_size, seed, device),
+        val=ValLoader(val, backend_for(val), batch_size, rank, world_size, device),
+        classes=classes, num_train=len(train), num_val=len(val), backend=train_backend.name,
+    )

@@ -1,0 +1,124 @@
+"""The DALI back-end: decode, crop, resize, mirror and normalize in DALI, on the CPU or the GPU.
+
+The host feeds DALI through fn.external_source, one batch per pipeline iteration: the encoded
+bytes of exactly the samples this rank should see, in order, with each sample's crop window and
+mirror flag from the CropPlan. So DALI has no reader, no shuffling, no sharding and no random
+operators of its own. That sidesteps the reader pitfalls (NVIDIA/DALI#2881, #1203, #3855, #4440:
+shards that overlap or drop samples without pad_last_batch, a 0-size last batch, an iterator
+length that changes after the first epoch), and it makes a resumed epoch exact: a seeded DALI
+random operator draws from a per-slot stream, which cannot skip batches without running them.
+
+Per sample the host only reads the file and parses the JPEG frame header for the image size
+(tens of µs); fn.decoders.image_slice then decodes just the crop window (libjpeg-turbo on the CPU,
+nvJPEG for "mixed"), fn.resize scales it to S×S with an antialiased linear filter like PIL's, and
+fn.crop_mirror_normalize mirrors, converts to float and normalizes in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .samples import DataError, Samples
+from .sampling import IMAGENET_MEAN, IMAGENET_STD, CropPlan, jpeg_size
+
+try:
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+except ImportError:  # the dali extra is optional
+    Pipeline = None
+
+
+def dali_available() -> bool:
+    return Pipeline is not None
+
+
+def check_dali(dali_device: str) -> str:
+    """The DALI device to use ("auto" resolved), or a DataError saying what is missing."""
+    if not dali_available():
+        raise DataError(
+            "the DALI back-end needs NVIDIA DALI: pip install nvidia-dali-cuda130"
+            " (or the project's `dali` extra), or choose backend 'torchvision'"
+        )
+    if dali_device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if dali_device == "gpu" and not torch.cuda.is_available():
+        raise DataError("dali_device 'gpu' needs a CUDA GPU and none is visible; use dali_device 'cpu'")
+    return dali_device
+
+
+class _BatchSource:
+    """DALI's external_source callback: iteration i → (encoded images, crop anchors (x, y), crop
+    shapes (w, h), mirror flags) of batch i; StopIteration after the last batch ends the pipeline."""
+
+    def __init__(self, paths: list[str], plan: CropPlan, batches: list[np.ndarray], epoch: int | None):
+        self.paths, self.plan, self.batches, self.epoch = paths, plan, batches, epoch
+
+    def __call__(self, iteration: int):
+        if iteration >= len(self.batches):
+            raise StopIteration
+        encoded, anchors, shapes, mirrors = [], [], [], []
+        for index in self.batches[iteration]:
+            with open(self.paths[index], "rb") as f:
+                data = f.read()
+            box = self.plan.box(self.epoch, int(index), *jpeg_size(data))
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            anchors.append(np.array([box.left, box.top], dtype=np.int32))
+            shapes.append(np.array([box.width, box.height], dtype=np.int32))
+            mirrors.append(np.array(box.flip, dtype=np.int32))
+        return encoded, anchors, shapes, mirrors
+
+
+class DaliBackend:
+    """`dali_device` "cpu" or "gpu", as checked by check_dali."""
+
+    def __init__(self, samples: Samples, plan: CropPlan, dali_device: str, workers: int, device: torch.device,
+                 channels_last: bool):
+        self.name = f"dali-{dali_device}"
+        self.paths, self.plan, self.dali_device = samples.paths, plan, dali_device
+        self.threads, self.device, self.channels_last = max(1, workers), device, channels_last
+        if dali_device == "gpu":
+            self.device_id = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
+        else:
+            self.device_id = None
+
+    def _pipeline(self, source: _BatchSource, batch_size: int) -> Pipeline:
+        pipe = Pipeline(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id)
+        with pipe:
+            encoded, anchors, shapes, mirrors = fn.external_source(
+                source=source, num_outputs=4, batch=True,
+                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32], ndim=[1, 1, 1, 0],
+            )
+            # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
+            images = fn.decoders.image_slice(
+                encoded, anchors, shapes, axis_names="WH", output_type=types.RGB, adjust_orientation=False,
+                device="mixed" if self.dali_device == "gpu" else "cpu",
+            )
+            images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.crop_mirror_normalize(
+                images, mirror=mirrors, dtype=types.FLOAT,
+                mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+                # NHWC output is N×3×S×S in channels_last order once permuted, with no copy
+                output_layout="HWC" if self.channels_last else "CHW",
+            )
+            pipe.set_outputs(images)
+        pipe.build()
+        return pipe
+
+    def images(self, batches: list[np.ndarray], epoch: int | None) -> Iterator[torch.Tensor]:
+        if not batches:
+            return
+        pipe = self._pipeline(_BatchSource(self.paths, self.plan, batches, epoch), max(map(len, batches)))
+        on_gpu = self.device_id is not None
+        stream = torch.cuda.current_stream(self.device_id) if on_gpu else None
+        for _ in batches:
+            (output,) = pipe.run()
+            dense = output.as_tensor()
+            target = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}" if on_gpu else "cpu")
+            feed_ndarray(dense, target, cuda_stream=stream)  # copies: DALI reuses its output buffers
+            if self.channels_last:
+                target = target.permute(0, 3, 1, 2)
+            yield target.to(self.device, non_blocking=True)

@@ -1,0 +1,105 @@
+"""What the data set holds: (path, label) pairs read from an ImageNet-layout folder or from file lists.
+
+Folder layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG. Labels are the index of the
+class folder among the sorted train/ class folders, as torchvision's ImageFolder and DALI's
+fn.readers.file(file_root=...) number them, so a checkpoint means the same thing under either
+back-end. A list file has one `relative/path label` line per image (DALI's file_list format),
+paths relative to root. Every problem is found here, before training starts, and raised as one
+DataError that names the file or folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg")
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the file or folder and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Samples:
+    paths: list[str]  # absolute
+    labels: np.ndarray  # int64, one per path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_folders(split: Path) -> list[str]:
+    if not split.is_dir():
+        raise DataError(f"data folder {str(split)!r} does not exist (expected root/train and root/val)")
+    classes = sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    if not classes:
+        raise DataError(f"data folder {str(split)!r} has no class folders (expected {split}/<class>/*.JPEG)")
+    return classes
+
+
+def _scan_split(split: Path, class_index: dict[str, int]) -> Samples:
+    """Images of split/<class>/ for every class folder there; each must be a known, non-empty class."""
+    paths, labels = [], []
+    for name in _class_folders(split):
+        if name not in class_index:
+            raise DataError(f"class folder {str(split / name)!r} is not among the train classes")
+        folder = split / name
+        images = sorted(entry.path for entry in os.scandir(folder) if entry.is_file() and _is_image(entry.name))
+        if not images:
+            raise DataError(f"class folder {str(folder)!r} holds no .JPEG/.jpg images")
+        paths += images
+        labels += [class_index[name]] * len(images)
+    return Samples(paths, np.asarray(labels, dtype=np.int64))
+
+
+def _read_list(root: Path, list_file: Path, num_classes: int | None) -> Samples:
+    """`relative/path label` lines; the path may hold spaces (the label is the last field)."""
+    if not list_file.is_file():
+        raise DataError(f"list file {str(list_file)!r} does not exist")
+    paths, labels = [], []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(maxsplit=1)
+        where = f"list file {str(list_file)!r} line {number}"
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise DataError(f"{where}: expected 'relative/path label' with an integer label ≥ 0, got {line!r}")
+        path, label = root / fields[0], int(fields[1])
+        if num_classes is not None and label >= num_classes:
+            raise DataError(f"{where}: label {label} is out of range for the {num_classes} train classes")
+        if not path.is_file():
+            raise DataError(f"{where}: image {str(path)!r} does not exist")
+        paths.append(str(path))
+        labels.append(label)
+    if not paths:
+        raise DataError(f"list file {str(list_file)!r} lists no images")
+    return Samples(paths, np.asarray(labels, dtype=np.int64))
+
+
+def load_samples(
+    root: str | os.PathLike, train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None,
+) -> tuple[list[str], Samples, Samples]:
+    """(class names, train samples, val samples). With a train list the classes are named "0".."K-1",
+    K = its largest label + 1, since a list carries numbers, not folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} does not exist")
+    if train_list is not None:
+        train = _read_list(root, Path(train_list), None)
+        classes = [str(label) for label in range(int(train.labels.max()) + 1)]
+    else:
+        classes = _class_folders(root / "train")
+        train = _scan_split(root / "train", {name: index for index, name in enumerate(classes)})
+    if val_list is not None:
+        val = _read_list(root, Path(val_list), len(classes))
+    else:
+        val = _scan_split(root / "val", {name: index for index, name in enumerate(classes)})
+    return classes, train, val
