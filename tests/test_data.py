@@ -164,6 +164,18 @@ def test_resuming_never_decodes_the_skipped_batches(photos, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_the_global_rng_alone(photos, backend, workers):
+    """Dropout draws from the global RNG; a resumed run evaluates and reloads at points where an
+    uninterrupted one does not, so loading must not consume from it."""
+    data = loaders(photos, backend, workers=workers)
+    before = torch.get_rng_state()
+    list(data.train.epoch(0, start_batch=1))
+    list(data.val)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_is_the_same_values_in_channels_last_memory(photos, backend):
     plain = next(iter(loaders(photos, backend).train.epoch(0)))[0]
     nhwc = next(iter(loaders(photos, backend, channels_last=True).train.epoch(0)))[0]

@@ -61,7 +61,10 @@ class TorchvisionBackend:
 
     def images(self, batches: list[np.ndarray], epoch: int | None) -> Iterator[torch.Tensor]:
         keys = [[(epoch, int(index)) for index in batch] for batch in batches]
+        # a private generator: the DataLoader draws a worker base seed from it (unused: crops come
+        # from the CropPlan), which would otherwise advance the global RNG that dropout uses and
+        # make a resumed run differ from an uninterrupted one
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator())
         for images in loader:
             yield normalize(images.to(self.device, non_blocking=True), self.channels_last)
