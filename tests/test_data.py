@@ -340,3 +340,19 @@ def test_synthetic_classes_are_learnable_after_crops_and_mirrors(tmp_path):
         correct += int((guesses == labels)[valid].sum())
         total += int(valid.sum())
     assert total == 80 and correct / total > 0.5  # chance: 1/8
+
+
+@pytest.mark.skipif(not dali_module.dali_available() or not torch.cuda.is_available(), reason="needs DALI and a GPU")
+def test_dali_on_the_gpu_matches_torchvision(photos):
+    """Not run on the CPU-only CI machines: nvJPEG's output is checked here against PIL's, with a
+    looser bound than the CPU decoders' (its IDCT and chroma upsampling differ)."""
+    cuda = torch.device("cuda")
+    data = build_loaders(photos, backend="dali", dali_device="gpu", device=cuda, image_size=64, batch_size=8,
+                         channels_last=True)
+    assert data.backend == "dali-gpu"
+    images, labels = next(iter(data.train.epoch(5)))
+    assert images.is_cuda and labels.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+    reference = next(iter(loaders(photos, "torchvision", image_size=64, batch_size=8).train.epoch(5)))[0]
+    assert (images.cpu() - reference).abs().mean() < 0.05
+    (images, labels, valid), = list(data.val)
+    assert valid.is_cuda and int(valid.sum()) == data.num_val
