@@ -1,0 +1,259 @@
+"""Measured speed of a low-rank model beside its dense twin: per conv layer and for the whole model.
+
+The theoretical speedup of a layer is its MAC ratio (report.costs.conv_costs); the measured one is
+dense time / low-rank time for the same layer on the same input. They differ because FLOPs are not
+time: a layer whose kernels wait on memory gains nothing from fewer MACs, and the factorised layer
+writes and reads back its K-channel intermediate (DESIGN.md §2). The report puts the two side by side.
+
+    report = speed_report(dense, lowrank, (64, 3, 224, 224), "cuda", torch.bfloat16, "runs/x/speed")
+    print(report.to_markdown())
+
+Layers that the low-rank model keeps dense (1×1 convs, usually the first conv) are the same module
+in both models, so they are timed once and their measured ratio is 1 by construction; they are in
+the table so that the layer times add up to the whole network's conv time.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .costs import LayerCost, conv_costs
+from .timing import Timing, capture_inputs, layer_functions, measure, model_functions, timed_layers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {value: key for key, value in DTYPES.items()}[dtype]
+
+
+@dataclass
+class LayerSpeed:
+    """One conv layer: its theoretical cost and its measured times (seconds per call, per batch)."""
+
+    cost: LayerCost
+    input_shape: tuple[int, ...]
+    dense_forward: Timing
+    lowrank_forward: Timing
+    dense_train: Timing  # forward + backward
+    lowrank_train: Timing
+
+    @property
+    def name(self) -> str:
+        return self.cost.name
+
+    @property
+    def theoretical(self) -> float:
+        return self.cost.speedup
+
+    @property
+    def forward_speedup(self) -> float:
+        return self.dense_forward.median / self.lowrank_forward.median
+
+    @property
+    def train_speedup(self) -> float:
+        return self.dense_train.median / self.lowrank_train.median
+
+    def as_dict(self) -> dict:
+        return asdict(self.cost) | {
+            "input_shape": list(self.input_shape),
+            "theoretical_speedup": self.theoretical,
+            "forward_speedup": self.forward_speedup,
+            "train_speedup": self.train_speedup,
+            "dense_forward": self.dense_forward.as_dict(),
+            "lowrank_forward": self.lowrank_forward.as_dict(),
+            "dense_train": self.dense_train.as_dict(),
+            "lowrank_train": self.lowrank_train.as_dict(),
+        }
+
+
+@dataclass
+class ModelSpeed:
+    """Whole-model seconds per batch: inference forward and one training step."""
+
+    batch: int
+    dense_forward: Timing
+    lowrank_forward: Timing
+    dense_train: Timing
+    lowrank_train: Timing
+
+    def images_per_s(self, timing: Timing) -> float:
+        return self.batch / timing.median
+
+    @property
+    def forward_speedup(self) -> float:
+        return self.dense_forward.median / self.lowrank_forward.median
+
+    @property
+    def train_speedup(self) -> float:
+        return self.dense_train.median / self.lowrank_train.median
+
+    def as_dict(self) -> dict:
+        return {
+            "batch": self.batch,
+            "dense_forward_images_per_s": self.images_per_s(self.dense_forward),
+            "lowrank_forward_images_per_s": self.images_per_s(self.lowrank_forward),
+            "dense_train_images_per_s": self.images_per_s(self.dense_train),
+            "lowrank_train_images_per_s": self.images_per_s(self.lowrank_train),
+            "forward_speedup": self.forward_speedup,
+            "train_speedup": self.train_speedup,
+            "dense_forward": self.dense_forward.as_dict(),
+            "lowrank_forward": self.lowrank_forward.as_dict(),
+            "dense_train": self.dense_train.as_dict(),
+            "lowrank_train": self.lowrank_train.as_dict(),
+        }
+
+
+@dataclass
+class SpeedReport:
+    title: str
+    meta: dict  # device, dtype, batch, input shape, repeats, versions, date
+    rows: list[LayerSpeed]
+    model: ModelSpeed | None
+    files: dict[str, Path] = field(default_factory=dict)  # what `write` produced
+
+    def to_markdown(self) -> str:
+        from .render import markdown
+
+        return markdown(self)
+
+    def as_dict(self) -> dict:
+        return {
+            "title": self.title,
+            "meta": self.meta,
+            "layers": [row.as_dict() for row in self.rows],
+            "model": self.model.as_dict() if self.model else None,
+        }
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """speed.md, speed.csv, speed.json and speed.png in `out_dir`."""
+        from .render import write_files
+
+        self.files = write_files(self, Path(out_dir))
+        return self.files
+
+    def log_tensorboard(self, writer, step: int = 0, prefix: str = "speed") -> None:
+        from .render import log_tensorboard
+
+        log_tensorboard(self, writer, step, prefix)
+
+
+def device_description(device: torch.device) -> str:
+    """The card's name, or the CPU with its cores and torch's threads (CPU times depend on both)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The device asked for, by default cuda if there is one; one that cannot run is a ValueError."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"not a device: {device!r} ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    return device
+
+
+def speed_report(
+    dense_model: nn.Module,
+    lowrank_model: nn.Module,
+    input_shape: tuple[int, int, int, int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    out_dir: str | Path | None = None,
+    writer=None,
+    repeats: int = 10,
+    warmup: int = 3,
+    min_sample_s: float = 1e-3,
+    channels_last: bool = False,
+    whole_model: bool = True,
+    title: str | None = None,
+    step: int = 0,
+) -> SpeedReport:
+    """Time every conv layer of `lowrank_model` against the same-named layer of `dense_model`, and
+    both whole models, at `input_shape` = (B, C, H, W) on `device` in `dtype`.
+
+    The models are not touched: each is copied to the device. Layers run in `dtype` itself; the
+    whole models run with fp32 weights under autocast to `dtype`, as the trainer does. Files go to
+    `out_dir` (if given) and TensorBoard to `writer` (a SummaryWriter; if None and `out_dir` is
+    given, one is opened in out_dir/tensorboard). `whole_model=False` skips the whole-model timing.
+    """
+    if len(input_shape) != 4 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be (B, C, H, W) with positive sizes, got {tuple(input_shape)}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} as torch dtypes, got {dtype}")
+    device = resolve_device(device)
+    batch = int(input_shape[0])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    dense = copy.deepcopy(dense_model).to(device).to(memory_format=memory_format)
+    lowrank = copy.deepcopy(lowrank_model).to(device).to(memory_format=memory_format)
+    example = torch.randn(tuple(input_shape), device=device).contiguous(memory_format=memory_format)
+    timing_options = {"repeats": repeats, "warmup": warmup, "min_sample_s": min_sample_s}
+
+    costs = {row.name: row for row in conv_costs(lowrank, tuple(input_shape[1:]))}
+    inputs = capture_inputs(lowrank, example)
+    dense_layers = dict(dense.named_modules())
+    rows = []
+    for name, layer in timed_layers(lowrank):
+        if name not in inputs or name not in costs:
+            continue  # not on the inference path (GoogLeNet's auxiliary heads run in training only)
+        reference = dense_layers.get(name)
+        if not isinstance(reference, nn.Conv2d):
+            raise ValueError(f"the dense model has no conv named {name!r} to compare the low-rank layer with")
+        dense_forward, dense_train = layer_functions(reference, inputs[name], device, dtype, channels_last)
+        if costs[name].rank is None:  # the same dense layer in both models
+            timings = measure({"forward": dense_forward, "train": dense_train}, device, **timing_options)
+            rows.append(LayerSpeed(costs[name], inputs[name].shape, timings["forward"], timings["forward"],
+                                   timings["train"], timings["train"]))
+            continue
+        lowrank_forward, lowrank_train = layer_functions(layer, inputs[name], device, dtype, channels_last)
+        forward = measure({"dense": dense_forward, "lowrank": lowrank_forward}, device, **timing_options)
+        train = measure({"dense": dense_train, "lowrank": lowrank_train}, device, **timing_options)
+        rows.append(LayerSpeed(costs[name], inputs[name].shape, forward["dense"], forward["lowrank"],
+                               train["dense"], train["lowrank"]))
+
+    model_speed = None
+    if whole_model:
+        dense_fns = model_functions(dense, example, dtype)
+        lowrank_fns = model_functions(lowrank, example, dtype)
+        forward = measure({"dense": dense_fns[0], "lowrank": lowrank_fns[0]}, device, **timing_options)
+        train = measure({"dense": dense_fns[1], "lowrank": lowrank_fns[1]}, device, **timing_options)
+        model_speed = ModelSpeed(batch, forward["dense"], forward["lowrank"], train["dense"], train["lowrank"])
+
+    meta = {
+        "device": str(device),
+        "device_name": device_description(device),
+        "dtype": dtype_name(dtype),
+        "channels_last": channels_last,
+        "input_shape": [int(s) for s in input_shape],
+        "repeats": repeats,
+        "warmup": warmup,
+        "min_sample_s": min_sample_s,
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    report = SpeedReport(title or type(lowrank_model).__name__, meta, rows, model_speed)
+    if out_dir is not None:
+        report.write(out_dir)
+    if writer is None and out_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(Path(out_dir) / "tensorboard")) as own_writer:
+            report.log_tensorboard(own_writer, step)
+    elif writer is not None:
+        report.log_tensorboard(writer, step)
+    return report
