@@ -1,0 +1,158 @@
+"""Measured speed of a low-rank model beside its dense twin, per conv layer and whole model.
+
+    python -m lowrank_dist.report --config configs/vgg16_lr.yaml [--device cuda] [--dtype bf16] [--batch 64]
+    python -m lowrank_dist.report --model vgg16 --preset tai2016 --device cpu --batch 2 --image-size 64
+    python -m lowrank_dist.report --model vgg16 --speed-aware --search 2,3,4 --write-config vgg16_fast.yaml
+
+Writes speed.md, speed.csv, speed.json, speed.png and tensorboard/ into --out (default
+runs/speed/<model>-<device>-<dtype>-b<batch>) and prints the table. With --speed-aware it first
+chooses per-layer ranks by measured speed (report.speed_aware), writes them into a YAML config
+(--write-config) and then reports the chosen model against dense. Bad input: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .costs import DEFAULT_LOWRANK
+from .speed import DTYPES, resolve_device, speed_report
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..models import MODELS
+
+    parser = _Parser(prog="python -m lowrank_dist.report", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="a training config: model, batch size and image size from it")
+    source.add_argument("--model", choices=sorted(MODELS), help="a model by name (no config needed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (with --config)")
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument("--preset", help="with --model: a named rank preset, e.g. tai2016")
+    policy.add_argument("--speedup", type=float, help="with --model: per-layer theoretical speedup target")
+    policy.add_argument("--energy", type=float, help="with --model: fraction of singular-value energy to keep")
+    parser.add_argument("--batch-norm", action="store_true", help="with --model: the BN variant")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 if the config's precision.amp is, else fp32")
+    parser.add_argument("--channels-last", action="store_true", default=None,
+                        help="default: the config's precision.channels_last")
+    parser.add_argument("--batch", type=int,
+                        help="images per batch; default: the config's data.batch_size, else 64 on cuda, 4 on cpu")
+    parser.add_argument("--image-size", type=int, help="default: the config's data.image_size, else the model's (224)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed samples per measurement (median taken)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before measuring")
+    parser.add_argument("--layers-only", action="store_true", help="skip the whole-model images/s")
+    parser.add_argument("--out", type=Path, help="output folder")
+    aware = parser.add_argument_group("speed-aware ranks")
+    aware.add_argument("--speed-aware", action="store_true", help="factorise only the layers measured faster")
+    aware.add_argument("--search", help="extra theoretical speedups whose ranks are tried, e.g. 2,3,4")
+    aware.add_argument("--target", type=float, default=1.0, help="measured per-layer speedup a rank must reach")
+    aware.add_argument("--objective", choices=["train", "forward"], default="train", help="time forward+backward or forward")
+    aware.add_argument("--write-config", type=Path, help="the YAML to write (default: <out>/speed_aware.yaml)")
+    return parser
+
+
+def _model_setup(args) -> tuple[dict, dict | None, dict]:
+    """(build dict of the low-rank model, the parsed config tree or None, defaults from the config)."""
+    if args.config is None:
+        if args.set:
+            raise ValueError("--set needs --config")
+        lowrank = {k: getattr(args, k) for k in ("preset", "speedup", "energy") if getattr(args, k) is not None}
+        build = {"name": args.model, "lowrank": lowrank or DEFAULT_LOWRANK.get(args.model, {"speedup": 2.0})}
+        if args.batch_norm:
+            build["batch_norm"] = True
+        return build, None, {}
+    if any(getattr(args, k) is not None for k in ("preset", "speedup", "energy")) or args.batch_norm:
+        raise ValueError("--preset/--speedup/--energy/--batch-norm go with --model; with --config the config says it")
+    import yaml
+
+    from ..config import apply_override, load_config  # lazily: only the --config path needs pydantic
+
+    cfg = load_config(args.config, overrides=args.set, check_paths=False)
+    build = cfg.model.build_dict()
+    if not build.get("lowrank"):
+        raise ValueError(f"{args.config}: model.lowrank is not set; the report compares a low-rank model with its dense twin")
+    tree = yaml.safe_load(args.config.read_text())
+    for assignment in args.set:
+        apply_override(tree, assignment)
+    defaults = {
+        "batch": cfg.data.batch_size, "image_size": cfg.data.image_size,
+        "dtype": "bf16" if cfg.precision.amp == "bf16" else "fp32", "channels_last": cfg.precision.channels_last,
+    }
+    return build, tree, defaults
+
+
+def run(args) -> int:
+    from ..models import build_model, lowrank_policy, model_spec
+    from .speed_aware import speed_aware_ranks
+
+    build, tree, defaults = _model_setup(args)
+    spec = model_spec(build["name"])
+    device = resolve_device(args.device)
+    dtype_key = args.dtype or defaults.get("dtype", "fp32")
+    channels_last = args.channels_last if args.channels_last is not None else defaults.get("channels_last", False)
+    batch = args.batch if args.batch is not None else defaults.get("batch", 64 if device.type == "cuda" else 4)
+    size = args.image_size if args.image_size is not None else defaults.get("image_size", spec.input_size[1])
+    for flag, value in (("--batch", batch), ("--image-size", size), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    search = [float(s) for s in args.search.split(",")] if args.search else []
+    if (search or args.write_config or args.target != 1.0) and not args.speed_aware:
+        raise ValueError("--search, --target and --write-config go with --speed-aware")
+    input_shape = (batch, spec.input_size[0], size, size)
+    out = args.out or Path("runs/speed") / f"{spec.name}-{device.type}-{dtype_key}-b{batch}"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as a tuned training run would: the best algorithm per shape
+    timing = {"device": device, "dtype": DTYPES[dtype_key], "repeats": args.repeats, "warmup": args.warmup,
+              "channels_last": channels_last}
+
+    dense_build = {k: v for k, v in build.items() if k != "lowrank"}
+    torch.manual_seed(0)
+    lowrank_model = build_model(build)  # first: a bad rank policy fails before anything is timed
+    dense = build_model(dense_build)
+    if args.speed_aware:
+        lowrank = build["lowrank"]
+        chosen = speed_aware_ranks(
+            dense, input_shape, lowrank_policy(spec, lowrank), search, args.target, lowrank.get("factorise_first"),
+            bool(lowrank.get("bn_between", False)), objective=args.objective, model_name=spec.name, **timing,
+        )
+        print(chosen.to_markdown() + "\n")
+        config_path = args.write_config or out / "speed_aware.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(chosen.to_yaml(build, tree))
+        print(f"wrote the speed-aware ranks to {config_path}\n")
+        build = dense_build | {"lowrank": {"ranks": chosen.ranks, "bn_between": bool(lowrank.get("bn_between", False))}}
+        lowrank_model = build_model(build)
+        title = f"{spec.name}, speed-aware ranks"
+    else:
+        policy = ", ".join(f"{k}={v}" for k, v in build["lowrank"].items() if v not in (None, False))
+        title = f"{spec.name}, low-rank ({policy})"
+    report = speed_report(
+        dense, lowrank_model, input_shape, out_dir=out, whole_model=not args.layers_only, title=title, **timing
+    )
+    print(report.to_markdown())
+    print(f"\nwrote {', '.join(str(p) for p in report.files.values())} and {out / 'tensorboard'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:  # bad config, model, rank or device: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
