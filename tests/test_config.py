@@ -90,7 +90,7 @@ def test_bad_command_lines(tmp_path, capsys):
     cases = [
         (["--config", str(tmp_path / "missing.yaml")], "config file '.*missing.yaml' does not exist"),
         (["--config", str(path), "--set", "optim.lr"], r"--set 'optim.lr': expected KEY.PATH=VALUE"),
-        (["--config", str(path), "--set", "optim.lr.x=1"], r"optim.lr is not a section"),
+        (["--config", str(path), "--set", "data.root.x=1"], r"data.root is not a section"),
         (["--config", str(path), "--resume", str(tmp_path / "nope.pt")], r"--resume: checkpoint '.*nope.pt' does not exist"),
     ]
     for argv, message in cases:

@@ -80,7 +80,7 @@ def test_low_rank_cnn_learns_real_handwritten_digits(tmp_path, digits, backend, 
         path = config(tmp_path / variant, digits, model=model,
                       data={"backend": backend, "dali_device": "cpu", "batch_size": 32, "min_crop_scale": 0.6,
                             "hflip": False, "workers": 2},
-                      optim={"epochs": 8, "lr": 0.1, "warmup_epochs": 1})
+                      optim={"epochs": 5, "lr": 0.05, "warmup_epochs": 1})
         results[variant] = fit(load_config(path))
     with capsys.disabled():
         print("\n  digits, " + backend + ": " + ", ".join(f"{k} top-1 {r.top1:.1f}%" for k, r in results.items()))
@@ -183,7 +183,7 @@ def test_decomposed_mode_fine_tunes_a_trained_dense_model(tmp_path, synthetic, c
     dense = fit(load_config(dense_path))
     checkpoint = CheckpointManager(dense.folder / "checkpoints", 3).latest()
     path = config(tmp_path / "lr", synthetic, optim={"epochs": 1},
-                  model={"lowrank": {"mode": "decomposed", "energy": 0.9, "dense_checkpoint": str(checkpoint)}})
+                  model={"lowrank": {"mode": "decomposed", "speedup": 2.0, "dense_checkpoint": str(checkpoint)}})
     result = fit(load_config(path))
     state = load_checkpoint(CheckpointManager(result.folder / "checkpoints", 3).latest())
     assert state["ranks"] and any(".horizontal." in key for key in state["model"])

@@ -158,6 +158,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         image_size=cfg.data.image_size, val_resize=cfg.data.val_resize, workers=cfg.data.workers,
         train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
         world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
+        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip,
     )
     try:
         setup = build_model_for(cfg, len(loaders.classes))

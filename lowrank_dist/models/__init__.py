@@ -54,13 +54,10 @@ def build_model(cfg: Mapping) -> nn.Module:
     if unknown:
         raise ValueError(f"model: unknown key(s) {unknown} for {spec.name}; allowed: {sorted(allowed)}")
     options = {key: cfg.get(key, default) for key, default in spec.options.items()}
-    if "dropout" in cfg:
-        options["dropout"] = cfg["dropout"]
-    model = spec.build(
-        num_classes=cfg.get("num_classes", spec.num_classes),
-        batch_norm=cfg.get("batch_norm", spec.name == "googlenet"),
-        **options,
-    )
+    for key in ("dropout", "batch_norm"):  # absent → the model's own default
+        if cfg.get(key) is not None:
+            options[key] = cfg[key]
+    model = spec.build(num_classes=cfg.get("num_classes", spec.num_classes), **options)
     lowrank = cfg.get("lowrank")
     if lowrank:
         model = convert(

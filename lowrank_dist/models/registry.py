@@ -12,7 +12,7 @@ from torch import nn
 class ModelSpec:
     """How to build a dense model and what goes with it.
 
-    build(num_classes, batch_norm, **options) → nn.Module
+    build(num_classes, **options) — batch_norm and dropout among the options, with the model's defaults → nn.Module
     input_size: (C, H, W) the model is meant for (costs and the speed report use it)
     presets: named rank lists, one rank per factorisable (kh·kw > 1) conv in module order
     options: extra keyword options `build` accepts (e.g. GoogLeNet's aux_logits), with defaults
