@@ -149,6 +149,7 @@ class RunConfig(Section):
     keep_last: int = Field(default=3, ge=1)  # step checkpoints kept, besides the best
     log_every: int = Field(default=20, ge=1)  # optimizer steps
     max_steps: int | None = Field(default=None, ge=1)  # stop early (debugging, tests)
+    speed_report: bool = True  # low-rank runs: time each layer against its dense twin at the end
 
     @field_validator("name")
     @classmethod

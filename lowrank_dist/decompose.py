@@ -31,7 +31,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
-import scipy.linalg
 import torch
 
 
@@ -110,9 +109,14 @@ def _top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     On the CPU, LAPACK's MRRR solver (dsyevr, through SciPy) computes only the k wanted pairs with
     O(r) workspace; torch.linalg.eigh (dsyevd) would compute all r with an O(r²) workspace, which
-    is slower and triples the memory peak. Other devices use torch.linalg.eigh."""
+    is slower and triples the memory peak. Other devices (or a machine without SciPy, such as a
+    bare GPU box running bench/gpu.py) use torch.linalg.eigh."""
     r = gram.shape[0]
-    if gram.device.type == "cpu":
+    try:
+        import scipy.linalg
+    except ImportError:
+        scipy = None
+    if gram.device.type == "cpu" and scipy is not None:
         values, vectors = scipy.linalg.eigh(
             gram.numpy(), subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True, check_finite=False
         )

@@ -35,15 +35,14 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
-        result = fit(cfg, resume=args.resume)
+        fit(cfg, resume=args.resume)
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
-    print(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%")
-    return 0
+    return 0  # fit printed the final top-1/top-5 and where everything is
 
 
 if __name__ == "__main__":

@@ -253,3 +253,26 @@ def test_tensorboard_has_the_expected_tags(tmp_path, synthetic):
     assert any(t.startswith("projection/residual/") for t in scalars)
     assert any(t.startswith("ranks/") for t in scalars)
     assert "config/text_summary" in events.Tags()["tensors"]
+    # the end-of-run speed report: one row per factorised layer, measured beside the dense twin
+    assert "speed/table/text_summary" in events.Tags()["tensors"]
+    for name in result_ranks(result):
+        assert f"speed/layer/{name}/forward" in scalars, name
+
+
+def result_ranks(result) -> dict:
+    return load_checkpoint(CheckpointManager(result.folder / "checkpoints", 3).latest())["ranks"]
+
+
+def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_does_not(tmp_path, synthetic):
+    import json
+
+    finished = fit(load_config(config(tmp_path / "a", synthetic, optim={"epochs": 1})))
+    report = json.loads((finished.folder / "speed" / "speed.json").read_text())
+    timed = {row["name"]: row for row in report["layers"]}
+    assert set(result_ranks(finished)) <= set(timed) and len(timed) == 4  # tiny_vgg's four convs
+    assert report["meta"]["input_shape"] == [16, 3, 32, 32]  # the training batch and crop
+    assert all((finished.folder / "speed" / f"speed.{kind}").is_file() for kind in ("md", "csv", "png"))
+    cut = fit(load_config(config(tmp_path / "b", synthetic, optim={"epochs": 1}, run={"max_steps": 2})))
+    assert not (cut.folder / "speed").exists()
+    no_report = fit(load_config(config(tmp_path / "c", synthetic, optim={"epochs": 1}, run={"speed_report": False})))
+    assert not (no_report.folder / "speed").exists()

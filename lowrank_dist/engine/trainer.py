@@ -140,6 +140,23 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog):
+    """The end-of-run speed report: every factorised layer timed against its dense twin (same
+    shapes, fresh weights: time does not depend on their values) at the training batch, image size,
+    dtype and memory format, on the training device. Printed, and written to out_dir and TensorBoard."""
+    from ..report.speed import speed_report
+
+    build = cfg.model.build_dict(num_classes)
+    build.pop("lowrank")
+    dense = build_model(build)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp, torch.float32)
+    shape = (cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+    report = speed_report(dense, lowrank, shape, device, dtype, out_dir, writer=log.writer,
+                          channels_last=cfg.precision.channels_last, title=f"{cfg.model.name} (run {cfg.run.name})")
+    log.print(report.to_markdown())
+    return report
+
+
 def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None = None) -> TrainResult:
     """Train as configured; resume from `resume` or, if the run folder has checkpoints, from the latest."""
     folder = cfg.run.folder
@@ -305,14 +322,20 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         is_best = metrics["top1"] > best_top1
         best_top1 = max(best_top1, metrics["top1"])
         save(is_best)
+    lowrank = model
     if setup.projector is not None and dist_ctx.is_main:
         exported = folder / "exported_lowrank.pt"
-        factorised = setup.projector.export(model)
-        atomic_save({"model": factorised.state_dict(), "ranks": setup.ranks, "config": cfg.resolved()}, exported)
+        lowrank = setup.projector.export(model)
+        atomic_save({"model": lowrank.state_dict(), "ranks": setup.ranks, "config": cfg.resolved()}, exported)
+    speed = None
+    finished = step >= total_steps  # a run cut short by run.max_steps is a test or a debug session
+    if setup.ranks and cfg.run.speed_report and dist_ctx.is_main and finished:
+        speed = measured_speed(cfg, lowrank, len(loaders.classes), device, folder / "speed", log)
     log.print(
         f"final: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['count']} images)\n"
         f"checkpoints: {checkpoints.folder}\n"
         + (f"exported factorised model: {exported}\n" if exported else "")
+        + (f"speed report: {speed.files['md']}\n" if speed else "")
         + f"TensorBoard: tensorboard --logdir {folder / 'tensorboard'}"
     )
     log.close()
