@@ -139,6 +139,26 @@ class PrecisionConfig(Section):
     compile: bool = False
 
 
+class DistributedConfig(Section):
+    """How several processes train one model. One process ignores all of it but `engine`'s checks."""
+
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    sync_batchnorm: bool = False  # BN statistics over the global batch instead of each rank's
+    zero_stage: int = Field(default=1, ge=0, le=2)  # deepspeed: ZeRO stage (optimizer/gradient sharding)
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged over the generated DeepSpeed config
+    timeout_s: float = Field(default=600.0, gt=0.0)  # a collective waiting longer (a dead rank) fails
+
+    @field_validator("engine")
+    @classmethod
+    def _installed(cls, engine: str) -> str:
+        if engine == "deepspeed":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError("'deepspeed' is not installed here (pip install 'lowrank-dist[deepspeed]'); use 'ddp'")
+        return engine
+
+
 class RunConfig(Section):
     name: str | None = None  # default: the config file's stem
     out_dir: Path = Path("runs")
@@ -169,6 +189,7 @@ class Config(Section):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def resolved(self) -> dict:
         """Plain, YAML-safe dict of every setting (defaults included): what the run really used."""

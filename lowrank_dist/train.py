@@ -1,6 +1,10 @@
-"""Train a (low-rank) CNN in one process: on the GPU if there is one, else the CPU.
+"""Train a (low-rank) CNN: on the GPU if there is one, else the CPU; one process, or one of many.
 
     python -m lowrank_dist.train --config configs/debug.yaml [--set optim.lr=0.05 ...] [--resume PATH]
+    torchrun --nproc_per_node 8 -m lowrank_dist.train --config configs/vgg16_lr.yaml
+    srun python -m lowrank_dist.train --config ...      (launch/submit.py does this through submitit)
+
+Under torchrun or srun every process finds its rank itself (engine.distributed.rendezvous).
 
 A run folder (run.out_dir/run.name) holds checkpoints/, tensorboard/, metrics.jsonl and the
 resolved config.yaml; running the same config again resumes from its latest checkpoint.
@@ -25,23 +29,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run(cfg, resume: Path | None = None, rdv=None):
+    """Join the job's process group (none for one process) and train; what launchers call."""
+    from .engine.distributed import device_type_for, process_group, rendezvous
+    from .engine.trainer import fit
+
+    rdv = rdv or rendezvous()
+    with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
+        return fit(cfg, dist_ctx, resume)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .data import DataError
     from .engine.checkpoint import CheckpointError
-    from .engine.trainer import TrainingError, fit
+    from .engine.distributed import rendezvous
+    from .engine.trainer import TrainingError
 
+    rdv = rendezvous()
+    who = f" (rank {rdv.rank} of {rdv.world_size})" if rdv.world_size > 1 else ""
     try:
         cfg = load_config(args.config, args.overrides)
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
-        fit(cfg, resume=args.resume)
+        run(cfg, args.resume, rdv)
     except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{who}: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
+        print(f"training stopped{who}: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # a peer that died, a collective that timed out: say which rank saw it
+        if rdv.world_size > 1:
+            print(f"error{who}: {type(error).__name__}: {error}", file=sys.stderr)
+        raise
     return 0  # fit printed the final top-1/top-5 and where everything is
 
 

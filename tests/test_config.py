@@ -52,7 +52,7 @@ def base(tmp_path) -> dict:
 
 
 BAD = [  # (change to the base config, expected message)
-    (lambda t: t.update(optimizer={"lr": 1}), r"optimizer: unknown key; allowed here: data, model, optim, precision, run"),
+    (lambda t: t.update(optimizer={"lr": 1}), r"optimizer: unknown key; allowed here: data, distributed, model, optim, precision, run"),
     (lambda t: t.setdefault("optim", {}).update(learning_rate=0.1), r"optim.learning_rate: unknown key; allowed here: .*lr"),
     (lambda t: t.setdefault("optim", {}).update(epochs="ten"), r"optim.epochs: Input should be a valid integer.*'ten'"),
     (lambda t: t.setdefault("optim", {}).update(lr=-0.1), r"optim.lr: Input should be greater than 0 \(got -0.1\)"),

@@ -6,6 +6,11 @@ never half of one. The folder keeps the last `keep_last` step checkpoints plus `
 
 A checkpoint holds everything needed to continue bitwise: model, optimizer, scheduler, AMP
 scaler, step and epoch, every RNG state, and the resolved config.
+
+When the optimizer state is partitioned across ranks (DeepSpeed ZeRO), every rank writes its own
+`step_N.rank00001-of-00004.pt` first; rank 0 writes `step_N.pt` last, after a barrier. The step
+file is the commit marker: a step without it is incomplete and never resumed from, and pruning a
+step removes its shards with it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
+SHARD_FILE = re.compile(r"^step_(\d{9})\.rank\d{5}-of-\d{5}\.pt$")
 
 
 def rng_states() -> dict:
@@ -88,17 +94,49 @@ class CheckpointManager:
         files = self.step_files()
         return files[-1] if files else None
 
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:09d}.pt"
+
+    @staticmethod
+    def shard_path(step_path: Path, rank: int, world_size: int) -> Path:
+        return step_path.with_name(f"{step_path.stem}.rank{rank:05d}-of-{world_size:05d}.pt")
+
+    def save_shard(self, payload: dict, step: int, rank: int, world_size: int) -> Path:
+        """This rank's part of step `step` (call on every rank before rank 0's `save`)."""
+        path = self.shard_path(self.path_for(step), rank, world_size)
+        atomic_save(payload, path)
+        return path
+
+    def load_shard(self, step_path: Path, rank: int, world_size: int, map_location="cpu") -> dict:
+        path = self.shard_path(step_path, rank, world_size)
+        if not path.is_file():
+            written = sorted(p.name for p in step_path.parent.glob(f"{step_path.stem}.rank*.pt"))
+            raise CheckpointError(
+                f"{str(step_path)!r} has its optimizer state in per-rank shards and this rank's {path.name!r} is missing"
+                + (f" (found {', '.join(written)}: it was written by another number of processes; resume with"
+                   " that many)" if written else "")
+            )
+        return load_checkpoint(path, map_location)
+
     def save(self, payload: dict, step: int, is_best: bool = False) -> Path:
-        path = self.folder / f"step_{step:09d}.pt"
+        path = self.path_for(step)
         atomic_save(payload, path)
         if is_best:
             self._copy_atomic(path, self.folder / "best.pt")
-        for old in self.step_files()[:-self.keep_last]:
-            old.unlink()
+        self.prune()
         return path
 
-    def mark_best(self, path: Path) -> None:
-        self._copy_atomic(path, self.folder / "best.pt")
+    def prune(self) -> None:
+        """Keep the last `keep_last` steps; a step's shards go with it, and so do shards of steps
+        that never got their step file (a run killed between the shards and the commit)."""
+        kept = {p.stem for p in self.step_files()[-self.keep_last:]}
+        newest = max((int(STEP_FILE.match(p.name).group(1)) for p in self.step_files()), default=-1)
+        for path in list(self.folder.iterdir()):
+            if STEP_FILE.match(path.name) and path.stem not in kept:
+                path.unlink()
+            elif (match := SHARD_FILE.match(path.name)) and f"step_{match.group(1)}" not in kept:
+                if int(match.group(1)) <= newest:  # newer shards may be another rank's save in progress
+                    path.unlink()
 
     @staticmethod
     def _copy_atomic(source: Path, target: Path) -> None:

@@ -1,15 +1,81 @@
-"""What the trainer needs to know about the process group, and nothing about how it was started.
+"""Where this process sits in the job, and the process group: the only place that knows how we
+were launched.
 
-A single process is the default; the launcher (SLURM, torchrun, submitit) builds a DistContext
-once, and the trainer only asks it for its rank, for sums across ranks and whether to write logs.
+    rdv = rendezvous()                       # submitit, srun, torchrun or a plain single process
+    with process_group(rdv, "cpu") as ctx:   # gloo on the CPU, NCCL on GPUs
+        fit(cfg, ctx)
+
+`rendezvous` reads the environment in this order:
+  1. torchrun (or anything that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) — also `--local`;
+  2. a submitit job (SUBMITIT_EXECUTOR is set): submitit's JobEnvironment;
+  3. an `srun` step (SLURM_STEP_NUM_TASKS is set; the sbatch script itself is not a step, so a
+     `python -m lowrank_dist.train` run directly in it is one process): SLURM_PROCID and friends,
+     the master is the step's first node (`scontrol show hostnames`), the port derived from the job id;
+  4. otherwise one process.
+The trainer only sees a DistContext: its rank, sums across ranks, whether it writes logs.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import random
+import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # "torchrun", "submitit", "srun" or "single"
+
+
+def _port_for_job(job_id: str) -> int:
+    """A port every task of a job agrees on without talking: a function of the job id."""
+    return random.Random(job_id).randint(20000, 60000)
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as 'gpu[003-004,010],cpu1'."""
+    try:
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                              timeout=30, check=True)
+        return done.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        head = nodelist.split(",")[0]  # no scontrol here: expand the first range by hand
+        if "[" in head:
+            prefix, ranges = head.split("[", 1)
+            return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+        return head
+
+
+def rendezvous(env: Mapping[str, str] | None = None) -> Rendezvous:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Rendezvous(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if env.get("SUBMITIT_EXECUTOR") and env is os.environ:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _port_for_job(str(job.job_id))
+        return Rendezvous(job.global_rank, job.local_rank, job.num_tasks, job.hostnames[0], port, "submitit")
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _port_for_job(env.get("SLURM_JOB_ID", "0"))
+        return Rendezvous(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]),
+                          env.get("MASTER_ADDR") or _first_host(nodelist), port, "srun")
+    return Rendezvous()
 
 
 @dataclass(frozen=True)
@@ -22,18 +88,92 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of `tensor` over all ranks (in place; a no-op in one process)."""
-        if self.world_size > 1:
+        if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def average_buffers(self, model: nn.Module) -> None:
+        """Make BN running statistics the same on every rank: the mean of the ranks' estimates.
+
+        Each rank's running mean/var tracks the batches it saw; their average is the estimate over
+        all of them. Done before evaluating and checkpointing, so every rank evaluates the same
+        model and a checkpoint does not depend on which rank wrote it."""
+        if not self.distributed:
+            return
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer.div_(self.world_size)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank."""
+        if not self.distributed:
+            return bool(flag)
+        votes = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            votes = votes.cuda()
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        return bool(votes.item() > 0)
+
+    def broadcast_parameters(self, model: nn.Module, source: int = 0) -> None:
+        """Every rank takes `source`'s parameters (e.g. after an in-place re-projection)."""
+        if self.distributed:
+            for param in model.parameters():
+                dist.broadcast(param.data, src=source)
+
+    def broadcast_object(self, value, source: int = 0):
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=source)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def device_type_for(requested: str) -> str:
+    """'cuda' or 'cpu' for run.device 'auto' | 'cpu' | 'cuda' (before any process group exists)."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
 
 def select_device(requested: str, dist_ctx: DistContext) -> torch.device:
-    """'auto' → the local GPU when there is one, else the CPU."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    """'auto' → this rank's GPU (its local rank) when there is one, else the CPU."""
+    if device_type_for(requested) == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("run.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        if dist_ctx.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {dist_ctx.local_rank} has no GPU: only {torch.cuda.device_count()} visible")
         torch.cuda.set_device(dist_ctx.local_rank)
         return torch.device("cuda", dist_ctx.local_rank)
     return torch.device("cpu")
+
+
+@contextmanager
+def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0) -> Iterator[DistContext]:
+    """The process group for `rdv` (none for a single process): NCCL between GPUs, gloo on CPUs.
+
+    `timeout_s` bounds every collective: a rank that died mid-step makes the others fail with an
+    error within that time instead of hanging for the default 30 minutes."""
+    ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank)
+    if rdv.world_size == 1:
+        yield ctx
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(rdv.local_rank)
+    dist.init_process_group(
+        backend, init_method=f"tcp://{rdv.master_addr}:{rdv.master_port}", rank=rdv.rank,
+        world_size=rdv.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        yield ctx
+    finally:
+        dist.destroy_process_group()

@@ -19,17 +19,19 @@ def logits_of(outputs) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: nn.Module, val_loader, dist_ctx: DistContext = DistContext(),
-    autocast: AbstractContextManager | None = None,
+    autocast: AbstractContextManager | None = None, forward=None,
 ) -> dict[str, float]:
     """`val_loader` yields (images, labels, valid): padded duplicates have valid=False and are not
-    counted. Sums are reduced over ranks, so every rank gets the same global numbers."""
+    counted. Sums are reduced over ranks, so every rank gets the same global numbers. `forward`
+    (default: the model) is what runs the batch, e.g. a compiled or DeepSpeed-wrapped model."""
+    forward = forward or model
     was_training = model.training
     model.eval()
     totals = None
     try:
         for images, labels, valid in val_loader:
             with autocast or nullcontext():
-                logits = logits_of(model(images)).float()
+                logits = logits_of(forward(images)).float()
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hits = top == labels[:, None]

@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .checkpoint import (
 )
 from .distributed import DistContext, select_device
 from .evaluate import evaluate, logits_of
-from .optim import build_optimizer, build_scheduler
+from .backends import build_engine
 from .projection import Projector
 
 
@@ -134,10 +133,27 @@ class TrainResult:
     exported: Path | None = None
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext) -> None:
+    """Refuse, with the reason, a checkpoint this run cannot continue from."""
+    written_for = state.get("config", {}).get("model")
+    if written_for != cfg.resolved()["model"]:
+        raise CheckpointError(f"--resume {str(path)!r} was written for model {written_for}, not this config's {cfg.resolved()['model']}")
+    if "engine" not in state:
+        raise CheckpointError(f"--resume {str(path)!r} is not a training checkpoint (no optimizer state); to start"
+                              " from its weights use model.lowrank.mode 'decomposed' with dense_checkpoint")
+    written_engine = state["config"].get("distributed", {}).get("engine", "ddp")
+    if written_engine != cfg.distributed.engine:
+        raise CheckpointError(f"--resume {str(path)!r} was written by distributed.engine {written_engine!r}; this"
+                              f" config uses {cfg.distributed.engine!r} and their optimizer states differ")
+    written_world = state.get("world_size", 1)
+    if written_world != dist_ctx.world_size and state["batch"] != 0:
+        # Mid-epoch, which samples are left depends on how the epoch was sharded. At an epoch
+        # boundary nothing is left over: the next epoch is re-sharded over the new world size (the
+        # global batch, and so the meaning of optim.lr, change with it).
+        raise CheckpointError(
+            f"--resume {str(path)!r} stopped mid-epoch with {written_world} processes; resume it with"
+            f" {written_world}, or from a checkpoint written at the end of an epoch"
+        )
 
 
 def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog):
@@ -183,32 +199,35 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         raise
     except ValueError as error:  # a rank or option this model cannot take
         raise ConfigError(f"model: {error}") from None
+    if setup.projector is not None and cfg.distributed.engine == "deepspeed":
+        raise ConfigError("model.lowrank.mode 'projected' needs distributed.engine 'ddp': DeepSpeed keeps its own"
+                          " fp32 copy of the weights, which a projection of the model's kernels would not reach")
     model = setup.model.to(device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.precision.compile else model
 
     accumulate = cfg.optim.accumulate
     micro_batches = len(loaders.train)
     steps_per_epoch = math.ceil(micro_batches / accumulate)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
     checkpoints = CheckpointManager(folder / "checkpoints", cfg.run.keep_last)
 
     step, epoch, start_batch, best_top1 = 0, 0, 0, -1.0
     resume = resume or checkpoints.latest()
+    state = None
     if resume is not None:
         state = load_checkpoint(Path(resume), map_location=device)
-        if state.get("config", {}).get("model") != cfg.resolved()["model"]:
-            raise CheckpointError(
-                f"--resume {str(resume)!r} was written for model {state.get('config', {}).get('model')},"
-                f" not this config's {cfg.resolved()['model']}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        check_resumable(state, Path(resume), cfg, dist_ctx)
+        model.load_state_dict(state["model"])  # before the engine: DeepSpeed copies the weights it starts from
+    try:
+        engine = build_engine(model, cfg, dist_ctx, device, steps_per_epoch)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    model = engine.module  # SyncBatchNorm conversion may have replaced BN layers
+    if state is not None:
+        engine_state = state["engine"]
+        if engine.optimizer_sharded:
+            engine_state = checkpoints.load_shard(Path(resume), dist_ctx.rank, dist_ctx.world_size, device)["engine"]
+        engine.load_state_dict(engine_state)
         step, epoch, start_batch, best_top1 = state["step"], state["epoch"], state["batch"], state["best_top1"]
         restore_rng_states(state["rng"])
         log.print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {start_batch}")
@@ -222,20 +241,32 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
 
     def save(is_best: bool = False) -> Path | None:
-        if not dist_ctx.is_main:
-            return None
-        payload = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch": batch_index, "best_top1": best_top1,
-            "rng": rng_states(), "config": cfg.resolved(), "ranks": setup.ranks,
-        }
-        return checkpoints.save(payload, step, is_best)
+        """Every rank takes part: BN statistics are averaged, ZeRO shards written, then rank 0 commits."""
+        dist_ctx.average_buffers(model)
+        if engine.optimizer_sharded:
+            checkpoints.save_shard({"engine": engine.state_dict()}, step, dist_ctx.rank, dist_ctx.world_size)
+            dist_ctx.barrier()
+        path = None
+        if dist_ctx.is_main:
+            payload = {
+                "model": model.state_dict(), "engine": None if engine.optimizer_sharded else engine.state_dict(),
+                "step": step, "epoch": epoch, "batch": batch_index, "best_top1": best_top1, "rng": rng_states(),
+                "config": cfg.resolved(), "ranks": setup.ranks, "world_size": dist_ctx.world_size,
+            }
+            path = checkpoints.save(payload, step, is_best)
+        dist_ctx.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
+        return path
+
+    def validate() -> dict[str, float]:
+        dist_ctx.average_buffers(model)  # every rank evaluates the same BN statistics
+        return evaluate(model, loaders.val, dist_ctx, autocast, engine.forward)
 
     def project(tag_step: int) -> None:
         residuals = setup.projector.project()
+        dist_ctx.broadcast_parameters(model)  # rank 0's projection everywhere: eigensolvers may differ by an ulp
         log.scalars(tag_step, {f"projection/residual/{name}": r for name, r in residuals.items()})
 
-    autocast = _autocast(device, cfg.precision.amp)
+    autocast = engine.autocast
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.run.max_steps or total_steps)
@@ -246,7 +277,6 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
 
     while epoch < cfg.optim.epochs and step < last_step:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
         batches = iter(loaders.train.epoch(epoch, start_batch))
         batch_index = start_batch
         while step < last_step:
@@ -258,29 +288,28 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
             window["wait"] += time.perf_counter() - waited
             group_start = batch_index // accumulate * accumulate
             group_size = min(accumulate, micro_batches - group_start)
-            with autocast:
-                outputs = forward(images)
-                if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
-                    loss = criterion(outputs[0], labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
-                else:
-                    loss = criterion(outputs, labels)
-            if not torch.isfinite(loss):
-                latest = checkpoints.latest()
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {step} (epoch {epoch}, batch {batch_index});"
-                    f" last good checkpoint: {latest or 'none yet'}. Lower optim.lr or add warm-up."
-                )
-            scaler.scale(loss / group_size).backward()
+            boundary = batch_index + 1 - group_start == group_size
+            with engine.micro_batch(boundary):
+                with autocast:
+                    outputs = engine.forward(images)
+                    if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
+                        loss = criterion(outputs[0], labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
+                    else:
+                        loss = criterion(outputs, labels)
+                if dist_ctx.any(not torch.isfinite(loss)):  # every rank stops together, none waits for the others
+                    latest = checkpoints.latest()
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {step} (epoch {epoch}, batch {batch_index}) on some rank;"
+                        f" last good checkpoint: {latest or 'none yet'}. Lower optim.lr or add warm-up."
+                    )
+                engine.backward(loss / group_size)
             window["loss"] += loss.item() * images.shape[0]
             window["count"] += images.shape[0]
             window["images"] += images.shape[0]
             batch_index += 1
-            if batch_index - group_start < group_size:
+            if not boundary:
                 continue  # accumulate more micro-batches
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            engine.step()
             step += 1
             progress.update()
             if setup.projector is not None and step % cfg.model.lowrank.project_every == 0:
@@ -289,7 +318,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
                 elapsed = time.perf_counter() - window["start"]
                 log.scalars(step, {
                     "train/loss": window["loss"] / max(1, window["count"]),
-                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/lr": engine.lr,
                     "train/images_per_s": window["images"] * dist_ctx.world_size / elapsed,
                     "train/data_wait_fraction": window["wait"] / elapsed,
                 })
@@ -301,7 +330,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
             break
         epoch, start_batch, batch_index = epoch + 1, 0, 0
         if epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs:
-            metrics = evaluate(forward, loaders.val, dist_ctx, autocast)
+            metrics = validate()
             log.scalars(step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
             log.print(f"epoch {epoch}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
             is_best = metrics["top1"] > best_top1
@@ -317,7 +346,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         project(step)  # the final weights are exactly rank K
     if not metrics or stopped_mid_epoch or setup.projector is not None:
         # the last evaluation (if any) does not describe the final weights
-        metrics = evaluate(forward, loaders.val, dist_ctx, autocast)
+        metrics = validate()
         log.scalars(step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
         is_best = metrics["top1"] > best_top1
         best_top1 = max(best_top1, metrics["top1"])

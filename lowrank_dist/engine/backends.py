@@ -1,0 +1,188 @@
+"""The two ways several processes train one model, behind one small interface, so that the trainer
+never asks which one it runs.
+
+    engine = build_engine(model, cfg, dist_ctx, device, steps_per_epoch)
+    with engine.micro_batch(boundary):          # forward and backward of one micro-batch
+        loss = criterion(engine.forward(x), y)
+        engine.backward(loss / group_size)
+    if boundary: engine.step()                   # optimizer step, zero the gradients, lr schedule
+
+* `DDPEngine` — one process alone, or torch DistributedDataParallel (NCCL on GPUs, gloo on CPUs):
+  gradients are averaged across ranks in backward; between accumulation boundaries `no_sync` skips
+  that all-reduce. fp16 uses torch's GradScaler, bf16 autocast.
+* `DeepSpeedEngine` — DeepSpeed with ZeRO stage 0/1/2 (optimizer state, and at stage 2 gradients,
+  partitioned across ranks). Its JSON is generated from our config (`deepspeed_config`), with
+  `distributed.deepspeed` merged over it for anything else. Our SGD, our lr schedule and our
+  accumulation boundaries are kept, so both engines follow the same optimisation step by step.
+
+What each rank must save is `engine.state_dict()`: the whole optimizer state for DDP (the same on
+every rank, rank 0 saves it), this rank's ZeRO partition for DeepSpeed (every rank saves its own).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .distributed import DistContext
+from .optim import build_optimizer, build_scheduler
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class DDPEngine:
+    """One process, or DistributedDataParallel across several."""
+
+    optimizer_sharded = False  # every rank holds the whole optimizer state
+
+    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
+        self.module = model
+        self.device = device
+        self.autocast = _autocast(device, cfg.precision.amp)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, steps_per_epoch, cfg.optim)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
+        self._ddp = None
+        if dist_ctx.distributed:
+            # BN buffers are averaged across ranks before evaluating and saving (DistContext.average_buffers),
+            # not broadcast from rank 0 at every forward.
+            self._ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+            )
+        wrapped = self._ddp or model
+        self.forward = torch.compile(wrapped) if cfg.precision.compile else wrapped
+
+    @contextmanager
+    def micro_batch(self, boundary: bool) -> Iterator[None]:
+        """Forward and backward of one micro-batch; off the boundary DDP keeps its gradients local."""
+        sync = nullcontext() if boundary or self._ddp is None else self._ddp.no_sync()
+        with sync:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed's JSON from our YAML: batch sizes, ZeRO stage, precision; then the user's
+    `distributed.deepspeed` section merged over it (nested dicts merged key by key)."""
+    generated = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.accumulate,
+        "train_batch_size": cfg.data.batch_size * cfg.optim.accumulate * world_size,
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our SGD: ZeRO 1/2 only partition its state
+        "bf16": {"enabled": cfg.precision.amp == "bf16"},
+        "fp16": {"enabled": cfg.precision.amp == "fp16"},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+    def merge(base: dict, extra: dict) -> dict:
+        for key, value in extra.items():
+            base[key] = merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+        return base
+
+    return merge(generated, cfg.distributed.deepspeed)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0/1/2 with our optimizer, schedule and accumulation boundaries."""
+
+    optimizer_sharded = True  # at ZeRO >= 1 each rank holds only its partition
+
+    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
+        import logging
+
+        import deepspeed
+
+        deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-step INFO lines drown our progress
+        if cfg.precision.compile:
+            raise ValueError("precision.compile: not supported with distributed.engine 'deepspeed' (use 'ddp')")
+        self.module = model
+        self.device = device
+        self.autocast = nullcontext()  # DeepSpeed's bf16/fp16 modes hold the weights in that dtype
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp)
+        optimizer = build_optimizer(model, cfg.optim)
+        self._engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist_ctx.world_size),
+            dist_init_required=False,
+        )
+        # the lr schedule acts on the optimizer DeepSpeed wraps (its param_groups are the same dicts)
+        self.scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
+        self._base_optimizer = optimizer
+
+    def forward(self, images: torch.Tensor):
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
+        outputs = self._engine(images)
+        return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
+
+    @contextmanager
+    def micro_batch(self, boundary: bool) -> Iterator[None]:
+        # Our boundaries, not DeepSpeed's counter: the last group of an epoch may be short.
+        self._engine.set_gradient_accumulation_boundary(boundary)
+        yield
+        if not boundary:
+            self._engine.step()  # only advances DeepSpeed's micro-step counter off the boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss, scale_wrt_gas=False)  # the caller divided by the group size
+
+    def step(self) -> None:
+        self._engine.step()  # optimizer step and zero_grad (DeepSpeed skips it on fp16 overflow)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self._base_optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._engine.zero_optimization_stage() > 0:
+            # ZeRO takes the list of every rank's partition and reads its own; this rank's is all we hold.
+            partitions = [None] * self._engine.dp_world_size
+            partitions[self._engine.global_rank] = state["optimizer"]
+            self.optimizer.load_state_dict(partitions, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
+
+
+def build_engine(model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
+    if cfg.distributed.sync_batchnorm and dist_ctx.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP/DeepSpeed wrap it (DeepSpeed#502)
+    return ENGINES[cfg.distributed.engine](model, cfg, dist_ctx, device, steps_per_epoch)
