@@ -94,6 +94,7 @@ class DataConfig(Section):
     workers: int = Field(default=4, ge=0)
     min_crop_scale: float = Field(default=0.08, gt=0.0, le=1.0)  # random-resized-crop area range (s, 1)
     hflip: bool = True  # random horizontal flips in training
+    on_bad_image: Literal["error", "skip"] = "error"  # undecodable image: stop naming it, or replace and count it
     train_list: Path | None = None
     val_list: Path | None = None
 

@@ -5,10 +5,13 @@
         ...
     for images, labels, valid in loaders.val:                          # count only `valid` samples
         ...
+    loaders.train.skipped.count, loaders.train.skipped.paths            # bad images (on_bad_image="skip")
 
 The back-ends (DALI on the CPU or GPU, torchvision with PIL) crop the same windows of the same
 images in the same order; sharding, padding and the determinism guarantees are described in
-`sampling`. `python -m lowrank_dist.data.synthetic --out DIR` writes a small learnable data set.
+`sampling`; what a bad image is and what happens to it, in `integrity`. `python -m
+lowrank_dist.data.synthetic --out DIR` writes a small learnable data set, `python -m
+lowrank_dist.data.check ROOT` lists every problem of a data set.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from .dali import DaliBackend, check_dali, dali_available
+from .integrity import ON_BAD_IMAGE, Skipped
 from .loaders import TrainLoader, ValLoader
 from .samples import DataError, load_samples
 from .sampling import CropPlan
 from .torchvision_loader import TorchvisionBackend
 
-__all__ = ["DataError", "Loaders", "build_loaders"]
+__all__ = ["DataError", "Loaders", "Skipped", "build_loaders"]
 
 
 @dataclass
@@ -55,17 +59,22 @@ def build_loaders(
     channels_last: bool = False,
     min_crop_scale: float = 0.08,
     hflip: bool = True,
+    on_bad_image: str = "error",
 ) -> Loaders:
     """Train and val loaders for this rank. `batch_size` is per rank; `image_size` is the train crop
     and the val centre crop; `val_resize` the shorter side before the val crop (default
     round(image_size·256/224)). backend "auto" is DALI if it is installed, else torchvision;
     dali_device "auto" is the GPU if CUDA is available. `workers` is DataLoader processes for
     torchvision and decoding threads for DALI. `min_crop_scale` and `hflip` set the train
-    augmentation: crop area fraction in (min_crop_scale, 1), random horizontal mirror."""
+    augmentation: crop area fraction in (min_crop_scale, 1), random horizontal mirror.
+    `on_bad_image` "error" stops at the first undecodable image with a DataError naming it; "skip"
+    replaces it by the next good sample and counts it in loaders.train/val.skipped (`integrity`)."""
     if backend not in ("auto", "dali", "torchvision"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
     if dali_device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"dali_device must be 'auto', 'cpu' or 'gpu', got {dali_device!r}")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be ≥ 1 and workers ≥ 0, got {batch_size} and {workers}")
     if not 0 <= rank < world_size:
@@ -88,7 +97,7 @@ def build_loaders(
 
     train_backend = backend_for(train)
     return Loaders(
-        train=TrainLoader(train, train_backend, batch_size, rank, world_size, seed, device),
-        val=ValLoader(val, backend_for(val), batch_size, rank, world_size, device),
+        train=TrainLoader(train, train_backend, batch_size, rank, world_size, seed, device, on_bad_image),
+        val=ValLoader(val, backend_for(val), batch_size, rank, world_size, device, on_bad_image),
         classes=classes, num_train=len(train), num_val=len(val), backend=train_backend.name,
     )

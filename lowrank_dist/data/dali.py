@@ -8,21 +8,32 @@ shards that overlap or drop samples without pad_last_batch, a 0-size last batch,
 length that changes after the first epoch), and it makes a resumed epoch exact: a seeded DALI
 random operator draws from a per-slot stream, which cannot skip batches without running them.
 
-Per sample the host only reads the file and parses the JPEG frame header for the image size
-(tens of µs); fn.decoders.image_slice then decodes just the crop window (libjpeg-turbo on the CPU,
+Per sample the host only reads the file and checks its bytes, which yields the image size
+(integrity.inspect_image, tens of µs); fn.decoders.image_slice then decodes just the crop window (libjpeg-turbo on the CPU,
 nvJPEG for "mixed"), fn.resize scales it to S×S with an antialiased linear filter like PIL's, and
 fn.crop_mirror_normalize mirrors, converts to float and normalizes in one pass.
+
+Bad images never reach DALI if the host can tell: the callback runs integrity.inspect_image on the
+bytes it has just read (zero-byte, not an image, truncated — which libjpeg-turbo decodes without a
+word when the crop window stops short of the missing data) and feeds integrity.first_good's
+replacement instead. What only a decoder
+can find (say, a corrupt Huffman table) makes pipe.run() fail; the pipeline is dead then and
+DALI's message does not say which sample it was, so `images` decodes that batch's files with PIL
+to find it, marks it bad, builds a new pipeline and redoes the batch from there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 
+from .integrity import BadImage, ImageInfo, decode_rgb, first_good, inspect_image, read_bytes
+from .loaders import Batch
 from .samples import DataError, Samples
-from .sampling import IMAGENET_MEAN, IMAGENET_STD, CropPlan, jpeg_size
+from .sampling import IMAGENET_MEAN, IMAGENET_STD, CropPlan
 
 try:
     from nvidia.dali import fn, types
@@ -52,23 +63,32 @@ def check_dali(dali_device: str) -> str:
 
 class _BatchSource:
     """DALI's external_source callback: iteration i → (encoded images, crop anchors (x, y), crop
-    shapes (w, h), mirror flags) of batch i; StopIteration after the last batch ends the pipeline."""
+    shapes (w, h), mirror flags) of batch i; StopIteration after the last batch ends the pipeline.
+    `filled[i]` is then (the sample in each slot, the bad samples met) for batch i."""
 
-    def __init__(self, paths: list[str], plan: CropPlan, batches: list[np.ndarray], epoch: int | None):
-        self.paths, self.plan, self.batches, self.epoch = paths, plan, batches, epoch
+    def __init__(self, paths: list[str], plan: CropPlan, batches: list[np.ndarray], epoch: int | None,
+                 known_bad: Mapping[int, str]):
+        self.paths, self.plan, self.batches, self.epoch, self.known_bad = paths, plan, batches, epoch, known_bad
+        self.filled: dict[int, tuple[np.ndarray, list[tuple[int, str]]]] = {}
+
+    def _load(self, index: int) -> tuple[bytes, ImageInfo]:
+        data = read_bytes(self.paths[index])
+        return data, inspect_image(data)
 
     def __call__(self, iteration: int):
         if iteration >= len(self.batches):
             raise StopIteration
-        encoded, anchors, shapes, mirrors = [], [], [], []
-        for index in self.batches[iteration]:
-            with open(self.paths[index], "rb") as f:
-                data = f.read()
-            box = self.plan.box(self.epoch, int(index), *jpeg_size(data))
+        encoded, anchors, shapes, mirrors, used, bad = [], [], [], [], [], []
+        for slot in self.batches[iteration]:
+            index, (data, info), found = first_good(int(slot), len(self.paths), self.known_bad, self._load)
+            box = self.plan.box(self.epoch, int(slot), info.width, info.height)
             encoded.append(np.frombuffer(data, dtype=np.uint8))
             anchors.append(np.array([box.left, box.top], dtype=np.int32))
             shapes.append(np.array([box.width, box.height], dtype=np.int32))
             mirrors.append(np.array(box.flip, dtype=np.int32))
+            used.append(index)
+            bad += found
+        self.filled[iteration] = (np.array(used, dtype=np.int64), bad)
         return encoded, anchors, shapes, mirrors
 
 
@@ -108,17 +128,50 @@ class DaliBackend:
         pipe.build()
         return pipe
 
-    def images(self, batches: list[np.ndarray], epoch: int | None) -> Iterator[torch.Tensor]:
+    def _culprits(self, indices: np.ndarray, error: RuntimeError) -> dict[int, str]:
+        """The samples of a batch DALI failed on that PIL cannot decode either, index → why."""
+        culprits = {}
+        for index in dict.fromkeys(indices.tolist()):
+            try:
+                decode_rgb(read_bytes(self.paths[index]))
+            except BadImage as bad:
+                culprits[index] = str(bad)
+        if not culprits:
+            lines = [line for line in str(error).splitlines() if line.strip() and "no longer valid" not in line]
+            raise DataError(
+                f"DALI could not decode a batch whose {len(indices)} images PIL decodes"
+                f" (first: {self.paths[indices[0]]!r}): {lines[-1] if lines else error}"
+            ) from error
+        return culprits
+
+    def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
         if not batches:
             return
-        pipe = self._pipeline(_BatchSource(self.paths, self.plan, batches, epoch), max(map(len, batches)))
         on_gpu = self.device_id is not None
         stream = torch.cuda.current_stream(self.device_id) if on_gpu else None
-        for _ in batches:
-            (output,) = pipe.run()
-            dense = output.as_tensor()
-            target = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}" if on_gpu else "cpu")
-            feed_ndarray(dense, target, cuda_stream=stream)  # copies: DALI reuses its output buffers
-            if self.channels_last:
-                target = target.permute(0, 3, 1, 2)
-            yield target.to(self.device, non_blocking=True)
+        failed: dict[int, str] = {}  # bad samples only a failed pipeline revealed, this call
+        unreported: dict[int, str] = {}  # … not yet reported: they go with the batch they broke
+        done = 0  # batches yielded
+        while done < len(batches):
+            start = done
+            source = _BatchSource(self.paths, self.plan, batches[start:], epoch, ChainMap(failed, known_bad))
+            pipe = self._pipeline(source, max(map(len, batches[start:])))
+            try:
+                for _ in batches[start:]:
+                    (output,) = pipe.run()
+                    dense = output.as_tensor()
+                    target = torch.empty(dense.shape(), dtype=torch.float32,
+                                         device=f"cuda:{self.device_id}" if on_gpu else "cpu")
+                    feed_ndarray(dense, target, cuda_stream=stream)  # copies: DALI reuses its output buffers
+                    if self.channels_last:
+                        target = target.permute(0, 3, 1, 2)
+                    indices, bad = source.filled[done - start]
+                    bad, unreported = list(unreported.items()) + bad, {}
+                    yield Batch(target.to(self.device, non_blocking=True), indices, bad)
+                    done += 1
+            except RuntimeError as error:  # a decoder failed on batch `done`: find the sample, redo the batch
+                if done - start not in source.filled:
+                    raise
+                culprits = self._culprits(source.filled[done - start][0], error)
+                failed.update(culprits)
+                unreported.update(culprits)

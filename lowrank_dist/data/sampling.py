@@ -14,11 +14,15 @@ Train sharding, per epoch e (DistributedSampler's scheme):
 and each rank cuts its list into batches of batch_size, keeping the last partial one, so every
 rank has ceil(ceil(N / W) / batch_size) batches. Val sharding is the same without the shuffle; the
 wrapped duplicates are marked invalid, so summed over ranks every val image counts exactly once.
+
+A bad image (`integrity`) keeps its index and its slot: with on_bad_image "skip" the slot is filled
+with the next good sample of the split, a choice that depends only on the files, and its label
+comes along; in val that replacement is marked invalid too. So none of the above moves: the same
+number and size of batches on every rank, the same resumed epoch, each good val image once.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
@@ -26,7 +30,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,25 +59,6 @@ class Box(NamedTuple):
     width: int
     height: int
     flip: bool = False
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's frame header, without decoding; other formats via PIL's header
-    reader (ImageNet's train set has a PNG and a few CMYK JPEGs among its .JPEG files)."""
-    position = 2 if data[:2] == b"\xff\xd8" else len(data)
-    while position + 9 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame marker
-            height = int.from_bytes(data[position + 5:position + 7], "big")
-            width = int.from_bytes(data[position + 7:position + 9], "big")
-            return width, height
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length field
-            position += 2
-        else:
-            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
-    return Image.open(io.BytesIO(data)).size
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 Workers send uint8 N×S×S×3 batches (a quarter of the bytes of float32); the main process moves
 them to the device, where one permute makes them N×3×S×S in channels_last memory order for free,
 and converts and normalizes there. Each sample's crop comes from the CropPlan, keyed by
-(seed, epoch, index), so the number of workers does not change a single pixel.
+(seed, epoch, index), so the number of workers does not change a single pixel. A bad image
+(integrity.decode_rgb fails) is replaced in the worker by integrity.first_good's choice and
+reported with the batch, so no worker ever raises for bad data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -17,30 +19,41 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from .integrity import decode_rgb, first_good, read_bytes
+from .loaders import Batch
 from .samples import Samples
 from .sampling import IMAGENET_MEAN, IMAGENET_STD, CropPlan
 
 
 class _CroppedImages(Dataset):
-    """Item (epoch, index) → the sample's crop as a uint8 S×S×3 RGB tensor (epoch None: val crop)."""
+    """Item (epoch, index) → (the crop as a uint8 S×S×3 RGB tensor, the index decoded, the bad
+    samples met), epoch None for the val crop. The crop is drawn for the slot's index, also when a
+    replacement fills it."""
 
-    def __init__(self, paths: list[str], plan: CropPlan):
-        self.paths, self.plan = paths, plan
+    def __init__(self, paths: list[str], plan: CropPlan, known_bad: Mapping[int, str]):
+        self.paths, self.plan, self.known_bad = paths, plan, known_bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int | None, int]) -> torch.Tensor:
-        epoch, index = key
-        with Image.open(self.paths[index]) as image:
-            image = image.convert("RGB")  # grayscale and CMYK JPEGs too
-        box = self.plan.box(epoch, index, *image.size)
+    def _decode(self, index: int) -> Image.Image:
+        return decode_rgb(read_bytes(self.paths[index]))  # grayscale, CMYK and PNG → RGB
+
+    def __getitem__(self, key: tuple[int | None, int]) -> tuple[torch.Tensor, int, list[tuple[int, str]]]:
+        epoch, slot = key
+        index, image, bad = first_good(slot, len(self.paths), self.known_bad, self._decode)
+        box = self.plan.box(epoch, slot, *image.size)
         size = [self.plan.image_size, self.plan.image_size]
         image = F.resized_crop(image, box.top, box.left, box.height, box.width, size,
                                interpolation=InterpolationMode.BILINEAR, antialias=True)
         if box.flip:
             image = F.horizontal_flip(image)
-        return torch.from_numpy(np.array(image))
+        return torch.from_numpy(np.array(image)), index, bad
+
+
+def _collate(items):
+    images, indices, bad = zip(*items)
+    return torch.stack(images), torch.tensor(indices, dtype=torch.int64), [b for found in bad for b in found]
 
 
 def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -56,15 +69,16 @@ class TorchvisionBackend:
     name = "torchvision"
 
     def __init__(self, samples: Samples, plan: CropPlan, workers: int, device: torch.device, channels_last: bool):
-        self.dataset = _CroppedImages(samples.paths, plan)
+        self.paths, self.plan = samples.paths, plan
         self.workers, self.device, self.channels_last = workers, device, channels_last
 
-    def images(self, batches: list[np.ndarray], epoch: int | None) -> Iterator[torch.Tensor]:
+    def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
         keys = [[(epoch, int(index)) for index in batch] for batch in batches]
+        dataset = _CroppedImages(self.paths, self.plan, dict(known_bad))  # the workers get this copy
         # a private generator: the DataLoader draws a worker base seed from it (unused: crops come
         # from the CropPlan), which would otherwise advance the global RNG that dropout uses and
         # make a resumed run differ from an uninterrupted one
-        loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
+        loader = DataLoader(dataset, batch_sampler=keys, num_workers=self.workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator())
-        for images in loader:
-            yield normalize(images.to(self.device, non_blocking=True), self.channels_last)
+        for images, indices, bad in loader:
+            yield Batch(normalize(images.to(self.device, non_blocking=True), self.channels_last), indices.numpy(), bad)
