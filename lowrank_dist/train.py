@@ -14,10 +14,31 @@ Bad input (config, data, checkpoint) prints one line naming the file, key or val
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import ConfigError, load_config
+
+
+EXIT_PREEMPTED = 3  # stopped on request with a checkpoint: run again (or requeue) to continue
+
+
+class StopSignals:
+    """Turns SLURM's warnings into a clean stop: USR2 (sbatch --signal=USR2@T, before the time limit
+    or preemption) and TERM (preemption, `scontrol requeue`, `scancel`; SIGKILL follows after
+    KillWait, 30 s by default) set `event`; the trainer then checkpoints its current step on every
+    rank and raises Preempted. `received` is the last signal caught."""
+
+    def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
+        self.event = threading.Event()
+        self.received: int | None = None
+        self.previous = {sig: signal.signal(sig, self._catch) for sig in signals}
+
+    def _catch(self, signum, frame) -> None:
+        self.received = signum
+        self.event.set()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,14 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(cfg, resume: Path | None = None, rdv=None):
-    """Join the job's process group (none for one process) and train; what launchers call."""
+def run(cfg, resume: Path | None = None, rdv=None, stop=None):
+    """Join the job's process group (none for one process) and train; what launchers call.
+    `stop`: a threading.Event that ends the run with a checkpoint after the current step."""
     from .engine.distributed import device_type_for, process_group, rendezvous
     from .engine.trainer import fit
 
     rdv = rdv or rendezvous()
     with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
-        return fit(cfg, dist_ctx, resume)
+        return fit(cfg, dist_ctx, resume, stop)
 
 
 def main(argv=None) -> int:
@@ -44,18 +66,22 @@ def main(argv=None) -> int:
     from .data import DataError
     from .engine.checkpoint import CheckpointError
     from .engine.distributed import rendezvous
-    from .engine.trainer import TrainingError
+    from .engine.trainer import Preempted, TrainingError
 
     rdv = rendezvous()
+    stop = StopSignals()
     who = f" (rank {rdv.rank} of {rdv.world_size})" if rdv.world_size > 1 else ""
     try:
         cfg = load_config(args.config, args.overrides)
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
-        run(cfg, args.resume, rdv)
+        run(cfg, args.resume, rdv, stop.event)
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error{who}: {error}", file=sys.stderr)
         return 2
+    except Preempted as preempted:
+        print(f"preempted{who}: {preempted}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except TrainingError as error:
         print(f"training stopped{who}: {error}", file=sys.stderr)
         return 1

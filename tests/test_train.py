@@ -247,7 +247,8 @@ def test_tensorboard_has_the_expected_tags(tmp_path, synthetic):
     events = EventAccumulator(str(result.folder / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "val/top1", "val/top5",
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "data/skipped_images",
+                "val/top1", "val/top5",
                 "val/loss"):
         assert tag in scalars, tag
     assert any(t.startswith("projection/residual/") for t in scalars)

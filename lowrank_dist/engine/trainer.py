@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,15 @@ from .projection import Projector
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """A stop was requested (SLURM's preemption or time-limit signal): a checkpoint of the current
+    step was written, and running the same config again continues from it."""
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        super().__init__(f"stopped on request at step {step}; checkpoint: {checkpoint}")
+        self.checkpoint, self.step = checkpoint, step
 
 
 @dataclass
@@ -173,8 +183,13 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
     return report
 
 
-def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None = None) -> TrainResult:
-    """Train as configured; resume from `resume` or, if the run folder has checkpoints, from the latest."""
+def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None = None,
+        stop: threading.Event | None = None) -> TrainResult:
+    """Train as configured; resume from `resume` or, if the run folder has checkpoints, from the latest.
+
+    `stop` (set from a signal handler, e.g. SLURM's USR2 before preemption or the time limit) ends
+    the run after the current optimizer step, on every rank together, with a checkpoint of that
+    step: `Preempted` is raised."""
     folder = cfg.run.folder
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -191,7 +206,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         image_size=cfg.data.image_size, val_resize=cfg.data.val_resize, workers=cfg.data.workers,
         train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
         world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
-        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip,
+        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image,
     )
     try:
         setup = build_model_for(cfg, len(loaders.classes))
@@ -321,11 +336,18 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
                     "train/lr": engine.lr,
                     "train/images_per_s": window["images"] * dist_ctx.world_size / elapsed,
                     "train/data_wait_fraction": window["wait"] / elapsed,
+                    "data/skipped_images": loaders.train.skipped.count,  # data.on_bad_image: skip (this rank's)
                 })
                 progress.set_postfix(loss=f"{window['loss'] / max(1, window['count']):.3f}")
                 window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
             if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
                 save()
+            if stop is not None and dist_ctx.any(stop.is_set()):
+                progress.close()
+                path = save()
+                log.print(f"stop requested: saved step {step} to {path}; run the same config again to continue")
+                log.close()
+                raise Preempted(path, step)
         if batch_index < micro_batches:  # stopped early (max_steps): keep where we are
             break
         epoch, start_batch, batch_index = epoch + 1, 0, 0
