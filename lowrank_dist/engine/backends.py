@@ -184,5 +184,7 @@ ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
 
 def build_engine(model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
     if cfg.distributed.sync_batchnorm and dist_ctx.distributed:
+        if device.type != "cuda":
+            raise ValueError("distributed.sync_batchnorm: torch's SyncBatchNorm runs on CUDA GPUs only; set it false on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP/DeepSpeed wrap it (DeepSpeed#502)
     return ENGINES[cfg.distributed.engine](model, cfg, dist_ctx, device, steps_per_epoch)

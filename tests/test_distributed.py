@@ -1,0 +1,153 @@
+"""The process-group layer: rendezvous from each launcher's environment, evaluation summed over real
+gloo ranks (every val image counted exactly once at 1–4 ranks, both data back-ends), BN statistics
+made consistent across ranks, and the DeepSpeed config generated from ours."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lowrank_dist.config import Config
+from lowrank_dist.data import build_loaders
+from lowrank_dist.engine.backends import deepspeed_config
+from lowrank_dist.engine.distributed import DistContext, Rendezvous, _first_host, process_group, rendezvous
+from lowrank_dist.engine.evaluate import evaluate
+
+from .helpers import read_codes, write_jpeg_folder
+
+BACKENDS = ["torchvision"]
+try:
+    import nvidia.dali  # noqa: F401
+
+    BACKENDS.append("dali")
+except ImportError:  # pragma: no cover - the dev install has DALI
+    pass
+
+
+# -- rendezvous --------------------------------------------------------------------------------------
+
+
+def test_torchrun_environment():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "23456",
+           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}  # torchrun inside an allocation: torchrun wins
+    assert rendezvous(env) == Rendezvous(5, 1, 8, "node7", 23456, "torchrun")
+
+
+def test_srun_step_environment():
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_ID": "4242",
+           "SLURM_STEP_NODELIST": "gpu[007-008]", "SLURM_JOB_NODELIST": "gpu[007-008]"}
+    rdv = rendezvous(env)
+    assert (rdv.rank, rdv.local_rank, rdv.world_size, rdv.launcher) == (3, 1, 4, "srun")
+    assert rdv.master_addr in ("gpu007",) and 20000 <= rdv.master_port <= 60000
+    assert rendezvous(dict(env, SLURM_PROCID="0")).master_port == rdv.master_port  # every task agrees
+
+
+def test_the_sbatch_script_itself_is_one_process():
+    """In the batch script (no srun step) SLURM_NTASKS may say 8, but this is one process."""
+    assert rendezvous({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) == Rendezvous()
+    assert rendezvous({}) == Rendezvous()
+
+
+@pytest.mark.parametrize("nodelist, first", [("n1", "n1"), ("n[1-2]", "n1"), ("gpu[003-004,010],cpu1", "gpu003"),
+                                             ("a1,b2", "a1")])
+def test_first_host_of_a_node_list(nodelist, first, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # without scontrol, by hand
+    assert _first_host(nodelist) == first
+
+
+# -- evaluation over real process groups ----------------------------------------------------------------
+
+
+class ColourReader(nn.Module):
+    """A 'model' that reads the class painted into each image (tests/helpers.py): perfect top-1,
+    so a wrong count or a mislabelled image shows in the numbers."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        classes = torch.tensor(read_codes(images)[1])
+        return nn.functional.one_hot(classes, 11).float() * 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _evaluate_rank(rank: int, world_size: int, port: int, root: str, backend: str, out: str) -> None:
+    rdv = Rendezvous(rank, 0, world_size, "127.0.0.1", port, "test")
+    with process_group(rdv, "cpu", timeout_s=120) as ctx:
+        loaders = build_loaders(root, backend=backend, dali_device="cpu", batch_size=8, image_size=16,
+                                workers=1 if backend == "dali" else 0,
+                                rank=rank, world_size=world_size)
+        metrics = evaluate(ColourReader(), loaders.val, ctx)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory) -> Path:
+    # 101 val images over 11 classes (9 or 10 each): divides evenly by none of 2, 3, 4
+    val = [10 if k < 2 else 9 for k in range(11)]
+    return write_jpeg_folder(tmp_path_factory.mktemp("coded"), {"train": [2] * 11, "val": val})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_evaluation_counts_every_val_image_once_across_ranks(tmp_path, coded, backend, world_size):
+    mp.spawn(_evaluate_rank, args=(world_size, free_port(), str(coded), backend, str(tmp_path)), nprocs=world_size)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
+    for metrics in results:  # every rank gets the same global numbers
+        assert metrics["count"] == 101 and metrics["top1"] == 100.0 and metrics["top5"] == 100.0
+    assert all(m == results[0] for m in results)
+
+
+def _average_rank(rank: int, port: int, out: str) -> None:
+    with process_group(Rendezvous(rank, 0, 2, "127.0.0.1", port, "test"), "cpu", timeout_s=60) as ctx:
+        bn = nn.BatchNorm1d(3)
+        bn.running_mean.fill_(float(rank))  # each rank saw other batches
+        bn.running_var.fill_(1.0 + 2 * rank)
+        ctx.average_buffers(bn)
+        flag = ctx.any(rank == 1)  # only rank 1 sees a problem; both must stop
+        torch.save({"mean": bn.running_mean, "var": bn.running_var, "batches": bn.num_batches_tracked, "any": flag},
+                   Path(out, f"rank{rank}.pt"))
+
+
+def test_batch_norm_statistics_are_averaged_and_a_flag_on_one_rank_reaches_all(tmp_path):
+    mp.spawn(_average_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(state["mean"], torch.full((3,), 0.5)) and torch.equal(state["var"], torch.full((3,), 2.0))
+        assert state["any"] is True
+
+
+def test_one_process_needs_no_process_group():
+    with process_group(Rendezvous(), "cpu") as ctx:
+        assert ctx == DistContext() and not dist.is_initialized()
+        assert ctx.any(False) is False and ctx.any(True) is True
+
+
+# -- DeepSpeed's JSON from our YAML -------------------------------------------------------------------------
+
+
+def test_deepspeed_config_is_generated_from_ours_and_the_pass_through_wins(tmp_path):
+    (tmp_path / "data").mkdir()
+    cfg = Config.model_validate({
+        "model": {"name": "tiny_vgg"},
+        "data": {"root": str(tmp_path / "data"), "batch_size": 64},
+        "optim": {"accumulate": 2},
+        "precision": {"amp": "bf16"},
+        "distributed": {"engine": "deepspeed", "zero_stage": 2,
+                        "deepspeed": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 1.0}},
+    })
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["train_micro_batch_size_per_gpu"] == 64 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 64 * 2 * 8
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged key by key
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_allow_untested_optimizer"] is True
