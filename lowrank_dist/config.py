@@ -113,7 +113,12 @@ class DataConfig(Section):
 
 class OptimConfig(Section):
     epochs: int = Field(default=90, ge=1)
-    lr: float = Field(default=0.1, gt=0.0)  # for the global batch (batch_size × processes × accumulate)
+    lr: float = Field(default=0.1, gt=0.0)
+    # "linear" (Goyal et al. 2017): the lr used is lr × global batch / lr_batch, the global batch being
+    # batch_size × processes × accumulate, so one recipe serves 1 GPU or 32 (the ImageNet configs);
+    # "none": lr as given, whatever the global batch (min_lr scales with lr either way).
+    lr_scaling: Literal["none", "linear"] = "none"
+    lr_batch: int = Field(default=256, ge=1)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(default=1e-4, ge=0.0)  # not applied to BN parameters and biases

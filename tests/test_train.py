@@ -208,6 +208,15 @@ def test_lr_schedules():
     assert [lr_factor(e * 10, 10, step) for e in (0, 2, 3, 5, 6, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
+def test_linear_lr_scaling_follows_the_global_batch():
+    model = nn.Linear(2, 2)
+    linear = load_config_like(lr=0.1, lr_scaling="linear", lr_batch=256)
+    assert build_optimizer(model, linear, global_batch=8192).param_groups[0]["lr"] == pytest.approx(3.2)
+    assert build_optimizer(model, linear, global_batch=128).param_groups[0]["lr"] == pytest.approx(0.05)
+    fixed = load_config_like(lr=0.1)  # lr_scaling "none" by default: the lr as given
+    assert build_optimizer(model, fixed, global_batch=8192).param_groups[0]["lr"] == pytest.approx(0.1)
+
+
 def load_config_like(**optim):
     from lowrank_dist.config import OptimConfig
 

@@ -32,6 +32,10 @@ from .distributed import DistContext
 from .optim import build_optimizer, build_scheduler
 
 
+def global_batch(cfg: Config, dist_ctx: DistContext) -> int:
+    return cfg.data.batch_size * dist_ctx.world_size * cfg.optim.accumulate
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "none":
         return nullcontext()
@@ -47,7 +51,7 @@ class DDPEngine:
         self.module = model
         self.device = device
         self.autocast = _autocast(device, cfg.precision.amp)
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
         self._ddp = None
@@ -131,7 +135,7 @@ class DeepSpeedEngine:
         self.device = device
         self.autocast = nullcontext()  # DeepSpeed's bf16/fp16 modes hold the weights in that dtype
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
         self._engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist_ctx.world_size),
             dist_init_required=False,

@@ -10,9 +10,16 @@ from torch import nn
 from ..config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD (momentum, optional Nesterov). Weight decay applies to conv and linear weights only:
-    decaying BN scales/shifts and biases only fights the normalisation (Goyal et al. 2017)."""
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The lr the optimizer uses: lr · global_batch / lr_batch under the linear scaling rule."""
+    return cfg.lr * global_batch / cfg.lr_batch if cfg.lr_scaling == "linear" else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.SGD:
+    """SGD (momentum, optional Nesterov) at scaled_lr(cfg, global_batch) (cfg.lr if no batch is
+    given). Weight decay applies to conv and linear weights only: decaying BN scales/shifts and
+    biases only fights the normalisation (Goyal et al. 2017)."""
+    lr = cfg.lr if global_batch is None else scaled_lr(cfg, global_batch)
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -21,7 +28,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
             is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
             (no_decay if is_norm or name == "bias" else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:

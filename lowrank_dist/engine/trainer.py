@@ -26,12 +26,13 @@ from ..config import Config, ConfigError
 from ..data import build_loaders
 from ..layers import LowRankConv2d
 from ..models import build_model, choose_ranks, decompose, lowrank_policy, model_spec
+from .backends import build_engine, global_batch
 from .checkpoint import (
     CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states, rng_states,
 )
 from .distributed import DistContext, select_device
 from .evaluate import evaluate, logits_of
-from .backends import build_engine
+from .optim import scaled_lr
 from .projection import Projector
 
 
@@ -238,6 +239,11 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     except ValueError as error:
         raise ConfigError(str(error)) from None
     model = engine.module  # SyncBatchNorm conversion may have replaced BN layers
+    batch = global_batch(cfg, dist_ctx)
+    log.print(f"{dist_ctx.world_size} process(es) × batch {cfg.data.batch_size} × accumulate {cfg.optim.accumulate}"
+              f" = global batch {batch}; peak lr {scaled_lr(cfg.optim, batch):g}"
+              + (f" (lr {cfg.optim.lr:g} × {batch}/{cfg.optim.lr_batch}, linear scaling)"
+                 if cfg.optim.lr_scaling == "linear" else ""))
     if state is not None:
         engine_state = state["engine"]
         if engine.optimizer_sharded:
