@@ -35,8 +35,35 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {value: key for key, value in DTYPES.items()}[dtype]
 
 
+class DenseVsLowRank:
+    """Four timings of the same work, dense and low-rank, forward and train; speedup = dense / low-rank."""
+
+    dense_forward: Timing
+    lowrank_forward: Timing
+    dense_train: Timing
+    lowrank_train: Timing
+
+    @property
+    def forward_speedup(self) -> float:
+        return self.dense_forward.median / self.lowrank_forward.median
+
+    @property
+    def train_speedup(self) -> float:
+        return self.dense_train.median / self.lowrank_train.median
+
+    def timings_dict(self) -> dict:
+        return {
+            "forward_speedup": self.forward_speedup,
+            "train_speedup": self.train_speedup,
+            "dense_forward": self.dense_forward.as_dict(),
+            "lowrank_forward": self.lowrank_forward.as_dict(),
+            "dense_train": self.dense_train.as_dict(),
+            "lowrank_train": self.lowrank_train.as_dict(),
+        }
+
+
 @dataclass
-class LayerSpeed:
+class LayerSpeed(DenseVsLowRank):
     """One conv layer: its theoretical cost and its measured times (seconds per call, per batch)."""
 
     cost: LayerCost
@@ -54,29 +81,15 @@ class LayerSpeed:
     def theoretical(self) -> float:
         return self.cost.speedup
 
-    @property
-    def forward_speedup(self) -> float:
-        return self.dense_forward.median / self.lowrank_forward.median
-
-    @property
-    def train_speedup(self) -> float:
-        return self.dense_train.median / self.lowrank_train.median
-
     def as_dict(self) -> dict:
         return asdict(self.cost) | {
             "input_shape": list(self.input_shape),
             "theoretical_speedup": self.theoretical,
-            "forward_speedup": self.forward_speedup,
-            "train_speedup": self.train_speedup,
-            "dense_forward": self.dense_forward.as_dict(),
-            "lowrank_forward": self.lowrank_forward.as_dict(),
-            "dense_train": self.dense_train.as_dict(),
-            "lowrank_train": self.lowrank_train.as_dict(),
-        }
+        } | self.timings_dict()
 
 
 @dataclass
-class ModelSpeed:
+class ModelSpeed(DenseVsLowRank):
     """Whole-model seconds per batch: inference forward and one training step."""
 
     batch: int
@@ -88,14 +101,6 @@ class ModelSpeed:
     def images_per_s(self, timing: Timing) -> float:
         return self.batch / timing.median
 
-    @property
-    def forward_speedup(self) -> float:
-        return self.dense_forward.median / self.lowrank_forward.median
-
-    @property
-    def train_speedup(self) -> float:
-        return self.dense_train.median / self.lowrank_train.median
-
     def as_dict(self) -> dict:
         return {
             "batch": self.batch,
@@ -103,13 +108,7 @@ class ModelSpeed:
             "lowrank_forward_images_per_s": self.images_per_s(self.lowrank_forward),
             "dense_train_images_per_s": self.images_per_s(self.dense_train),
             "lowrank_train_images_per_s": self.images_per_s(self.lowrank_train),
-            "forward_speedup": self.forward_speedup,
-            "train_speedup": self.train_speedup,
-            "dense_forward": self.dense_forward.as_dict(),
-            "lowrank_forward": self.lowrank_forward.as_dict(),
-            "dense_train": self.dense_train.as_dict(),
-            "lowrank_train": self.lowrank_train.as_dict(),
-        }
+        } | self.timings_dict()
 
 
 @dataclass
