@@ -167,6 +167,21 @@ def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext)
         )
 
 
+def rebase_schedule(engine, cfg: Config, position: int, batch: int) -> float:
+    """After a resume at another world size (always at an epoch boundary, see check_resumable): the
+    lr schedule goes on from the same epoch, now `position` steps of the new size in, from the peak
+    lr of the new global batch `batch` (the same lr unless optim.lr_scaling is 'linear').
+    Returns the lr of the next step."""
+    peak = scaled_lr(cfg.optim, batch)
+    scheduler = engine.scheduler
+    scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+    scheduler.last_epoch = position
+    for group, factor in zip(engine.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = peak, peak * factor(position)
+    scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
+    return scheduler._last_lr[0]
+
+
 def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog):
     """The end-of-run speed report: every factorised layer timed against its dense twin (same
     shapes, fresh weights: time does not depend on their values) at the training batch, image size,
@@ -252,6 +267,11 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         step, epoch, start_batch, best_top1 = state["step"], state["epoch"], state["batch"], state["best_top1"]
         restore_rng_states(state["rng"])
         log.print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {start_batch}")
+        if state.get("world_size", 1) != dist_ctx.world_size:  # at an epoch boundary (check_resumable)
+            lr = rebase_schedule(engine, cfg, epoch * steps_per_epoch, batch)
+            log.print(f"written by {state.get('world_size', 1)} process(es), resumed by {dist_ctx.world_size}: from epoch"
+                      f" {epoch + 1} on each epoch is sharded over {dist_ctx.world_size} in {steps_per_epoch} steps of"
+                      f" global batch {batch}; the schedule goes on at lr {lr:g}")
         if epoch >= cfg.optim.epochs:
             log.print(f"the run is complete ({cfg.optim.epochs} epochs): evaluating its final weights only")
     else:
@@ -289,7 +309,10 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
 
     autocast = engine.autocast
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    total_steps = cfg.optim.epochs * steps_per_epoch
+    # Steps are counted over the whole run; a resume at another world size changes the steps per
+    # epoch, so the steps taken before it are an offset to the schedule (0 otherwise).
+    offset = step - (epoch * steps_per_epoch + math.ceil(start_batch / accumulate))
+    total_steps = offset + cfg.optim.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.run.max_steps or total_steps)
     metrics: dict[str, float] = {}
     batch_index = start_batch
