@@ -129,6 +129,9 @@ class OptimConfig(Section):
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     min_lr: float = Field(default=0.0, ge=0.0)  # cosine floor
     accumulate: int = Field(default=1, ge=1)  # micro-batches per optimizer step
+    # A non-finite loss stops the run (0), or skips the update of its optimizer step on every rank
+    # (weights, optimizer state and BN statistics unchanged), up to this many times in the whole run.
+    skip_nonfinite_steps: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -197,6 +200,13 @@ class Config(Section):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    @model_validator(mode="after")
+    def _skip_needs_one_micro_batch_with_deepspeed(self):
+        if self.optim.skip_nonfinite_steps and self.optim.accumulate > 1 and self.distributed.engine == "deepspeed":
+            raise ValueError("optim.skip_nonfinite_steps with distributed.engine 'deepspeed' needs optim.accumulate 1"
+                             " (DeepSpeed keeps the gradients already accumulated for the step); use engine 'ddp'")
+        return self
+
     def resolved(self) -> dict:
         """Plain, YAML-safe dict of every setting (defaults included): what the run really used."""
         return self.model_dump(mode="json")
@@ -224,14 +234,14 @@ def apply_override(tree: dict, assignment: str) -> None:
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             section = item["loc"][:-1]
             message = f"unknown key; allowed here: {', '.join(_allowed_keys(section))}"
         elif item["type"] not in ("value_error", "missing") and "input" in item:
             message += f" (got {item['input']!r})"
-        lines.append(f"{where}: {message}")
+        lines.append(f"{where}: {message}" if where else message)  # a check across sections names its keys
     return f"{source}: " + "; ".join(lines)
 
 

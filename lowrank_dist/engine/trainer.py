@@ -242,7 +242,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     steps_per_epoch = math.ceil(micro_batches / accumulate)
     checkpoints = CheckpointManager(folder / "checkpoints", cfg.run.keep_last)
 
-    step, epoch, start_batch, best_top1 = 0, 0, 0, -1.0
+    step, epoch, start_batch, best_top1, skipped = 0, 0, 0, -1.0, 0
     resume = resume or checkpoints.latest()
     state = None
     if resume is not None:
@@ -265,6 +265,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
             engine_state = checkpoints.load_shard(Path(resume), dist_ctx.rank, dist_ctx.world_size, device)["engine"]
         engine.load_state_dict(engine_state)
         step, epoch, start_batch, best_top1 = state["step"], state["epoch"], state["batch"], state["best_top1"]
+        skipped = state.get("skipped_nonfinite", 0)
         restore_rng_states(state["rng"])
         log.print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {start_batch}")
         if state.get("world_size", 1) != dist_ctx.world_size:  # at an epoch boundary (check_resumable)
@@ -293,6 +294,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
                 "model": model.state_dict(), "engine": None if engine.optimizer_sharded else engine.state_dict(),
                 "step": step, "epoch": epoch, "batch": batch_index, "best_top1": best_top1, "rng": rng_states(),
                 "config": cfg.resolved(), "ranks": setup.ranks, "world_size": dist_ctx.world_size,
+                "skipped_nonfinite": skipped,
             }
             path = checkpoints.save(payload, step, is_best)
         dist_ctx.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
@@ -316,6 +318,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     last_step = min(total_steps, cfg.run.max_steps or total_steps)
     metrics: dict[str, float] = {}
     batch_index = start_batch
+    poisoned = False  # a micro-batch of the current step had a non-finite loss on some rank
     progress = tqdm(total=last_step, initial=step, desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
     window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
 
@@ -333,27 +336,44 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
             group_start = batch_index // accumulate * accumulate
             group_size = min(accumulate, micro_batches - group_start)
             boundary = batch_index + 1 - group_start == group_size
-            with engine.micro_batch(boundary):
-                with autocast:
-                    outputs = engine.forward(images)
-                    if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
-                        loss = criterion(outputs[0], labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
-                    else:
-                        loss = criterion(outputs, labels)
-                if dist_ctx.any(not torch.isfinite(loss)):  # every rank stops together, none waits for the others
-                    latest = checkpoints.latest()
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}, batch {batch_index}) on some rank;"
-                        f" last good checkpoint: {latest or 'none yet'}. Lower optim.lr or add warm-up."
-                    )
-                engine.backward(loss / group_size)
-            window["loss"] += loss.item() * images.shape[0]
-            window["count"] += images.shape[0]
             window["images"] += images.shape[0]
+            if not poisoned:  # the rest of a step whose update is skipped is not computed
+                with engine.micro_batch(boundary):
+                    kept = [b.clone() for b in model.buffers()] if cfg.optim.skip_nonfinite_steps else None
+                    with autocast:
+                        outputs = engine.forward(images)
+                        if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
+                            loss = criterion(outputs[0], labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
+                        else:
+                            loss = criterion(outputs, labels)
+                    # every rank decides together, so none waits for the others in a collective
+                    poisoned = dist_ctx.any(not torch.isfinite(loss))
+                    if poisoned and skipped >= cfg.optim.skip_nonfinite_steps:
+                        limit = (f" (already skipped {skipped}, the optim.skip_nonfinite_steps limit)" if skipped else
+                                 "; optim.skip_nonfinite_steps N would skip up to N such steps")
+                        raise TrainingError(
+                            f"the loss became {loss.item()} in step {step + 1} (epoch {epoch}, batch {batch_index}) on"
+                            f" some rank; last good checkpoint: {checkpoints.latest() or 'none yet'}. Lower optim.lr or"
+                            f" add warm-up{limit}"
+                        )
+                    if poisoned:  # no backward on any rank; the forward's BN statistics are undone
+                        for buffer, value in zip(model.buffers(), kept):
+                            buffer.copy_(value)
+                    else:
+                        engine.backward(loss / group_size)
+                        window["loss"] += loss.item() * images.shape[0]
+                        window["count"] += images.shape[0]
             batch_index += 1
             if not boundary:
                 continue  # accumulate more micro-batches
-            engine.step()
+            if poisoned:  # this step's gradients are dropped; the lr schedule moves on as after any step
+                engine.optimizer.zero_grad(set_to_none=True)
+                engine.scheduler.step()
+                skipped, poisoned = skipped + 1, False
+                log.print(f"step {step + 1}: non-finite loss on some rank, update skipped ({skipped} of at most"
+                          f" {cfg.optim.skip_nonfinite_steps}, optim.skip_nonfinite_steps)")
+            else:
+                engine.step()
             step += 1
             progress.update()
             if setup.projector is not None and step % cfg.model.lowrank.project_every == 0:
@@ -366,6 +386,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
                     "train/images_per_s": window["images"] * dist_ctx.world_size / elapsed,
                     "train/data_wait_fraction": window["wait"] / elapsed,
                     "data/skipped_images": loaders.train.skipped.count,  # data.on_bad_image: skip (this rank's)
+                    "train/skipped_nonfinite": skipped,  # optim.skip_nonfinite_steps: steps whose update was skipped
                 })
                 progress.set_postfix(loss=f"{window['loss'] / max(1, window['count']):.3f}")
                 window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
