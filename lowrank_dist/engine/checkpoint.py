@@ -11,6 +11,9 @@ When the optimizer state is partitioned across ranks (DeepSpeed ZeRO), every ran
 `step_N.rank00001-of-00004.pt` first; rank 0 writes `step_N.pt` last, after a barrier. The step
 file is the commit marker: a step without it is incomplete and never resumed from, and pruning a
 step removes its shards with it.
+
+A process killed mid-write leaves its temporary file; `remove_temporaries` deletes those when the
+next run starts. A write that fails (a full disk) raises OSError, with the previous files intact.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
 SHARD_FILE = re.compile(r"^step_(\d{9})\.rank\d{5}-of-\d{5}\.pt$")
+TEMPORARY_FILE = re.compile(r"^\..+\.tmp-\d+$")  # atomic_save's, left behind by a process killed mid-write
 
 
 def rng_states() -> dict:
@@ -89,6 +93,15 @@ class CheckpointManager:
         if not self.folder.is_dir():
             return []
         return sorted(p for p in self.folder.iterdir() if STEP_FILE.match(p.name))
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the half-written files of a process killed while saving (call before anyone saves)."""
+        if not self.folder.is_dir():
+            return []
+        stale = [p for p in self.folder.iterdir() if TEMPORARY_FILE.match(p.name)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def latest(self) -> Path | None:
         files = self.step_files()

@@ -241,6 +241,9 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     micro_batches = len(loaders.train)
     steps_per_epoch = math.ceil(micro_batches / accumulate)
     checkpoints = CheckpointManager(folder / "checkpoints", cfg.run.keep_last)
+    if dist_ctx.is_main:  # no rank saves before rank 0 has joined the first step's collectives
+        for stale in checkpoints.remove_temporaries():
+            log.print(f"removed {stale.name}, left half-written by a process killed while saving")
 
     step, epoch, start_batch, best_top1, skipped = 0, 0, 0, -1.0, 0
     resume = resume or checkpoints.latest()
@@ -283,12 +286,17 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
 
     def save(is_best: bool = False) -> Path | None:
-        """Every rank takes part: BN statistics are averaged, ZeRO shards written, then rank 0 commits."""
+        """Every rank takes part: BN statistics are averaged, ZeRO shards written, then rank 0 commits.
+        A write that fails (a full disk) stops every rank together, the previous checkpoint intact."""
         dist_ctx.average_buffers(model)
+        path, error = None, None
         if engine.optimizer_sharded:
-            checkpoints.save_shard({"engine": engine.state_dict()}, step, dist_ctx.rank, dist_ctx.world_size)
-            dist_ctx.barrier()
-        path = None
+            try:
+                checkpoints.save_shard({"engine": engine.state_dict()}, step, dist_ctx.rank, dist_ctx.world_size)
+            except OSError as failure:
+                error = failure
+            if dist_ctx.any(error is not None):  # also the barrier before rank 0 commits
+                raise write_failed(error)
         if dist_ctx.is_main:
             payload = {
                 "model": model.state_dict(), "engine": None if engine.optimizer_sharded else engine.state_dict(),
@@ -296,9 +304,20 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
                 "config": cfg.resolved(), "ranks": setup.ranks, "world_size": dist_ctx.world_size,
                 "skipped_nonfinite": skipped,
             }
-            path = checkpoints.save(payload, step, is_best)
-        dist_ctx.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
+            try:
+                path = checkpoints.save(payload, step, is_best)
+            except OSError as failure:
+                error = failure
+        if dist_ctx.any(error is not None):  # also the barrier: nobody runs ahead (or exits) before the checkpoint exists
+            raise write_failed(error)
         return path
+
+    def write_failed(error: OSError | None) -> TrainingError:
+        why = str(error) if error is not None else "it failed on another rank"
+        return TrainingError(
+            f"could not write the checkpoint of step {step} to {checkpoints.folder}: {why}; the last complete"
+            f" checkpoint, {checkpoints.latest() or 'none yet'}, is kept: make room and run the same command to resume"
+        )
 
     def validate() -> dict[str, float]:
         dist_ctx.average_buffers(model)  # every rank evaluates the same BN statistics
