@@ -228,7 +228,14 @@ def apply_override(tree: dict, assignment: str) -> None:
     try:
         node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({error})") from None
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -270,7 +277,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, precision)")
     for assignment in overrides:

@@ -79,7 +79,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         # our checkpoints hold numpy RNG state and the config, so not weights_only
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {error}") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (damaged, or not a checkpoint): {reason}") from None
 
 
 class CheckpointManager:

@@ -59,6 +59,8 @@ class ModelSetup:
 
 def _dense_state_dict(path: Path, model_name: str) -> dict:
     """A dense model's weights from one of our checkpoints or a plain state_dict file."""
+    if not path.is_file():
+        raise CheckpointError(f"model.lowrank.dense_checkpoint: file {str(path)!r} does not exist")
     payload = load_checkpoint(path)
     if isinstance(payload, dict) and "model" in payload and "config" in payload:
         trained = payload["config"]["model"]["name"]
@@ -144,11 +146,30 @@ class TrainResult:
     exported: Path | None = None
 
 
+def _differences(a: dict, b: dict, prefix: str = "") -> tuple[str, str]:
+    """The settings where two nested dicts differ, as 'key=value, ...' for each side."""
+    there, here = [], []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            sub = _differences(x, y, f"{prefix}{key}.")
+            there += [sub[0]] if sub[0] else []
+            here += [sub[1]] if sub[1] else []
+        elif x != y:
+            there.append(f"{prefix}{key}={x!r}")
+            here.append(f"{prefix}{key}={y!r}")
+    return ", ".join(there), ", ".join(here)
+
+
 def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext) -> None:
     """Refuse, with the reason, a checkpoint this run cannot continue from."""
-    written_for = state.get("config", {}).get("model")
-    if written_for != cfg.resolved()["model"]:
-        raise CheckpointError(f"--resume {str(path)!r} was written for model {written_for}, not this config's {cfg.resolved()['model']}")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"--resume {str(path)!r} is not a checkpoint of this trainer (no config in it)")
+    written_for, this = state["config"].get("model"), cfg.resolved()["model"]
+    if written_for != this:
+        there, here = _differences(written_for if isinstance(written_for, dict) else {}, this)
+        raise CheckpointError(f"--resume {str(path)!r} was written for model {there}, not this config's {here}:"
+                              " resume with the config it was written with, or give run.name another name to start anew")
     if "engine" not in state:
         raise CheckpointError(f"--resume {str(path)!r} is not a training checkpoint (no optimizer state); to start"
                               " from its weights use model.lowrank.mode 'decomposed' with dense_checkpoint")
@@ -224,12 +245,19 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
         min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image,
     )
+    if cfg.model.num_classes is not None and cfg.model.num_classes < len(loaders.classes):
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(loaders.classes)} classes of"
+                          f" {cfg.data.root}; set at least {len(loaders.classes)}, or leave it out to use the data's count")
     try:
         setup = build_model_for(cfg, len(loaders.classes))
     except CheckpointError:
         raise
     except ValueError as error:  # a rank or option this model cannot take
-        raise ConfigError(f"model: {error}") from None
+        message = str(error)
+        if not message.startswith("model"):
+            key = "model.lowrank.ranks" if cfg.model.lowrank is not None and cfg.model.lowrank.ranks is not None else "model"
+            message = f"{key}: {message}"
+        raise ConfigError(message) from None
     if setup.projector is not None and cfg.distributed.engine == "deepspeed":
         raise ConfigError("model.lowrank.mode 'projected' needs distributed.engine 'ddp': DeepSpeed keeps its own"
                           " fp32 copy of the weights, which a projection of the model's kernels would not reach")
