@@ -41,6 +41,18 @@ class StopSignals:
         self.event.set()
 
 
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because a peer is gone or silent (gloo's connection
+    errors and timeouts, NCCL's, torch.distributed's), rather than a bug to show in full."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    signs = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "Timed out", "timed out",
+             "NCCL", "gloo")
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lowrank_dist.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
@@ -71,8 +83,11 @@ def main(argv=None) -> int:
     rdv = rendezvous()
     stop = StopSignals()
     who = f" (rank {rdv.rank} of {rdv.world_size})" if rdv.world_size > 1 else ""
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.resume is not None and args.resume.is_dir():
+            raise CheckpointError(f"--resume: {str(args.resume)!r} is a folder; give a checkpoint file, e.g. its step_*.pt")
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
         run(cfg, args.resume, rdv, stop.event)
@@ -86,6 +101,15 @@ def main(argv=None) -> int:
         print(f"training stopped{who}: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # a peer that died, a collective that timed out: say which rank saw it
+        if rdv.world_size > 1 and cfg is not None and lost_contact(error):
+            from .engine.checkpoint import CheckpointManager
+
+            latest = CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last).latest()
+            print(f"error{who}: lost contact with another process ({str(error).splitlines()[0][:300]}): a rank died, was"
+                  f" killed or did not answer within distributed.timeout_s ({cfg.distributed.timeout_s:g} s); its own"
+                  f" log says why. Last checkpoint: {latest or 'none yet'}; run the same command again to resume from it",
+                  file=sys.stderr)
+            return 1
         if rdv.world_size > 1:
             print(f"error{who}: {type(error).__name__}: {error}", file=sys.stderr)
         raise
