@@ -62,7 +62,15 @@ def main(argv=None) -> int:
 
         return train_main(["--config", args.config] + [f"--set={o}" for o in args.overrides])
     if args.local:
-        return run_local(args.config, args.overrides, resources.world_size)
+        code = run_local(args.config, args.overrides, resources.world_size)
+        if code != 0:  # torchrun's own traceback ends its output: close with what happened and what to do
+            from lowrank_dist.engine.checkpoint import CheckpointManager
+
+            latest = CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last).latest()
+            print(f"error: the {resources.world_size} local processes stopped (torchrun exit code {code}); each rank's"
+                  " error is above, and torchrun's 'Root Cause' names the first to fail. Last checkpoint:"
+                  f" {latest or 'none yet'}; run the same command again to resume from it", file=sys.stderr)
+        return code
 
     job_folder = (cfg.run.folder / "slurm").resolve()
     if args.dry_run:
