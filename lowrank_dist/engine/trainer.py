@@ -384,9 +384,10 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
             group_size = min(accumulate, micro_batches - group_start)
             boundary = batch_index + 1 - group_start == group_size
             window["images"] += images.shape[0]
+            if cfg.optim.skip_nonfinite_steps and batch_index == group_start:
+                kept = [b.clone() for b in model.buffers()]  # BN statistics before the step, in case it is skipped
             if not poisoned:  # the rest of a step whose update is skipped is not computed
                 with engine.micro_batch(boundary):
-                    kept = [b.clone() for b in model.buffers()] if cfg.optim.skip_nonfinite_steps else None
                     with autocast:
                         outputs = engine.forward(images)
                         if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
@@ -403,7 +404,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
                             f" some rank; last good checkpoint: {checkpoints.latest() or 'none yet'}. Lower optim.lr or"
                             f" add warm-up{limit}"
                         )
-                    if poisoned:  # no backward on any rank; the forward's BN statistics are undone
+                    if poisoned:  # no backward on any rank; the step's BN statistics are undone
                         for buffer, value in zip(model.buffers(), kept):
                             buffer.copy_(value)
                     else:
