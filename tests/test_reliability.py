@@ -636,6 +636,17 @@ def test_skipped_nan_steps_leave_weights_optimizer_and_bn_statistics_untouched(t
     assert [logged[s] for s in (2, 3, 7, 8, 12)] == [0, 1, 1, 2, 2]
 
 
+def test_with_accumulation_the_whole_step_is_skipped(tmp_path, synthetic, monkeypatch):
+    """optim.accumulate 2, NaN in the second micro-batch of step 2: the first one's forward and
+    backward are dropped too, BN statistics included; the step leaves no trace."""
+    poison_batches(monkeypatch, {(0, 3)})
+    config = write_config(tmp_path, synthetic, optim={"skip_nonfinite_steps": 1, "accumulate": 2, "epochs": 1})
+    assert main(["--config", str(config)]) == 0
+    manager = checkpoints(tmp_path / "runs" / "r")
+    assert_same_state(*(load_checkpoint(manager.path_for(s)) for s in (1, 2)))
+    assert load_checkpoint(manager.latest())["step"] == 3
+
+
 def test_more_nan_steps_than_allowed_stop_the_run(tmp_path, synthetic, monkeypatch, capsys):
     poison_batches(monkeypatch, {(0, 2), (0, 4)})
     config = write_config(tmp_path, synthetic, optim={"skip_nonfinite_steps": 1})
