@@ -81,7 +81,7 @@ def build_loaders(
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
     val_resize = val_resize or round(image_size * 256 / 224)
     if val_resize < image_size:
-        raise DataError(f"val_resize {val_resize} is smaller than image_size {image_size}: the centre crop would not fit")
+        raise DataError(f"data.val_resize: {val_resize} is smaller than data.image_size {image_size}: the centre crop would not fit")
     use_dali = backend == "dali" or (backend == "auto" and dali_available())
     if use_dali:
         dali_device = check_dali(dali_device)

@@ -51,13 +51,13 @@ def check_dali(dali_device: str) -> str:
     """The DALI device to use ("auto" resolved), or a DataError saying what is missing."""
     if not dali_available():
         raise DataError(
-            "the DALI back-end needs NVIDIA DALI: pip install nvidia-dali-cuda130"
-            " (or the project's `dali` extra), or choose backend 'torchvision'"
+            "data.backend: 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130"
+            " (or the project's `dali` extra), or set data.backend: torchvision"
         )
     if dali_device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if dali_device == "gpu" and not torch.cuda.is_available():
-        raise DataError("dali_device 'gpu' needs a CUDA GPU and none is visible; use dali_device 'cpu'")
+        raise DataError("data.dali_device: 'gpu' needs a CUDA GPU and none is visible; use 'cpu' or 'auto'")
     return dali_device
 
 

@@ -11,12 +11,13 @@ cheap and its rank would be tiny).
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from torch import nn
 
-from ..decompose import ExplicitRanks, RankPolicy, decompose_kernel, policy_from_config
+from ..decompose import ExplicitRanks, RankPolicy, decompose_kernel, max_rank, policy_from_config
 from ..layers import LowRankConv2d
 
 
@@ -68,8 +69,16 @@ def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first
         if ordinal == 0 and not factorise_first:
             continue
         rank = policy.rank_for(name, conv.weight, conv.groups, ordinal=ordinal)
-        if rank is not None:
-            chosen[name] = rank
+        if rank is None:
+            continue
+        limit = max_rank(conv.weight, conv.groups)
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
+            kh, kw = conv.kernel_size
+            raise ValueError(
+                f"layer {name}: rank {rank!r} is out of range for a {kh}×{kw} conv"
+                f" {conv.in_channels}→{conv.out_channels} (groups={conv.groups}): allowed 1..{limit}"
+            )
+        chosen[name] = int(rank)
     return chosen
 
 
