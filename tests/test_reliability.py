@@ -597,6 +597,52 @@ def test_a_full_disk_on_rank_0_stops_every_rank_together(tmp_path, synthetic):
     assert checkpoints(tmp_path / "runs" / "r").latest().name == "step_000000001.pt"
 
 
+def test_a_full_disk_for_the_logs_warns_once_and_training_goes_on(tmp_path, synthetic, reference, monkeypatch, capsys):
+    """From step 3 on, TensorBoard and metrics.jsonl writes fail with ENOSPC: one warning per sink,
+    the run finishes (exit 0) with the uninterrupted weights, the log lines before the fault kept."""
+    full = OSError(28, "No space left on device")
+    real_add_scalar = trainer_module.SummaryWriter.add_scalar
+
+    def add_scalar(self, tag, value, step=None, *args, **kwargs):
+        if step is not None and step >= 3:
+            raise full
+        return real_add_scalar(self, tag, value, step, *args, **kwargs)
+
+    class FullAfterStep2:
+        """metrics.jsonl whose writes fail once a record of step 3 or later arrives."""
+
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, line):
+            if json.loads(line)["step"] >= 3:
+                raise full
+            return self.stream.write(line)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    real_init = trainer_module.RunLog.__init__
+
+    def init(self, folder, enabled):
+        real_init(self, folder, enabled)
+        self.metrics = FullAfterStep2(self.metrics)
+
+    monkeypatch.setattr(trainer_module.SummaryWriter, "add_scalar", add_scalar)
+    monkeypatch.setattr(trainer_module.RunLog, "__init__", init)
+    config = write_config(tmp_path, synthetic)
+    assert main(["--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        "warning: could not write tensorboard ([Errno 28] No space left on device); the run goes on without it",
+        "warning: could not write metrics ([Errno 28] No space left on device); the run goes on without it",
+    ]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 2
+    assert_same_state(load_checkpoint(checkpoints(tmp_path / "runs" / "r").latest()), reference, keys=("model", "engine"))
+
+
 # -- 3. faults: a non-finite loss ----------------------------------------------------------------------------------
 
 

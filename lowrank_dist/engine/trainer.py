@@ -107,33 +107,57 @@ def build_model_for(cfg: Config, num_classes: int) -> ModelSetup:
 
 
 class RunLog:
-    """TensorBoard, a metrics.jsonl file and the console; silent except on the main rank."""
+    """TensorBoard, a metrics.jsonl file and the console; silent except on the main rank.
+
+    Logs are worth less than the training they describe: a write that fails (a full disk, a
+    vanished network folder) is reported once, that sink is dropped and the run goes on. The
+    checkpoints are what must not be lost, and a checkpoint that cannot be written stops the run."""
 
     def __init__(self, folder: Path, enabled: bool):
         self.enabled = enabled
         self.writer = SummaryWriter(str(folder / "tensorboard")) if enabled else None
         self.metrics = open(folder / "metrics.jsonl", "a") if enabled else None
 
+    def drop(self, sink: str, error: OSError) -> None:
+        """Stop writing `sink` ("tensorboard" or "metrics") after `error`, saying so once."""
+        print(f"warning: could not write {sink} ({error}); the run goes on without it", file=sys.stderr)
+        if sink == "tensorboard":
+            self.writer = None
+        else:
+            self.metrics = None
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        if self.writer is not None:
+            try:
+                for tag, value in values.items():
+                    self.writer.add_scalar(tag, value, step)
+            except OSError as error:
+                self.drop("tensorboard", error)
+        if self.metrics is not None:
+            try:
+                self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+                self.metrics.flush()
+            except OSError as error:
+                self.drop("metrics", error)
 
     def text(self, tag: str, text: str) -> None:
-        if self.enabled:
-            self.writer.add_text(tag, text)
+        if self.writer is not None:
+            try:
+                self.writer.add_text(tag, text)
+            except OSError as error:
+                self.drop("tensorboard", error)
 
     def print(self, message: str) -> None:
         if self.enabled:
             tqdm.write(message, file=sys.stdout)
 
     def close(self) -> None:
-        if self.enabled:
-            self.writer.close()
-            self.metrics.close()
+        for sink, stream in (("tensorboard", self.writer), ("metrics", self.metrics)):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError as error:
+                    self.drop(sink, error)
 
 
 @dataclass
@@ -479,7 +503,10 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     speed = None
     finished = step >= total_steps  # a run cut short by run.max_steps is a test or a debug session
     if setup.ranks and cfg.run.speed_report and dist_ctx.is_main and finished:
-        speed = measured_speed(cfg, lowrank, len(loaders.classes), device, folder / "speed", log)
+        try:
+            speed = measured_speed(cfg, lowrank, len(loaders.classes), device, folder / "speed", log)
+        except OSError as error:  # the weights are safe by now; a report that cannot be written is not fatal
+            print(f"warning: could not write the speed report to {folder / 'speed'} ({error})", file=sys.stderr)
     log.print(
         f"final: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['count']} images)\n"
         f"checkpoints: {checkpoints.folder}\n"
