@@ -6,6 +6,7 @@ never asks which one it runs.
         loss = criterion(engine.forward(x), y)
         engine.backward(loss / group_size)
     if boundary: engine.step()                   # optimizer step, zero the gradients, lr schedule
+    # or engine.skip_step() when the step's loss was not finite: no update, the schedule moves on
 
 * `DDPEngine` — one process alone, or torch DistributedDataParallel (NCCL on GPUs, gloo on CPUs):
   gradients are averaged across ranks in backward; between accumulation boundaries `no_sync` skips
@@ -77,6 +78,11 @@ class DDPEngine:
     def step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def skip_step(self) -> None:
+        """End a step without an update (a non-finite loss): drop its gradients; the lr schedule moves on."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
@@ -163,6 +169,12 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self._engine.step()  # optimizer step and zero_grad (DeepSpeed skips it on fp16 overflow)
+        self.scheduler.step()
+
+    def skip_step(self) -> None:
+        """As DDPEngine.skip_step. Only with accumulate 1 (checked in the config): off the boundary
+        DeepSpeed's own micro-step counter would have advanced for batches we never ran."""
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
     @property

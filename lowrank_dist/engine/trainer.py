@@ -439,8 +439,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
             if not boundary:
                 continue  # accumulate more micro-batches
             if poisoned:  # this step's gradients are dropped; the lr schedule moves on as after any step
-                engine.optimizer.zero_grad(set_to_none=True)
-                engine.scheduler.step()
+                engine.skip_step()
                 skipped, poisoned = skipped + 1, False
                 log.print(f"step {step + 1}: non-finite loss on some rank, update skipped ({skipped} of at most"
                           f" {cfg.optim.skip_nonfinite_steps}, optim.skip_nonfinite_steps)")
