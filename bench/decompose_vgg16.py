@@ -76,8 +76,8 @@ def main() -> None:
     summary = {}
     print(f"VGG-16, 13 convs at the authors' ranks, float64 inside; {platform.processor() or platform.machine()},"
           f" {len(__import__('os').sched_getaffinity(0))} cores; weights {weight_mb:.1f} MiB (fp32)")
-    print(f"| method | median s | runs (s) | peak extra MiB | peak / weights |")
-    print(f"|---|---:|---|---:|---:|")
+    print("| method | median s | runs (s) | peak extra MiB | peak / weights |")
+    print("|---|---:|---|---:|---:|")
     for method in methods:
         seconds = [r["seconds"] for r in runs[method]]
         peak = statistics.median(r["peak_bytes"] for r in runs[method]) / 2**20

@@ -31,22 +31,10 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-try:
-    import scipy.linalg  # noqa: F401  lowrank_dist.decompose imports it; only decomposing trained weights uses it
-except ImportError:
-    def _no_scipy(*_args, **_kwargs):
-        raise ImportError("scipy is not installed: decomposing trained weights needs it (this benchmark does not)")
-
-    _stub = types.ModuleType("scipy")
-    _stub.linalg = types.ModuleType("scipy.linalg")
-    _stub.linalg.eigh = _no_scipy
-    sys.modules.update({"scipy": _stub, "scipy.linalg": _stub.linalg})
 
 import torch  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Small JPEG data sets for the tests: real handwritten digits, and folders whose images say who they are.
+"""Small JPEG data sets for the tests: real handwritten digits, and folders whose images say who they are;
+and `write_config`, the YAML writer the training tests share.
 
 `write_jpeg_folder` paints every image one solid colour that encodes its sample index and class,
 so a test can read back, from a decoded and normalized batch, which file each image came from —
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from lowrank_dist.data.sampling import IMAGENET_MEAN, IMAGENET_STD
@@ -67,3 +69,15 @@ def write_digits(root: Path, seed: int = 0) -> dict[str, int]:
             image = Image.fromarray(pixels[index]).resize((32, 32), Image.BILINEAR)
             image.save(folder / f"{index:04d}.JPEG", quality=95)
     return {"train": len(splits["train"]), "val": len(splits["val"]), "classes": 10}
+
+
+def write_config(path: Path, tree: dict, sections: dict) -> Path:
+    """Write `tree` with each of `sections` merged over its section (None removes the section)."""
+    for section, values in sections.items():
+        if values is None:
+            tree.pop(section, None)
+        else:
+            tree.setdefault(section, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree))
+    return path

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lowrank_dist.data.synthetic import make_synthetic
 from lowrank_dist.engine.checkpoint import CheckpointManager, load_checkpoint
 
+from . import helpers
 from .slurm_helpers import require_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +49,7 @@ def write_config(folder: Path, root: Path, name: str, **sections) -> Path:
         "data": {"root": str(root), "backend": "torchvision", "batch_size": 16, "image_size": 32, "workers": 0},
         "optim": {"epochs": 2, "lr": 0.05},
     }
-    for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return helpers.write_config(folder / f"{name}.yaml", tree, sections)
 
 
 def final_state(run_folder: Path) -> dict:

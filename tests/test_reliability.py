@@ -48,6 +48,8 @@ from lowrank_dist.engine.checkpoint import CheckpointError, CheckpointManager, l
 from lowrank_dist.engine.optim import lr_factor, scaled_lr
 from lowrank_dist.train import main
 
+from . import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
@@ -140,13 +142,7 @@ def base_tree(folder: Path, root: Path, name: str = "r") -> dict:
 
 
 def write_config(folder: Path, root: Path, name: str = "r", **sections) -> Path:
-    tree = base_tree(folder, root, name)
-    for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return helpers.write_config(folder / f"{name}.yaml", base_tree(folder, root, name), sections)
 
 
 def checkpoints(run_folder: Path) -> CheckpointManager:
@@ -508,7 +504,7 @@ def test_a_rank_killed_mid_step_ends_the_job_clearly_and_the_resume_is_exact(tmp
     assert time.time() - killed_at < 60 and launcher.returncode != 0
     latest = checkpoints(run_folder).latest()
     assert re.search(r"error \(rank 0 of 2\): lost contact with another process \(.*\): a rank died, was killed or did"
-                     rf" not answer within distributed\.timeout_s \(30 s\); .* Last checkpoint: .*step_\d{{9}}\.pt", err), err
+                     r" not answer within distributed\.timeout_s \(30 s\); .* Last checkpoint: .*step_\d{9}\.pt", err), err
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", err), err  # torchrun's Root Cause
     assert err.rstrip().splitlines()[-1].startswith("error: the 2 local processes stopped"), err
     stopped = load_checkpoint(latest)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from lowrank_dist.config import load_config
@@ -21,7 +20,7 @@ from lowrank_dist.layers import LowRankConv2d
 from lowrank_dist.models import build_model, choose_ranks
 from lowrank_dist.train import main
 
-from .helpers import write_digits
+from .helpers import write_config, write_digits
 
 HAS_DALI = True
 try:
@@ -44,15 +43,7 @@ def config(tmp_path, root, **sections):
         "data": {"root": str(root), "backend": "torchvision", "batch_size": 16, "image_size": 32, "workers": 0},
         "optim": {"epochs": 2, "lr": 0.05, "schedule": "cosine", "warmup_epochs": 0.5},
     }
-    for section, values in sections.items():
-        if values is None:
-            tree.pop(section, None)
-        else:
-            tree.setdefault(section, {}).update(values)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_config(tmp_path / "cfg.yaml", tree, sections)
 
 
 # -- learning on real data ------------------------------------------------------------------------

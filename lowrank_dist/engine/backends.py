@@ -43,7 +43,22 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-class DDPEngine:
+class Engine:
+    """What the trainer uses: `forward`, `micro_batch`, `backward`, `step`, `skip_step`, `lr`,
+    `state_dict`/`load_state_dict`, and the `optimizer` and `scheduler` they drive."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def skip_step(self) -> None:
+        """End a step without an update (a non-finite loss): drop its gradients; the lr schedule
+        moves on. Under DeepSpeed only with accumulate 1 (checked in the config): off the boundary
+        its own micro-step counter would have advanced for batches we never ran."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+class DDPEngine(Engine):
     """One process, or DistributedDataParallel across several."""
 
     optimizer_sharded = False  # every rank holds the whole optimizer state
@@ -78,11 +93,6 @@ class DDPEngine:
     def step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def skip_step(self) -> None:
-        """End a step without an update (a non-finite loss): drop its gradients; the lr schedule moves on."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
@@ -124,7 +134,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return merge(generated, cfg.distributed.deepspeed)
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO 0/1/2 with our optimizer, schedule and accumulation boundaries."""
 
     optimizer_sharded = True  # at ZeRO >= 1 each rank holds only its partition
@@ -169,12 +179,6 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self._engine.step()  # optimizer step and zero_grad (DeepSpeed skips it on fp16 overflow)
-        self.scheduler.step()
-
-    def skip_step(self) -> None:
-        """As DDPEngine.skip_step. Only with accumulate 1 (checked in the config): off the boundary
-        DeepSpeed's own micro-step counter would have advanced for batches we never ran."""
-        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
     @property

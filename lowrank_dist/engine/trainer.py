@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
@@ -31,7 +30,7 @@ from .checkpoint import (
     CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states, rng_states,
 )
 from .distributed import DistContext, select_device
-from .evaluate import evaluate, logits_of
+from .evaluate import evaluate
 from .optim import scaled_lr
 from .projection import Projector
 
