@@ -375,5 +375,7 @@ def test_gpu_benchmark_smoke_runs_without_scipy_yaml_or_pydantic(tmp_path):
         assert variants["speed-aware"]["compiled"]["speedup"] > 0
         assert variants["speed-aware"]["ranks"] == {k: v for k, v in result_["speed_aware"]["ranks"].items() if v is not None}
     assert len(saved["vgg16_layers"]["layers"]) == 13
+    by_hand = saved["vgg16_layers_by_hand"]  # every layer, dense and factorised, timed again by hand
+    assert by_hand["total"] == 26 == len(by_hand["rows"]) and all(row["hand_ms"] > 0 for row in by_hand["rows"])
     assert "| vgg16 | speed-aware |" in saved["summary"]
     assert (out / f"{path.stem}_vgg16_layers" / "speed.png").is_file()
