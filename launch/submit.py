@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="launch/submit.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="training config (YAML)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (one task each); 0: CPU tasks")
+    parser.add_argument("--gpus-per-node", type=int,
+                        help="GPUs per node (one task each); 0: CPU tasks. Default: 0 when the config's run.device"
+                             " is cpu, else one per task (--tasks-per-node, or 1)")
     parser.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, or 1)")
     parser.add_argument("--cpus-per-task", type=int, help="default: data.workers + 1")
     parser.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
@@ -51,7 +53,13 @@ def main(argv=None) -> int:
     try:
         # a dry run may be prepared away from the cluster's file system: its data paths are not checked
         cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
-        resources = Resources(args.nodes, args.gpus_per_node, args.tasks_per_node, args.cpus_per_task,
+        gpus_per_node = args.gpus_per_node
+        if gpus_per_node is None:  # a GPU config on SLURM gets GPUs, or its tasks would train on the CPU
+            gpus_per_node = 0 if args.local or args.debug or cfg.run.device == "cpu" else (args.tasks_per_node or 1)
+            if gpus_per_node:
+                print(f"note: {gpus_per_node} GPU(s) per node (run.device is {cfg.run.device!r}); --gpus-per-node G"
+                      " for more (one task each), 0 for CPU tasks", file=sys.stderr)
+        resources = Resources(args.nodes, gpus_per_node, args.tasks_per_node, args.cpus_per_task,
                               args.partition, args.time, args.max_requeues)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -99,6 +99,17 @@ def test_dry_run_prints_the_sbatch_script_for_4_nodes_of_8_gpus(tmp_path):
     assert not list(tmp_path.iterdir()), "a dry run submits and writes nothing"
 
 
+@pytest.mark.parametrize("argv, gpus, tasks", [([], 1, 1), (["--tasks-per-node", "4"], 4, 4), (["--set", "run.device=cpu"], 0, 1)])
+def test_a_gpu_config_asks_slurm_for_a_gpu_per_task_by_default(tmp_path, argv, gpus, tasks):
+    """`--nodes 4` alone on a GPU config (run.device auto) must not submit CPU-only tasks."""
+    done = run(SUBMIT + ["--config", "configs/googlenet_lr.yaml", "--nodes", "4", "--dry-run",
+                         "--set", f"run.out_dir={tmp_path}"] + argv)
+    script = done.stdout.split("# sbatch script", 1)[1]
+    assert f"#SBATCH --ntasks-per-node={tasks}" in script
+    assert (f"#SBATCH --gpus-per-node={gpus}" in script) == (gpus > 0) and ("--gpus-per-node" in script) == (gpus > 0)
+    assert ("note: " in done.stderr) == (gpus > 0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--nodes", "0"], "--nodes: must be >= 1, got 0"),
     (["--gpus-per-node", "8", "--tasks-per-node", "4"], "--tasks-per-node 4 with --gpus-per-node 8"),
