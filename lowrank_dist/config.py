@@ -7,6 +7,7 @@ it into a one-line message and exit code 2.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -280,12 +281,20 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, precision)")
-    for assignment in overrides:
-        apply_override(tree, assignment)
     tree.setdefault("run", {})
     if isinstance(tree["run"], dict):
         tree["run"].setdefault("name", path.stem)
+    return config_from_dict(tree, str(path), overrides, check_paths)
+
+
+def config_from_dict(tree: dict, source: str, overrides: list[str] | tuple[str, ...] = (),
+                     check_paths: bool = True) -> Config:
+    """Override and validate a config held as a dict (e.g. the one a checkpoint carries); errors
+    name `source`."""
+    tree = copy.deepcopy(tree)
+    for assignment in overrides:
+        apply_override(tree, assignment)
     try:
         return Config.model_validate(tree, context={"check_paths": check_paths})
     except ValidationError as error:
-        raise ConfigError(_describe(error, str(path))) from None
+        raise ConfigError(_describe(error, source)) from None

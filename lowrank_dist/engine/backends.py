@@ -37,7 +37,7 @@ def global_batch(cfg: Config, dist_ctx: DistContext) -> int:
     return cfg.data.batch_size * dist_ctx.world_size * cfg.optim.accumulate
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast_context(device: torch.device, amp: str):
     if amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -66,7 +66,7 @@ class DDPEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
         self.module = model
         self.device = device
-        self.autocast = _autocast(device, cfg.precision.amp)
+        self.autocast = autocast_context(device, cfg.precision.amp)
         self.optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")

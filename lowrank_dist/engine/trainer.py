@@ -75,6 +75,17 @@ def _dense_state_dict(path: Path, model_name: str) -> dict:
     raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} is neither our checkpoint nor a state_dict")
 
 
+def loaders_for(cfg: Config, dist_ctx: DistContext, device: torch.device):
+    """This rank's train and val loaders as the config's data section says."""
+    return build_loaders(
+        cfg.data.root, backend=cfg.data.backend, dali_device=cfg.data.dali_device, batch_size=cfg.data.batch_size,
+        image_size=cfg.data.image_size, val_resize=cfg.data.val_resize, workers=cfg.data.workers,
+        train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
+        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image,
+    )
+
+
 def build_model_for(cfg: Config, num_classes: int) -> ModelSetup:
     """The model the run trains, by mode: dense baseline, `factorized` (V and H from scratch, the
     paper), `decomposed` (exact decomposition of a trained dense model, then fine-tune) or
@@ -261,13 +272,7 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     torch.manual_seed(cfg.run.seed)
     log = RunLog(folder, dist_ctx.is_main)
 
-    loaders = build_loaders(
-        cfg.data.root, backend=cfg.data.backend, dali_device=cfg.data.dali_device, batch_size=cfg.data.batch_size,
-        image_size=cfg.data.image_size, val_resize=cfg.data.val_resize, workers=cfg.data.workers,
-        train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
-        world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
-        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image,
-    )
+    loaders = loaders_for(cfg, dist_ctx, device)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(loaders.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(loaders.classes)} classes of"
                           f" {cfg.data.root}; set at least {len(loaders.classes)}, or leave it out to use the data's count")
@@ -497,7 +502,8 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     if setup.projector is not None and dist_ctx.is_main:
         exported = folder / "exported_lowrank.pt"
         lowrank = setup.projector.export(model)
-        atomic_save({"model": lowrank.state_dict(), "ranks": setup.ranks, "config": cfg.resolved()}, exported)
+        atomic_save({"model": lowrank.state_dict(), "ranks": setup.ranks, "factorised": True, "config": cfg.resolved()},
+                    exported)
     speed = None
     finished = step >= total_steps  # a run cut short by run.max_steps is a test or a debug session
     if setup.ranks and cfg.run.speed_report and dist_ctx.is_main and finished:

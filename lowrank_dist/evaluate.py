@@ -1,0 +1,141 @@
+"""Evaluate a trained model: top-1, top-5 and loss on a validation set, every image counted once.
+
+    python -m lowrank_dist.evaluate runs/vgg16_lr                     # the run's best.pt (else its latest)
+    python -m lowrank_dist.evaluate runs/vgg16_lr/checkpoints/step_000012000.pt --set data.root=/other/imagenet
+    python -m lowrank_dist.evaluate runs/proj/exported_lowrank.pt --json results.json
+    torchrun --standalone --nproc-per-node 8 -m lowrank_dist.evaluate runs/vgg16_lr   # split over 8 GPUs
+
+The checkpoint carries its run's resolved config: the model is rebuilt from it and the val set,
+image size, back-end and precision come from its data and precision sections. `--config` replaces
+that config, `--set key=value` overrides it (a checkpoint trained on another machine usually
+needs `--set data.root=...`). What is evaluated must fit the model exactly: a checkpoint whose
+weights do not match the config's model is refused with the keys that differ. Bad input: one line,
+exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_from_dict, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lowrank_dist.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path,
+                        help="a checkpoint (step_*.pt, best.pt, exported_lowrank.pt) or a run folder")
+    parser.add_argument("--config", type=Path, help="use this config instead of the one the checkpoint carries")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.root=/datasets/imagenet (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON to this file")
+    return parser.parse_args(argv)
+
+
+def checkpoint_in(path: Path) -> Path:
+    """`path` itself, or for a run folder its best.pt, else its latest step checkpoint."""
+    from .engine.checkpoint import CheckpointError, CheckpointManager
+
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = folder / "best.pt"
+    found = best if best.is_file() else CheckpointManager(folder, 1).latest()
+    if found is None:
+        raise CheckpointError(f"{str(path)!r} holds no checkpoint (expected best.pt or step_*.pt in {str(folder)!r})")
+    return found
+
+
+def model_for_checkpoint(cfg, payload: dict, num_classes: int):
+    """The module whose state_dict the checkpoint holds, built from the config (weights not loaded).
+
+    Factorised layers come from the config's rank policy (`factorized` mode) or from the ranks the
+    checkpoint records (`decomposed` mode, whose ranks came from a dense model's spectrum, and an
+    exported projected model); a projected run's own checkpoints hold its dense kernels."""
+    from .models import build_model, convert
+
+    build = cfg.model.build_dict(num_classes)
+    lowrank = cfg.model.lowrank
+    factorised_export = payload.get("factorised", "step" not in payload and "ranks" in payload)
+    if lowrank is None or lowrank.mode == "factorized" and not factorised_export:
+        return build_model(build)
+    build.pop("lowrank")
+    dense = build_model(build)
+    if lowrank.mode == "projected" and not factorised_export:
+        return dense
+    ranks = payload.get("ranks") or {}
+    bn_between = lowrank.bn_between and not factorised_export  # an export holds plain V·H factors
+    return convert(dense, {"ranks": ranks}, factorise_first=True, bn_between=bn_between, inplace=True)
+
+
+def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=(), rdv=None) -> dict:
+    """Load, rebuild, evaluate; every rank returns the same global numbers."""
+    import torch
+
+    from .engine.backends import autocast_context
+    from .engine.checkpoint import CheckpointError, load_checkpoint
+    from .engine.distributed import device_type_for, process_group, rendezvous, select_device
+    from .engine.evaluate import evaluate
+    from .engine.trainer import loaders_for
+
+    path = checkpoint_in(checkpoint)
+    payload = load_checkpoint(path)
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights (not one of our checkpoints)")
+    if config is not None:
+        cfg = load_config(config, overrides)
+    elif isinstance(payload.get("config"), dict):
+        cfg = config_from_dict(payload["config"], f"{path} (its config)", overrides)
+    else:
+        raise ConfigError(f"checkpoint {str(path)!r} carries no config: give one with --config")
+
+    rdv = rdv or rendezvous()
+    with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
+        try:
+            device = select_device(cfg.run.device, dist_ctx)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        loaders = loaders_for(cfg, dist_ctx, device)
+        try:
+            model = model_for_checkpoint(cfg, payload, cfg.model.num_classes or len(loaders.classes))
+            model.load_state_dict(payload["model"])
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit model {cfg.model.name} as configured:"
+                f" {' '.join(str(error).split())[:400]}"
+            ) from None
+        model = model.to(device)
+        if cfg.precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        metrics = evaluate(model, loaders.val, dist_ctx, autocast_context(device, cfg.precision.amp))
+    return metrics | {"checkpoint": str(path), "model": cfg.model.name, "data": str(cfg.data.root),
+                      "step": payload.get("step"), "world_size": rdv.world_size}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .data import DataError
+    from .engine.checkpoint import CheckpointError
+    from .engine.distributed import rendezvous
+
+    rdv = rendezvous()
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, rdv)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if rdv.rank == 0:
+        print(f"{result['checkpoint']}: val top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
+              f"  loss {result['loss']:.4f}  ({result['count']} images of {result['data']})")
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
