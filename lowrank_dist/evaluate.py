@@ -53,23 +53,22 @@ def checkpoint_in(path: Path) -> Path:
 def model_for_checkpoint(cfg, payload: dict, num_classes: int):
     """The module whose state_dict the checkpoint holds, built from the config (weights not loaded).
 
-    Factorised layers come from the config's rank policy (`factorized` mode) or from the ranks the
-    checkpoint records (`decomposed` mode, whose ranks came from a dense model's spectrum, and an
-    exported projected model); a projected run's own checkpoints hold its dense kernels."""
+    Factorised layers get the ranks the checkpoint records: those of a decomposed or energy-policy
+    run came from a spectrum, not from the config alone. A projected run's own checkpoints hold its
+    dense kernels; its export holds their plain V·H factors."""
     from .models import build_model, convert
 
     build = cfg.model.build_dict(num_classes)
     lowrank = cfg.model.lowrank
-    factorised_export = payload.get("factorised", "step" not in payload and "ranks" in payload)
-    if lowrank is None or lowrank.mode == "factorized" and not factorised_export:
+    exported = payload.get("factorised", "step" not in payload and "ranks" in payload)
+    if lowrank is None:
         return build_model(build)
     build.pop("lowrank")
     dense = build_model(build)
-    if lowrank.mode == "projected" and not factorised_export:
+    if lowrank.mode == "projected" and not exported:
         return dense
-    ranks = payload.get("ranks") or {}
-    bn_between = lowrank.bn_between and not factorised_export  # an export holds plain V·H factors
-    return convert(dense, {"ranks": ranks}, factorise_first=True, bn_between=bn_between, inplace=True)
+    bn_between = lowrank.bn_between and not exported
+    return convert(dense, {"ranks": payload.get("ranks") or {}}, factorise_first=True, bn_between=bn_between, inplace=True)
 
 
 def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=(), rdv=None) -> dict:
