@@ -109,8 +109,9 @@ def _jpeg_info(data: bytes) -> ImageInfo:
         raise BadImage(f"corrupt JPEG: frame size {width}×{height}")
     if components not in (1, 3, 4):
         raise BadImage(f"unsupported JPEG: {components} colour components")
-    # an EOI marker can only appear as a marker: 0xFF in entropy-coded data is stuffed as FF 00
-    if data.find(b"\xff\xd9", position + 2) == -1:
+    # an EOI marker can only appear as a marker: 0xFF in entropy-coded data is stuffed as FF 00.
+    # Searched from the end, where it is: a forward search would scan all the image data.
+    if data.rfind(b"\xff\xd9", position + 2) == -1:
         raise BadImage("truncated JPEG: no end-of-image marker after the image data")
     note = {1: "grayscale JPEG", 4: "CMYK JPEG"}.get(components)
     return ImageInfo("JPEG", width, height, note)
