@@ -11,6 +11,7 @@ two convs (off by default; the authors put BN after the horizontal conv) breaks 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -37,6 +38,18 @@ def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
             )
         return (total[0] // 2, total[1] // 2)
     return _pair(padding)
+
+
+def check_rank(rank, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int = 1) -> None:
+    """ValueError unless 1 <= rank <= min(C·kh, kw·N) (C, N per group): the largest rank the
+    unfolded (C·kh)×(kw·N) kernel has."""
+    kh, kw = kernel_size
+    limit = min((in_channels // groups) * kh, kw * (out_channels // groups))
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
+        raise ValueError(
+            f"rank {rank!r} is out of range for a {kh}×{kw} conv {in_channels}→{out_channels}"
+            f" (groups={groups}): allowed 1..{limit}"
+        )
 
 
 class LowRankConv2d(nn.Module):
@@ -69,12 +82,7 @@ class LowRankConv2d(nn.Module):
         ph, pw = _resolve_padding(padding, (kh, kw), (sh, sw), (dh, dw))
         if kh * kw == 1:
             raise ValueError("a 1×1 convolution cannot be factorised into vertical and horizontal parts")
-        limit = min((in_channels // groups) * kh, kw * (out_channels // groups))
-        if not 1 <= rank <= limit:
-            raise ValueError(
-                f"rank {rank} is out of range for a {kh}×{kw} conv {in_channels}→{out_channels}"
-                f" (groups={groups}): allowed 1..{limit}"
-            )
+        check_rank(rank, in_channels, out_channels, (kh, kw), groups)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = (kh, kw), (sh, sw), (ph, pw), (dh, dw)
         self.groups, self.rank = groups, rank

@@ -11,14 +11,13 @@ cheap and its rank would be tiny).
 from __future__ import annotations
 
 import copy
-import numbers
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from torch import nn
 
-from ..decompose import ExplicitRanks, RankPolicy, decompose_kernel, max_rank, policy_from_config
-from ..layers import LowRankConv2d
+from ..decompose import ExplicitRanks, RankPolicy, decompose_kernel, policy_from_config
+from ..layers import LowRankConv2d, check_rank
 
 
 def factorisable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
@@ -71,13 +70,10 @@ def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first
         rank = policy.rank_for(name, conv.weight, conv.groups, ordinal=ordinal)
         if rank is None:
             continue
-        limit = max_rank(conv.weight, conv.groups)
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
-            kh, kw = conv.kernel_size
-            raise ValueError(
-                f"layer {name}: rank {rank!r} is out of range for a {kh}×{kw} conv"
-                f" {conv.in_channels}→{conv.out_channels} (groups={conv.groups}): allowed 1..{limit}"
-            )
+        try:
+            check_rank(rank, conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups)
+        except ValueError as error:
+            raise ValueError(f"layer {name}: {error}") from None
         chosen[name] = int(rank)
     return chosen
 
