@@ -98,7 +98,7 @@ def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=
             device = select_device(cfg.run.device, dist_ctx)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        loaders = loaders_for(cfg, dist_ctx, device)
+        loaders = loaders_for(cfg, dist_ctx, device, train=False)  # the train images are never listed
         try:
             model = model_for_checkpoint(cfg, payload, cfg.model.num_classes or len(loaders.classes))
             model.load_state_dict(payload["model"])

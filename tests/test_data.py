@@ -6,6 +6,7 @@ their sample index and class, so each check reads back from the decoded pixels w
 output came from, instead of trusting the loader's own index lists.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -251,6 +252,29 @@ def test_file_lists_give_the_labels_they_list(coded, tmp_path):
     assert by_index == {8: 1, 1: 0, 7: 2}
     (images, labels, valid), = list(data.val)
     assert read_codes(images)[0] == [5] and labels.tolist() == [2] and valid.tolist() == [True]
+
+
+def test_val_only_loaders_never_list_the_train_images(coded, tmp_path, monkeypatch):
+    """build_loaders(train=False), for evaluation: the same classes and val batches, no train
+    loader, and not one train image listed or checked (ImageNet's train split is 1.28M files)."""
+    full = loaders(coded, "torchvision")
+    scanned = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scanned.append(Path(path)) or real_scandir(path))
+    val_only = loaders(coded, "torchvision", train=False)
+    assert val_only.train is None and val_only.num_train is None
+    assert val_only.classes == full.classes and val_only.num_val == full.num_val
+    assert not [p for p in scanned if p.parent == coded / "train"], "a train class folder was listed"
+    for (a, la, va), (b, lb, vb) in zip(full.val, val_only.val, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(va, vb)
+    # with a train list, its labels give the classes; its images are not checked
+    train_list, val_list = tmp_path / "train.txt", tmp_path / "val.txt"
+    train_list.write_text("train/gone.JPEG 0\ntrain/also-gone.JPEG 2\n")
+    val_list.write_text("val/c00/0005.JPEG 2\n")
+    listed = build_loaders(coded, backend="torchvision", train_list=train_list, val_list=val_list, train=False)
+    assert listed.classes == ["0", "1", "2"] and listed.num_val == 1
+    with pytest.raises(DataError, match="gone.JPEG' does not exist"):
+        build_loaders(coded, backend="torchvision", train_list=train_list, val_list=val_list)
 
 
 def test_dali_asked_for_but_missing_says_how_to_install_it(coded, monkeypatch):

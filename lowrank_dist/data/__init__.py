@@ -33,10 +33,10 @@ __all__ = ["DataError", "Loaders", "Skipped", "build_loaders"]
 
 @dataclass
 class Loaders:
-    train: TrainLoader
+    train: TrainLoader | None  # None when built with train=False
     val: ValLoader
     classes: list[str]
-    num_train: int
+    num_train: int | None
     num_val: int
     backend: str  # "dali-cpu", "dali-gpu" or "torchvision"
 
@@ -60,6 +60,7 @@ def build_loaders(
     min_crop_scale: float = 0.08,
     hflip: bool = True,
     on_bad_image: str = "error",
+    train: bool = True,
 ) -> Loaders:
     """Train and val loaders for this rank. `batch_size` is per rank; `image_size` is the train crop
     and the val centre crop; `val_resize` the shorter side before the val crop (default
@@ -68,7 +69,9 @@ def build_loaders(
     torchvision and decoding threads for DALI. `min_crop_scale` and `hflip` set the train
     augmentation: crop area fraction in (min_crop_scale, 1), random horizontal mirror.
     `on_bad_image` "error" stops at the first undecodable image with a DataError naming it; "skip"
-    replaces it by the next good sample and counts it in loaders.train/val.skipped (`integrity`)."""
+    replaces it by the next good sample and counts it in loaders.train/val.skipped (`integrity`).
+    `train=False` (evaluation only) builds no train loader and does not list the train images: the
+    classes still come from the train split's folders (or list)."""
     if backend not in ("auto", "dali", "torchvision"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
     if dali_device not in ("auto", "cpu", "gpu"):
@@ -86,7 +89,7 @@ def build_loaders(
     if use_dali:
         dali_device = check_dali(dali_device)
 
-    classes, train, val = load_samples(root, train_list, val_list)
+    classes, train_samples, val = load_samples(root, train_list, val_list, with_train=train)
     plan = CropPlan(image_size, val_resize, seed, min_crop_scale, hflip)
     device = torch.device(device)
 
@@ -95,9 +98,14 @@ def build_loaders(
             return DaliBackend(samples, plan, dali_device, workers, device, channels_last)
         return TorchvisionBackend(samples, plan, workers, device, channels_last)
 
-    train_backend = backend_for(train)
+    val_backend = backend_for(val)
+    train_loader = None
+    if train_samples is not None:
+        train_loader = TrainLoader(train_samples, backend_for(train_samples), batch_size, rank, world_size, seed, device,
+                                   on_bad_image)
     return Loaders(
-        train=TrainLoader(train, train_backend, batch_size, rank, world_size, seed, device, on_bad_image),
-        val=ValLoader(val, backend_for(val), batch_size, rank, world_size, device, on_bad_image),
-        classes=classes, num_train=len(train), num_val=len(val), backend=train_backend.name,
+        train=train_loader,
+        val=ValLoader(val, val_backend, batch_size, rank, world_size, device, on_bad_image),
+        classes=classes, num_train=None if train_samples is None else len(train_samples), num_val=len(val),
+        backend=val_backend.name,
     )

@@ -60,8 +60,9 @@ def _scan_split(split: Path, class_index: dict[str, int]) -> Samples:
     return Samples(paths, np.asarray(labels, dtype=np.int64))
 
 
-def _read_list(root: Path, list_file: Path, num_classes: int | None) -> Samples:
-    """`relative/path label` lines; the path may hold spaces (the label is the last field)."""
+def _read_list(root: Path, list_file: Path, num_classes: int | None, check_files: bool = True) -> Samples:
+    """`relative/path label` lines; the path may hold spaces (the label is the last field).
+    `check_files=False` skips checking that each image exists (one stat per line)."""
     if not list_file.is_file():
         raise DataError(f"list file {str(list_file)!r} does not exist")
     paths, labels = [], []
@@ -75,7 +76,7 @@ def _read_list(root: Path, list_file: Path, num_classes: int | None) -> Samples:
         path, label = root / fields[0], int(fields[1])
         if num_classes is not None and label >= num_classes:
             raise DataError(f"{where}: label {label} is out of range for the {num_classes} train classes")
-        if not path.is_file():
+        if check_files and not path.is_file():
             raise DataError(f"{where}: image {str(path)!r} does not exist")
         paths.append(str(path))
         labels.append(label)
@@ -86,20 +87,22 @@ def _read_list(root: Path, list_file: Path, num_classes: int | None) -> Samples:
 
 def load_samples(
     root: str | os.PathLike, train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None,
-) -> tuple[list[str], Samples, Samples]:
+    with_train: bool = True,
+) -> tuple[list[str], Samples | None, Samples]:
     """(class names, train samples, val samples). With a train list the classes are named "0".."K-1",
-    K = its largest label + 1, since a list carries numbers, not folder names."""
+    K = its largest label + 1, since a list carries numbers, not folder names. `with_train=False`
+    (evaluation) finds the classes without listing or checking the train images: train is None."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist")
     if train_list is not None:
-        train = _read_list(root, Path(train_list), None)
+        train = _read_list(root, Path(train_list), None, check_files=with_train)
         classes = [str(label) for label in range(int(train.labels.max()) + 1)]
     else:
         classes = _class_folders(root / "train")
-        train = _scan_split(root / "train", {name: index for index, name in enumerate(classes)})
+        train = _scan_split(root / "train", {name: index for index, name in enumerate(classes)}) if with_train else None
     if val_list is not None:
         val = _read_list(root, Path(val_list), len(classes))
     else:
         val = _scan_split(root / "val", {name: index for index, name in enumerate(classes)})
-    return classes, train, val
+    return classes, train if with_train else None, val
