@@ -32,7 +32,6 @@ import argparse
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -130,8 +129,7 @@ def inspect_all(paths: list[str], jobs: int) -> list[tuple[int, int, int, str | 
         return _inspect_chunk(paths)
     size = max(64, min(2048, len(paths) // (jobs * 8)))
     chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
-    # forkserver: the caller may be a training process with threads running, which fork would copy mid-state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
         return [entry for chunk in pool.map(_inspect_chunk, chunks) for entry in chunk]
 
 
