@@ -23,7 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lowrank_dist.config import ConfigError, load_config  # noqa: E402
-from lowrank_dist.launch import Resources, TrainJob, make_executor, run_local, sbatch_script, slurm_available  # noqa: E402
+from lowrank_dist.launch import (  # noqa: E402
+    Resources, TrainJob, data_budget, make_executor, run_local, sbatch_script, slurm_available,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="GPUs per node (one task each); 0: CPU tasks. Default: 0 when the config's run.device"
                              " is cpu, else one per task (--tasks-per-node, or 1)")
     parser.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, or 1)")
-    parser.add_argument("--cpus-per-task", type=int, help="default: data.workers + 1")
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="default: data.workers + 2; data.workers is set to this − 2 (the training and NCCL threads)")
     parser.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     parser.add_argument("--time", type=int, default=60 * 24, metavar="MIN", help="time limit per job, minutes")
     parser.add_argument("--max-requeues", type=int, default=3, help="time-outs to requeue after (preemptions always are)")
@@ -61,6 +64,13 @@ def main(argv=None) -> int:
                       " for more (one task each), 0 for CPU tasks", file=sys.stderr)
         resources = Resources(args.nodes, gpus_per_node, args.tasks_per_node, args.cpus_per_task,
                               args.partition, args.time, args.max_requeues)
+        workers, warning = data_budget(cfg, resources)
+        if workers != cfg.data.workers and not args.local and not args.debug:
+            print(f"note: data.workers {workers} (the {resources.cpus_per_task} CPUs per task − 2)", file=sys.stderr)
+            args.overrides.append(f"data.workers={workers}")
+            cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
+        if warning:
+            print(warning, file=sys.stderr)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

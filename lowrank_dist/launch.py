@@ -24,13 +24,24 @@ from .config import Config, ConfigError
 REQUEUE_SIGNAL = "USR2"
 SIGNAL_LEAD_S = 120  # seconds before the time limit that SLURM warns the job
 
+# The CPU budget of one task (one GPU): the training thread and NCCL's/DALI's executor threads get 2
+# CPUs, DALI's worker threads (or DataLoader workers) the rest — data.workers = CPUs per task − 2.
+RESERVED_CPUS = 2
+# Images/s one H200 trains at bf16 (DESIGN.md §2, the faster of dense and low-rank): the rate a node's
+# CPUs must feed each of its GPUs at.
+GPU_IMAGES_PER_S = {"alexnet": 36_128, "vgg16": 5_710, "googlenet": 6_701}
+# Images per CPU-second the host side of each data path sustains (python -m lowrank_dist.data.bench,
+# 500×375 JPEGs in page cache; README "Data loading speed"): with DALI on the GPU the host only reads
+# and plans (--no-decode); on the CPU it also decodes, crops and resizes.
+HOST_IMAGES_PER_CORE = {"dali-gpu": 15_000, "dali-cpu": 400, "torchvision": 330}
+
 
 @dataclass
 class Resources:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # default: one per GPU, or 1 without GPUs
-    cpus_per_task: int | None = None  # default: data.workers + 1
+    cpus_per_task: int | None = None  # default: data.workers + RESERVED_CPUS
     partition: str | None = None
     time_min: int = 60 * 24
     max_requeues: int = 3  # time-outs; preemptions do not count
@@ -99,7 +110,7 @@ def slurm_parameters(cfg: Config, resources: Resources) -> dict:
         "job_name": f"lowrank-{cfg.run.name}",
         "nodes": resources.nodes,
         "ntasks_per_node": resources.tasks_per_node,
-        "cpus_per_task": resources.cpus_per_task or cfg.data.workers + 1,
+        "cpus_per_task": resources.cpus_per_task or cfg.data.workers + RESERVED_CPUS,
         "time": resources.time_min,
         "signal_delay_s": SIGNAL_LEAD_S,
         "additional_parameters": {"requeue": True},
@@ -109,6 +120,28 @@ def slurm_parameters(cfg: Config, resources: Resources) -> dict:
     if resources.partition:
         parameters["partition"] = resources.partition
     return parameters
+
+
+def data_budget(cfg: Config, resources: Resources) -> tuple[int, str | None]:
+    """(data.workers for each task: its CPUs − RESERVED_CPUS; a warning when the node's
+    CPUs cannot feed its GPUs at the model's rate, or None)."""
+    cpus = resources.cpus_per_task or cfg.data.workers + RESERVED_CPUS
+    workers = max(0, cpus - RESERVED_CPUS)
+    if not resources.gpus_per_node or cfg.model.name not in GPU_IMAGES_PER_S:
+        return workers, None
+    path = "torchvision" if cfg.data.backend == "torchvision" else (
+        "dali-cpu" if cfg.data.dali_device == "cpu" else "dali-gpu")
+    fed = resources.tasks_per_node * workers * HOST_IMAGES_PER_CORE[path]
+    needed = resources.gpus_per_node * GPU_IMAGES_PER_S[cfg.model.name]
+    if fed >= needed:
+        return workers, None
+    return workers, (
+        f"warning: {resources.tasks_per_node} task(s) × {workers} data thread(s) ({cpus} CPUs per task − {RESERVED_CPUS})"
+        f" feed about {fed:,} images/s per node with {path} ({HOST_IMAGES_PER_CORE[path]:,} per core), but its"
+        f" {resources.gpus_per_node} GPU(s) train {cfg.model.name} at about {needed:,}: the GPUs will wait for data."
+        f" Give each task more CPUs (--cpus-per-task {RESERVED_CPUS + -(-needed // (resources.tasks_per_node * HOST_IMAGES_PER_CORE[path]))})"
+        + (", or decode on the GPU (data.dali_device: gpu)" if path != "dali-gpu" else "")
+    )
 
 
 def make_executor(cfg: Config, resources: Resources, job_folder: Path):
