@@ -31,8 +31,9 @@ RESERVED_CPUS = 2
 # CPUs must feed each of its GPUs at.
 GPU_IMAGES_PER_S = {"alexnet": 36_128, "vgg16": 5_710, "googlenet": 6_701}
 # Images per CPU-second the host side of each data path sustains (python -m lowrank_dist.data.bench,
-# 500×375 JPEGs in page cache; README "Data loading speed"): with DALI on the GPU the host only reads
-# and plans (--no-decode); on the CPU it also decodes, crops and resizes.
+# 500×375 JPEGs in page cache, 2-core CPU; README "Data loading speed"): with DALI on the GPU the
+# host reads and plans (--no-decode: ~17,000, taken as 15,000 for nvJPEG's host-side share, which no
+# GPU here could measure); on the CPU it also decodes, crops and resizes.
 HOST_IMAGES_PER_CORE = {"dali-gpu": 15_000, "dali-cpu": 400, "torchvision": 330}
 
 
