@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              " is cpu, else one per task (--tasks-per-node, or 1)")
     parser.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, or 1)")
     parser.add_argument("--cpus-per-task", type=int,
-                        help="default: data.workers + 2; data.workers is set to this − 2 (the training and NCCL threads)")
+                        help="default: data.workers + 2 (1 if data.workers is 0); given, data.workers is set to it − 2")
     parser.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     parser.add_argument("--time", type=int, default=60 * 24, metavar="MIN", help="time limit per job, minutes")
     parser.add_argument("--max-requeues", type=int, default=3, help="time-outs to requeue after (preemptions always are)")

@@ -42,7 +42,7 @@ class Resources:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # default: one per GPU, or 1 without GPUs
-    cpus_per_task: int | None = None  # default: data.workers + RESERVED_CPUS
+    cpus_per_task: int | None = None  # default: default_cpus_per_task
     partition: str | None = None
     time_min: int = 60 * 24
     max_requeues: int = 3  # time-outs; preemptions do not count
@@ -111,7 +111,7 @@ def slurm_parameters(cfg: Config, resources: Resources) -> dict:
         "job_name": f"lowrank-{cfg.run.name}",
         "nodes": resources.nodes,
         "ntasks_per_node": resources.tasks_per_node,
-        "cpus_per_task": resources.cpus_per_task or cfg.data.workers + RESERVED_CPUS,
+        "cpus_per_task": resources.cpus_per_task or default_cpus_per_task(cfg),
         "time": resources.time_min,
         "signal_delay_s": SIGNAL_LEAD_S,
         "additional_parameters": {"requeue": True},
@@ -123,11 +123,16 @@ def slurm_parameters(cfg: Config, resources: Resources) -> dict:
     return parameters
 
 
+def default_cpus_per_task(cfg: Config) -> int:
+    """data.workers + RESERVED_CPUS; 1 without data threads (the training thread loads the data)."""
+    return cfg.data.workers + RESERVED_CPUS if cfg.data.workers else 1
+
+
 def data_budget(cfg: Config, resources: Resources) -> tuple[int, str | None]:
     """(data.workers for each task: its CPUs − RESERVED_CPUS; a warning when the node's
     CPUs cannot feed its GPUs at the model's rate, or None)."""
-    cpus = resources.cpus_per_task or cfg.data.workers + RESERVED_CPUS
-    workers = max(0, cpus - RESERVED_CPUS)
+    cpus = resources.cpus_per_task or default_cpus_per_task(cfg)
+    workers = max(0, cpus - RESERVED_CPUS) if resources.cpus_per_task else cfg.data.workers
     if not resources.gpus_per_node or cfg.model.name not in GPU_IMAGES_PER_S:
         return workers, None
     path = "torchvision" if cfg.data.backend == "torchvision" else (

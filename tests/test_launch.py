@@ -27,8 +27,9 @@ from .slurm_helpers import require_slurm
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
 # Two ranks' all-reduced mean gradient equals one process's over the same 32 samples up to float
-# rounding (measured: 3e-8 after 6 SGD steps).
-TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+# rounding (measured: 3e-8 to 2e-6 after 6 SGD steps, depending on the crops and on the threads per
+# process; one wrong sample would move the weights by ~1e-3).
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
