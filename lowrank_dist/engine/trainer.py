@@ -57,10 +57,14 @@ class ModelSetup:
 
 
 def _dense_state_dict(path: Path, model_name: str) -> dict:
-    """A dense model's weights from one of our checkpoints or a plain state_dict file."""
+    """A dense model's weights from one of our checkpoints or a plain state_dict file (torchvision's
+    .pth), read weights-only: often someone else's file, it must not be able to run code."""
     if not path.is_file():
         raise CheckpointError(f"model.lowrank.dense_checkpoint: file {str(path)!r} does not exist")
-    payload = load_checkpoint(path)
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"model.lowrank.dense_checkpoint: {error}") from None
     if isinstance(payload, dict) and "model" in payload and "config" in payload:
         trained = payload["config"]["model"]["name"]
         if trained != model_name:
