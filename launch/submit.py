@@ -156,9 +156,15 @@ def wait(job, cfg) -> int:
         if status.state != "COMPLETED":
             print(f"error: {job_ended_badly(job, status, latest_checkpoint(cfg))}", file=sys.stderr)
             return 1
-        result = job.results()[0]  # rank 0's summary
     except SlurmError as error:
         print(f"error: lost track of job {job.job_id} ({error}); `squeue -j {job.job_id}` shows where it is",
+              file=sys.stderr)
+        return 1
+    try:
+        result = job.results()[0]  # rank 0's summary
+    except Exception as error:  # noqa: BLE001 - submitit could not read what the task returned
+        print(f"error: job {job.job_id} completed but its result could not be read"
+              f" ({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); see {job.paths.folder}",
               file=sys.stderr)
         return 1
     print(f"job {job.job_id} finished: {json.dumps(result)}")

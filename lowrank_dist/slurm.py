@@ -139,12 +139,19 @@ class JobStatus:
 
 
 def job_status(job_id: str) -> JobStatus:
-    """squeue while the job is queued or running; afterwards accounting (sacct), or the controller's
-    memory of it (scontrol, for clusters without accounting)."""
-    queued = slurm_command("squeue", "-h", "-j", job_id, "-o", "%T|%r|%N").strip().splitlines()
+    """squeue while the job is queued or running; once it ended, accounting (sacct, which has the exit
+    code), else the controller's memory of it (scontrol, on clusters without accounting)."""
+    try:
+        queued = slurm_command("squeue", "-h", "-j", job_id, "-o", "%T|%r|%N").strip().splitlines()
+    except SlurmError as error:
+        if "Invalid job id" not in str(error):  # squeue's answer for a job the controller has forgotten
+            raise
+        queued = []
     if queued and queued[0].count("|") == 2:
         state, reason, nodes = queued[0].split("|")
-        return JobStatus(state, "" if reason == "None" else reason, nodes)
+        status = JobStatus(state, "" if reason == "None" else reason, nodes)
+        if not status.finished:
+            return status
     try:
         rows = slurm_command("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode,Reason,NodeList").splitlines()
         if rows and rows[-1].count("|") == 3:

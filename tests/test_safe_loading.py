@@ -120,6 +120,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path, synthe
     assert refused.search(one_error_line(capsys))
     assert evaluate_main([str(tmp_path / "runs" / "r")]) == 2
     assert "step_000000099.pt' was not loaded" in one_error_line(capsys)
+    old_format = tmp_path / "evil_old_format.pt"  # torch's pre-zip format is read weights-only too
+    torch.save(state | {"note": RunsCode(f"touch {marker}")}, old_format, _use_new_zipfile_serialization=False)
+    assert evaluate_main([str(old_format)]) == 2
+    assert re.search(r"evil_old_format\.pt' was not loaded: .* \(posix\.system\)", one_error_line(capsys))
     # a dense checkpoint to decompose: often someone else's file
     dense = tmp_path / "evil_dense.pth"
     torch.save({"conv.weight": torch.zeros(1), "x": RunsCode(f"touch {marker}")}, dense)

@@ -30,6 +30,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def globals_needed(path: Path, error: Exception | None = None) -> list[str]:
     try:
         return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 - not a zip checkpoint: torch's own message names the first one
-        return re.findall(r"Unsupported global: GLOBAL (\S+)", str(error or ""))
+        return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error or ""))))
 
 
 def load_checkpoint(path: Path, map_location="cpu", allowed: list[type] = ()) -> dict:
@@ -122,7 +123,8 @@ def load_checkpoint(path: Path, map_location="cpu", allowed: list[type] = ()) ->
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. on a plain pickle's protocol: the error says what matters
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
@@ -140,8 +142,10 @@ def refusal(path: Path, error: Exception) -> str:
         return (f"checkpoint {str(path)!r} was written by an older lowrank-dist (its RNG state is a pickled NumPy array)"
                 f" and was not loaded: if you trust where it came from, convert it once with"
                 f" `{UPGRADE_COMMAND} {path}`")
+    if not needed:  # not torch's zip format: the unpickler's own words
+        needed = [line.strip() for line in str(error).splitlines() if "nsupported" in line][-1:] or ["see torch.load"]
     return (f"checkpoint {str(path)!r} was not loaded: it needs Python objects beyond tensors and plain types"
-            f" ({', '.join(needed) or 'see torch.load'}), which could run code; only weights-only files are read")
+            f" ({', '.join(needed)}), which could run code; only weights-only files are read")
 
 
 class CheckpointManager:
