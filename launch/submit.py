@@ -102,17 +102,13 @@ def main(argv=None) -> int:
 
     try:
         partition = query_partition(args.partition)
+        resources, notes = plan_resources(cfg, args.nodes, args.gpus_per_node, args.tasks_per_node, args.cpus_per_task,
+                                          args.partition, args.time, args.max_requeues, partition)
     except SlurmError as error:
-        if "no such partition" in str(error) or "no default partition" in str(error):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
         print(f"error: could not ask SLURM what the partition has ({error}); check that its controller runs"
               " (`scontrol ping`), or run here with --local or --debug", file=sys.stderr)
         return 1
-    try:
-        resources, notes = plan_resources(cfg, args.nodes, args.gpus_per_node, args.tasks_per_node, args.cpus_per_task,
-                                          args.partition, args.time, args.max_requeues, partition)
-    except ConfigError as error:
+    except ConfigError as error:  # no such partition, or a request it cannot meet
         print(f"error: {error}", file=sys.stderr)
         return 2
     for note in notes:
@@ -121,7 +117,7 @@ def main(argv=None) -> int:
         job = submit(make_executor(cfg, resources, job_folder), TrainJob(str(Path(args.config).resolve()), args.overrides))
     except SlurmError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1 if "Unable to contact" in str(error) else 2  # the controller went away, or sbatch said no
     print(f"submitted job {job.job_id}: {resources.nodes} node(s) × {resources.tasks_per_node} task(s)"
           f" × {resources.cpus_per_task} CPU(s)" + (f" + {resources.gpus_per_node} GPU(s) per node" if resources.gpus_per_node
                                                     else "") + f" on partition {partition.name}")

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .config import ConfigError
+
 COMMAND_TIMEOUT_S = 60  # an unreachable controller makes each command retry for ~10 s first
 
 
@@ -105,19 +107,20 @@ def minutes_in(limit: str) -> int | None:
 
 
 def query_partition(name: str | None = None) -> Partition:
-    """What `name` (None: the cluster's default partition) has, from one `sinfo` call."""
+    """What `name` (None: the cluster's default partition) has, from one `sinfo` call. A partition
+    that does not exist is a ConfigError; sinfo failing (no controller), a SlurmError."""
     rows = [line.split("|") for line in slurm_command("sinfo", "-h", "-N", "-o", "%P|%N|%c|%G|%T|%l|%a").splitlines()
             if line.count("|") == 6]
     names = sorted({row[0] for row in rows})
     if name is None:
         defaults = [n for n in names if n.endswith("*")]
         if not defaults:
-            raise SlurmError(f"this cluster has no default partition: give --partition (one of {', '.join(names)})")
+            raise ConfigError(f"this cluster has no default partition: give --partition (one of {', '.join(names)})")
         name = defaults[0]
     name = name.rstrip("*")
     mine = [row for row in rows if row[0].rstrip("*") == name]
     if not mine:
-        raise SlurmError(f"--partition {name}: SLURM has no such partition (it has: "
+        raise ConfigError(f"--partition {name}: SLURM has no such partition (it has: "
                          f"{', '.join(n.rstrip('*') for n in names) or 'none'})")
     nodes = tuple(Node(node, int(cpus.rstrip("+")), gpus_in(gres), state) for _, node, cpus, gres, state, _, _ in mine)
     return Partition(name, nodes, minutes_in(mine[0][5]), mine[0][6] == "up")

@@ -187,7 +187,7 @@ def test_the_local_partition_is_read_from_sinfo(cluster):
     partition = query_partition()
     assert partition.name == "debug" and [(n.name, n.cpus, n.gpus) for n in partition.nodes] == [("n1", 2, 0), ("n2", 2, 0)]
     assert partition.describe() == "partition debug (2 nodes of 2 CPUs, no GPUs)"
-    with pytest.raises(SlurmError, match=r"^--partition gpu: SLURM has no such partition \(it has: debug\)$"):
+    with pytest.raises(ConfigError, match=r"^--partition gpu: SLURM has no such partition \(it has: debug\)$"):
         query_partition("gpu")
 
 
