@@ -8,8 +8,8 @@
 
 One SLURM task per GPU; every task finds its rank from the job itself. The job folder is
 <run folder>/slurm/<job id>/ (submitit's logs, one per task). On preemption or ~2 minutes before
-the time limit SLURM sends USR2: the run checkpoints its current step and is requeued, and the
-restart resumes from that checkpoint. Exit codes: 0 submitted (or finished), 1 training failed,
+the time limit SLURM sends USR2: the run checkpoints at its next stop check (every
+run.stop_check_every steps) and is requeued, and the restart resumes from that checkpoint. Exit codes: 0 submitted (or finished), 1 training failed,
 2 bad input, 3 preempted (--debug/--local: run it again to continue).
 """
 

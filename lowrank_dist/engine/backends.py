@@ -115,9 +115,20 @@ class DDPEngine(Engine):
         if dist_ctx.distributed:
             # BN buffers are averaged across ranks before evaluating and saving (DistContext.average_buffers),
             # not broadcast from rank 0 at every forward.
+            # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy in and
+            # out, less memory). static_graph only with accumulate 1: under no_sync torch's reducer
+            # fails an internal assert (torch 2.14). Both leave the numerics bitwise as they were
+            # (tests/test_distributed.py).
+            options = cfg.distributed
             self._ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+                gradient_as_bucket_view=True, bucket_cap_mb=options.bucket_cap_mb,
+                static_graph=options.static_graph and cfg.optim.accumulate == 1,
             )
+            if options.grad_compression == "bf16":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                self._ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         wrapped = self._ddp or model
         self.forward = torch.compile(wrapped) if cfg.precision.compile else wrapped
 
@@ -161,7 +172,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulate,
         "train_batch_size": cfg.data.batch_size * cfg.optim.accumulate * world_size,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        # ZeRO 1/2: reduce gradients while backward goes on, into one contiguous buffer (less fragmentation)
+        "zero_optimization": {"stage": cfg.distributed.zero_stage} | (
+            {"overlap_comm": True, "contiguous_gradients": True} if cfg.distributed.zero_stage > 0 else {}),
         "zero_allow_untested_optimizer": True,  # our SGD: ZeRO 1/2 only partition its state
         "bf16": {"enabled": cfg.precision.amp == "bf16"},  # its check_grad_overflow (default on) skips NaN steps
         "fp16": {"enabled": cfg.precision.amp == "fp16"},
