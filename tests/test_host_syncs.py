@@ -77,6 +77,7 @@ class Counts:
 
 
 def _counted_rank(rank: int, port: int, config: str, out: str) -> None:
+    torch.set_num_threads(1)  # two processes on the test machine's cores, as torchrun would set it
     counts = Counts()
     marks: list[tuple[int | None, int]] = []  # (step or None for the loop's start, events so far)
     real_epoch, real_log = loop_module.train_one_epoch, loop_module.log_window
@@ -115,7 +116,6 @@ def test_no_host_read_or_collective_between_log_points(tmp_path):
         "data": {"root": str(data), "backend": "torchvision", "batch_size": 2, "image_size": 32, "workers": 0},
         "optim": {"epochs": 1, "lr": 0.05, "skip_nonfinite_steps": 2},  # the skip path's BN copies are on too
     }, {})
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_counted_rank, args=(free_port(), str(config), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         windows = json.loads((tmp_path / f"rank{rank}.json").read_text())
