@@ -11,7 +11,8 @@ job itself. Before submitting, SLURM is asked what the partition has (sinfo): de
 per task capped by what a node has, the time by its limit), and a request that can never run there
 is refused in one line naming the flag to change. The job folder is <run folder>/slurm/<job id>/
 (submitit's logs, one per task). On preemption or ~2 minutes before the time limit SLURM sends USR2:
-the run checkpoints its current step and is requeued, and the restart resumes from that checkpoint.
+the run checkpoints at its next stop check (every
+run.stop_check_every steps) and is requeued, and the restart resumes from that checkpoint.
 
 Every failure is one line. Exit codes: 0 submitted (or, with --wait, finished); 1 the job failed
 (FAILED, NODE_FAIL, OUT_OF_MEMORY, ...; --wait), SLURM did not answer, or the job waits for what only
