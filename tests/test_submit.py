@@ -199,7 +199,7 @@ def test_the_readme_command_runs_as_written_on_the_local_cluster(cluster, tmp_pa
                           timeout=400, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "note: CPU tasks, as run.device is 'auto' and partition debug (2 nodes of 2 CPUs, no GPUs)" in done.stderr
-    assert "note: --cpus-per-task 2 (data.workers + 1 = 3 capped by the 2 CPUs" in done.stderr
+    assert "note: --cpus-per-task 2 (data.workers + 2 = 4 capped by the 2 CPUs" in done.stderr
     assert re.search(r"submitted job \d+: 2 node\(s\) × 1 task\(s\) × 2 CPU\(s\) on partition debug", done.stdout)
     assert re.search(r"job \d+ finished: \{.*\"top1\"", done.stdout), done.stdout
 
