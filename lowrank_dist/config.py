@@ -19,6 +19,13 @@ class ConfigError(ValueError):
     """A bad configuration file, key or value (exit code 2, no traceback)."""
 
 
+ENERGY_NEEDS_TRAINED_WEIGHTS = (
+    "model.lowrank.energy: the energy policy reads the singular values of trained weights; mode {mode!r}"
+    " chooses ranks from randomly initialised ones, where they mean nothing: use mode 'decomposed'"
+    " (a trained dense_checkpoint) or give preset, ranks or speedup"
+)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -41,6 +48,9 @@ class LowRankConfig(Section):
         given = [key for key in ("preset", "ranks", "speedup", "energy") if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, ranks, speedup, energy (got {given or 'none'})")
+        if self.energy is not None and self.mode != "decomposed":
+            # factorized: V and H are random; projected: the ranks are fixed before the first projection
+            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
         if self.mode == "decomposed" and self.dense_checkpoint is None:
             raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
         if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):
@@ -61,6 +71,7 @@ class ModelConfig(Section):
     batch_norm: bool | None = None
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     aux_logits: bool | None = None  # GoogLeNet only
+    fc_batch_norm: bool | None = None  # VGG-16 only: BN after fc6 and fc7 (the authors' VGG-16-BN)
     lowrank: LowRankConfig | None = None  # None: the dense baseline
 
     @field_validator("name")
@@ -75,7 +86,7 @@ class ModelConfig(Section):
     def build_dict(self, num_classes: int | None = None) -> dict:
         """The plain dict models.build_model accepts; `num_classes` fills in an unset class count."""
         cfg: dict[str, Any] = {"name": self.name}
-        for key in ("num_classes", "batch_norm", "dropout", "aux_logits"):
+        for key in ("num_classes", "batch_norm", "dropout", "aux_logits", "fc_batch_norm"):
             if getattr(self, key) is not None:
                 cfg[key] = getattr(self, key)
         if "num_classes" not in cfg and num_classes is not None:

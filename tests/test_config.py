@@ -113,3 +113,16 @@ def test_a_bad_config_exits_2_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "optim.lr: Input should be greater than 0" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["factorized", "projected"])
+def test_energy_policy_needs_trained_weights(tmp_path, mode):
+    path = tmp_path / "energy.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "nin", "lowrank": {"mode": mode, "energy": 0.9}},
+                                    "data": {"root": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match=f"model.lowrank.energy: the energy policy .* mode '{mode}' chooses ranks"):
+        load_config(path)
+    tree = yaml.safe_load(path.read_text())
+    tree["model"]["lowrank"] |= {"mode": "decomposed", "dense_checkpoint": str(tmp_path / "dense.pt")}
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path).model.lowrank.energy == 0.9  # decomposed: the dense model's spectrum

@@ -71,7 +71,7 @@ def conv_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
             n, c, (kh, kw), g = module.out_channels, module.in_channels // module.groups, module.kernel_size, module.groups
             out_h, out_w = shapes[h][2:]
             dense_macs = n * c * kh * kw * out_h * out_w
-            lowrank_macs = shapes[v][1:].numel() * c * kh + shapes[h][1:].numel() * module.rank * kw
+            lowrank_macs = shapes[v][1:].numel() * c * kh + shapes[h][1:].numel() * (module.rank // g) * kw
             dense_params = n * c * kh * kw + (n if h.bias is not None else 0)
             rows.append(
                 LayerCost(name, (n, c, kh, kw), g, module.rank, (out_h, out_w), dense_macs, lowrank_macs,
@@ -116,10 +116,11 @@ def as_dicts(rows: list[LayerCost]) -> list[dict]:
 
 # The policies the demo shows: the authors' ranks where they published them, else a target speedup.
 DEFAULT_LOWRANK = {
+    "caffenet": {"preset": "tai2016"},
     "alexnet": {"preset": "tai2016"},
     "vgg16": {"preset": "tai2016"},
     "googlenet": {"speedup": 2.0},
-    "nin": {"speedup": 2.0},
+    "nin": {"preset": "tai2016"},
 }
 
 
@@ -134,12 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--preset", help="a named rank preset of the model, e.g. tai2016")
     policy.add_argument("--speedup", type=float, help="per-layer theoretical speedup target")
-    policy.add_argument("--energy", type=float, help="fraction of singular-value energy to keep (of the initial weights)")
     parser.add_argument("--batch-norm", action="store_true", help="build the BN variant")
     args = parser.parse_args(argv)
 
-    override = {key: getattr(args, key) for key in ("preset", "speedup", "energy") if getattr(args, key) is not None}
-    for name in args.model or ["alexnet", "vgg16", "googlenet", "nin"]:
+    override = {key: getattr(args, key) for key in ("preset", "speedup") if getattr(args, key) is not None}
+    for name in args.model or ["caffenet", "alexnet", "vgg16", "googlenet", "nin"]:
         lowrank = override or DEFAULT_LOWRANK[name]
         cfg = {"name": name, "lowrank": lowrank}
         if args.batch_norm:
