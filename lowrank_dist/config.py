@@ -106,6 +106,12 @@ class DataConfig(Section):
     workers: int = Field(default=4, ge=0)
     min_crop_scale: float = Field(default=0.08, gt=0.0, le=1.0)  # random-resized-crop area range (s, 1)
     hflip: bool = True  # random horizontal flips in training
+    # what data.root holds: an ImageNet-style folder (or file lists), or CIFAR-10's binary batches
+    format: Literal["imagenet", "cifar10"] = "imagenet"
+    # train crop and input scaling: "inception" (random resized crop; the default for ImageNet),
+    # "caffe" (the authors': shorter side 256, random image_size square, mirror, mean subtraction; val
+    # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
+    augment: Literal["inception", "caffe", "none"] | None = None
     on_bad_image: Literal["error", "skip"] = "error"  # undecodable image: stop naming it, or replace and count it
     train_list: Path | None = None
     val_list: Path | None = None

@@ -33,7 +33,7 @@ import torch
 from .integrity import BadImage, ImageInfo, decode_rgb, first_good, inspect_image, read_bytes
 from .loaders import Batch
 from .samples import DataError, Samples
-from .sampling import IMAGENET_MEAN, IMAGENET_STD, CropPlan
+from .sampling import CropPlan
 
 try:
     from nvidia.dali import fn, types
@@ -120,7 +120,7 @@ class DaliBackend:
             images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR, antialias=True)
             images = fn.crop_mirror_normalize(
                 images, mirror=mirrors, dtype=types.FLOAT,
-                mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+                mean=list(self.plan.scaling[0]), std=list(self.plan.scaling[1]),
                 # NHWC output is N×3×S×S in channels_last order once permuted, with no copy
                 output_layout="HWC" if self.channels_last else "CHW",
             )

@@ -78,6 +78,14 @@ class CropPlan:
     seed: int = 0
     min_crop_scale: float = 0.08
     hflip: bool = True
+    augment: str = "inception"  # or "caffe" (augment.caffe_train_box), or "none" (the val crop, maybe mirrored)
+
+    @property
+    def scaling(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) in 0..255 units for this augmentation (augment.input_scaling)."""
+        from .augment import input_scaling
+
+        return input_scaling(self.augment)
 
     def sample_rng(self, epoch: int, index: int) -> random.Random:
         # a string seed is hashed with SHA-512: the same stream in every process and on every run
@@ -105,4 +113,13 @@ class CropPlan:
 
     def box(self, epoch: int | None, index: int, width: int, height: int) -> Box:
         """Train crop for an epoch number, the val crop for epoch None."""
-        return self.val_box(width, height) if epoch is None else self.train_box(epoch, index, width, height)
+        if epoch is None:
+            return self.val_box(width, height)
+        if self.augment == "caffe":
+            from .augment import caffe_train_box
+
+            return caffe_train_box(self.sample_rng(epoch, index), width, height, self.image_size, self.val_resize,
+                                   self.hflip)
+        if self.augment == "none":
+            return self.val_box(width, height)._replace(flip=self.hflip and self.sample_rng(epoch, index).random() < 0.5)
+        return self.train_box(epoch, index, width, height)

@@ -56,11 +56,13 @@ def _collate(items):
     return torch.stack(images), torch.tensor(indices, dtype=torch.int64), [b for found in bad for b in found]
 
 
-def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 N×H×W×3 → float32 N×3×H×W, (x/255 − mean)/std per channel."""
+def normalize(images: torch.Tensor, channels_last: bool, scaling=None) -> torch.Tensor:
+    """uint8 N×H×W×3 → float32 N×3×H×W, (x − mean)/std per channel, `scaling` = (mean, std) in
+    0..255 units (default ImageNet's, i.e. (x/255 − mean)/std)."""
     images = images.permute(0, 3, 1, 2).float()  # a channels_last view of the NHWC data
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = scaling or ([255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
     images = (images - mean) / std
     return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -81,4 +83,5 @@ class TorchvisionBackend:
         loader = DataLoader(dataset, batch_sampler=keys, num_workers=self.workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator())
         for images, indices, bad in loader:
-            yield Batch(normalize(images.to(self.device, non_blocking=True), self.channels_last), indices.numpy(), bad)
+            images = normalize(images.to(self.device, non_blocking=True), self.channels_last, self.plan.scaling)
+            yield Batch(images, indices.numpy(), bad)
