@@ -141,11 +141,17 @@ class OptimConfig(Section):
     nesterov: bool = False
     weight_decay: float = Field(default=1e-4, ge=0.0)  # not applied to BN parameters and biases
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "step"] = "cosine"
+    schedule: Literal["cosine", "step", "linear_step"] = "cosine"
     warmup_epochs: float = Field(default=0.0, ge=0.0)
-    milestones: list[int] = Field(default_factory=lambda: [30, 60, 80])  # step schedule, in epochs
+    # step schedule: lr × gamma at each milestone (epochs; fractions allowed, so Caffe's iteration
+    # counts convert exactly), or, with step_every, at every multiple of step_every epochs (Caffe's
+    # "step" policy with stepsize = step_every × iterations per epoch); never below min_lr.
+    # linear_step: lr × (1 − gamma·n) after n multiples of step_every, never below min_lr (our
+    # reading of the authors' "stepdecr"; see optim.lr_factor)
+    milestones: list[float] = Field(default_factory=lambda: [30, 60, 80])
+    step_every: float | None = Field(default=None, gt=0.0)
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
-    min_lr: float = Field(default=0.0, ge=0.0)  # cosine floor
+    min_lr: float = Field(default=0.0, ge=0.0)  # floor of the cosine and step schedules
     accumulate: int = Field(default=1, ge=1)  # micro-batches per optimizer step
     # A non-finite loss stops the run (0), or skips the update of its optimizer step on every rank
     # (weights, optimizer state and BN statistics unchanged), up to this many times in the whole run.
@@ -155,8 +161,10 @@ class OptimConfig(Section):
     def _schedule(self):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})")
-        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
-            raise ValueError(f"milestones must be increasing epochs >= 1, got {self.milestones}")
+        if self.schedule == "linear_step" and self.step_every is None:
+            raise ValueError("schedule 'linear_step' needs step_every (epochs between decrements)")
+        if sorted(self.milestones) != self.milestones or any(m <= 0 for m in self.milestones):
+            raise ValueError(f"milestones must be increasing epochs > 0, got {self.milestones}")
         return self
 
 
