@@ -62,7 +62,7 @@ BAD = [  # (change to the base config, expected message)
     (lambda t: t["model"].update(lowrank={"ranks": [0, 4]}), r"ranks must be >= 1"),
     (lambda t: t["model"]["lowrank"].update(mode="decomposed"), r"needs dense_checkpoint"),
     (lambda t: t["model"]["lowrank"].update(mode="pruned"), r"model.lowrank.mode: Input should be 'factorized', 'decomposed' or 'projected'"),
-    (lambda t: t.setdefault("optim", {}).update(schedule="linear"), r"optim.schedule: Input should be 'cosine' or 'step'"),
+    (lambda t: t.setdefault("optim", {}).update(schedule="linear"), r"optim.schedule: Input should be 'cosine', 'step' or 'linear_step'"),
     (lambda t: t.setdefault("optim", {}).update(epochs=2, warmup_epochs=2), r"warmup_epochs \(2.0\) must be shorter than epochs \(2\)"),
     (lambda t: t["data"].update(backend="pil"), r"data.backend: Input should be 'auto', 'dali' or 'torchvision'"),
     (lambda t: t["data"].update(batch_size=0), r"data.batch_size: Input should be greater than or equal to 1"),
