@@ -3,7 +3,8 @@
 MACs are counted from the shapes a real forward pass produces, so strides and padding are exact:
 a dense conv costs (C/groups)·kh·kw MACs per output element; a LowRankConv2d costs its vertical
 conv ((C/groups)·kh per element of the K-channel intermediate, which has the output's height but the
-input's width) plus its horizontal conv (K·kw per output element). For stride 1 this is the paper's
+input's width) plus its horizontal conv ((K/groups)·kw per output element, K the layer's rank: the
+vertical filters of all groups). For stride 1 this is the paper's
 K·(C·kh + N·kw) per output pixel; the "dense" column is what the original kh×kw conv would cost.
 
     python -m lowrank_dist.report.costs                      # every model, its default policy
