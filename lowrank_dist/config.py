@@ -19,6 +19,13 @@ class ConfigError(ValueError):
     """A bad configuration file, key or value (exit code 2, no traceback)."""
 
 
+ENERGY_NEEDS_TRAINED_WEIGHTS = (
+    "model.lowrank.energy: the energy policy reads the singular values of trained weights; mode {mode!r}"
+    " chooses ranks from randomly initialised ones, where they mean nothing: use mode 'decomposed'"
+    " (a trained dense_checkpoint) or give preset, ranks or speedup"
+)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -41,6 +48,9 @@ class LowRankConfig(Section):
         given = [key for key in ("preset", "ranks", "speedup", "energy") if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, ranks, speedup, energy (got {given or 'none'})")
+        if self.energy is not None and self.mode != "decomposed":
+            # factorized: V and H are random; projected: the ranks are fixed before the first projection
+            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
         if self.mode == "decomposed" and self.dense_checkpoint is None:
             raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
         if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):
@@ -61,6 +71,7 @@ class ModelConfig(Section):
     batch_norm: bool | None = None
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     aux_logits: bool | None = None  # GoogLeNet only
+    fc_batch_norm: bool | None = None  # VGG-16 only: BN after fc6 and fc7 (the authors' VGG-16-BN)
     lowrank: LowRankConfig | None = None  # None: the dense baseline
 
     @field_validator("name")
@@ -75,7 +86,7 @@ class ModelConfig(Section):
     def build_dict(self, num_classes: int | None = None) -> dict:
         """The plain dict models.build_model accepts; `num_classes` fills in an unset class count."""
         cfg: dict[str, Any] = {"name": self.name}
-        for key in ("num_classes", "batch_norm", "dropout", "aux_logits"):
+        for key in ("num_classes", "batch_norm", "dropout", "aux_logits", "fc_batch_norm"):
             if getattr(self, key) is not None:
                 cfg[key] = getattr(self, key)
         if "num_classes" not in cfg and num_classes is not None:
@@ -95,6 +106,12 @@ class DataConfig(Section):
     workers: int = Field(default=4, ge=0)
     min_crop_scale: float = Field(default=0.08, gt=0.0, le=1.0)  # random-resized-crop area range (s, 1)
     hflip: bool = True  # random horizontal flips in training
+    # what data.root holds: an ImageNet-style folder (or file lists), or CIFAR-10's binary batches
+    format: Literal["imagenet", "cifar10"] = "imagenet"
+    # train crop and input scaling: "inception" (random resized crop; the default for ImageNet),
+    # "caffe" (the authors': shorter side 256, random image_size square, mirror, mean subtraction; val
+    # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
+    augment: Literal["inception", "caffe", "none"] | None = None
     on_bad_image: Literal["error", "skip"] = "error"  # undecodable image: stop naming it, or replace and count it
     train_list: Path | None = None
     val_list: Path | None = None
@@ -124,11 +141,17 @@ class OptimConfig(Section):
     nesterov: bool = False
     weight_decay: float = Field(default=1e-4, ge=0.0)  # not applied to BN parameters and biases
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "step"] = "cosine"
+    schedule: Literal["cosine", "step", "linear_step"] = "cosine"
     warmup_epochs: float = Field(default=0.0, ge=0.0)
-    milestones: list[int] = Field(default_factory=lambda: [30, 60, 80])  # step schedule, in epochs
+    # step schedule: lr × gamma at each milestone (epochs; fractions allowed, so Caffe's iteration
+    # counts convert exactly), or, with step_every, at every multiple of step_every epochs (Caffe's
+    # "step" policy with stepsize = step_every × iterations per epoch); never below min_lr.
+    # linear_step: lr × (1 − gamma·n) after n multiples of step_every, never below min_lr (our
+    # reading of the authors' "stepdecr"; see optim.lr_factor)
+    milestones: list[float] = Field(default_factory=lambda: [30, 60, 80])
+    step_every: float | None = Field(default=None, gt=0.0)
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
-    min_lr: float = Field(default=0.0, ge=0.0)  # cosine floor
+    min_lr: float = Field(default=0.0, ge=0.0)  # floor of the cosine and step schedules
     accumulate: int = Field(default=1, ge=1)  # micro-batches per optimizer step
     # A non-finite loss stops the run (0), or skips the update of its optimizer step on every rank
     # (weights, optimizer state and BN statistics unchanged), up to this many times in the whole run.
@@ -138,8 +161,10 @@ class OptimConfig(Section):
     def _schedule(self):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})")
-        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
-            raise ValueError(f"milestones must be increasing epochs >= 1, got {self.milestones}")
+        if self.schedule == "linear_step" and self.step_every is None:
+            raise ValueError("schedule 'linear_step' needs step_every (epochs between decrements)")
+        if sorted(self.milestones) != self.milestones or any(m <= 0 for m in self.milestones):
+            raise ValueError(f"milestones must be increasing epochs > 0, got {self.milestones}")
         return self
 
 

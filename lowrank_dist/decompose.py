@@ -201,7 +201,8 @@ def recompose(vertical: torch.Tensor, horizontal: torch.Tensor, groups: int = 1)
 
 # ----------------------------------------------------------------------------------------------
 # Rank policies: given a layer (name, kernel shape, optional trained weight), return K or None
-# (keep the layer dense).
+# (keep the layer dense). K is the layer's rank as LowRankConv2d takes it: the number of vertical
+# filters, the total over the groups of a grouped conv (groups × the per-group rank).
 
 
 def dense_macs_per_pixel(shape: Sequence[int], groups: int = 1) -> int:
@@ -241,7 +242,7 @@ class ExplicitRanks:
 @dataclass
 class TargetSpeedup:
     """Per layer, the largest K whose theoretical speedup N·C·kh·kw / (K·(C·kh + N·kw)) is at least
-    `speedup` (at least 1, at most the max rank)."""
+    `speedup` (at least 1, at most the max rank; per group, times the groups)."""
 
     speedup: float
 
@@ -252,14 +253,15 @@ class TargetSpeedup:
     def rank_for(self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None) -> int:
         per_rank = factorized_macs_per_pixel(weight.shape, 1, groups)
         k = math.floor(dense_macs_per_pixel(weight.shape, groups) / (self.speedup * per_rank))
-        return max(1, min(k, max_rank(weight, groups)))
+        return groups * max(1, min(k, max_rank(weight, groups)))
 
 
 @dataclass
 class EnergyFraction:
     """Per layer, the smallest K keeping `fraction` of the singular-value energy Σ s_k² (of each
-    group); None (dense) where that K would cost at least as much as the dense kernel. Meaningful
-    for trained weights (the decompose-and-fine-tune path)."""
+    group, times the groups); None (dense) where that K would cost at least as much as the dense
+    kernel. Meaningful only for trained weights: the decompose-and-fine-tune path, or a projected
+    run's later projections (the spectrum of a random kernel says nothing about the data)."""
 
     fraction: float
 
@@ -276,7 +278,7 @@ class EnergyFraction:
         k = min(k, limit)
         if factorized_macs_per_pixel(weight.shape, k, groups) >= dense_macs_per_pixel(weight.shape, groups):
             return None
-        return k
+        return groups * k
 
 
 def policy_from_config(spec: Mapping | RankPolicy) -> RankPolicy:

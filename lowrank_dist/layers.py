@@ -41,14 +41,17 @@ def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
 
 
 def check_rank(rank, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int = 1) -> None:
-    """ValueError unless 1 <= rank <= min(C·kh, kw·N) (C, N per group): the largest rank the
-    unfolded (C·kh)×(kw·N) kernel has."""
+    """ValueError unless `rank` (the total over the groups) is a multiple of `groups` with
+    1 <= rank/groups <= min(C·kh, kw·N) (C, N per group): the largest rank each group's unfolded
+    (C·kh)×(kw·N) kernel has."""
     kh, kw = kernel_size
     limit = min((in_channels // groups) * kh, kw * (out_channels // groups))
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
+    if (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank % groups
+            or not 1 <= rank // groups <= limit):
+        allowed = f"1..{limit}" if groups == 1 else f"a multiple of the groups, {groups}..{groups * limit}"
         raise ValueError(
             f"rank {rank!r} is out of range for a {kh}×{kw} conv {in_channels}→{out_channels}"
-            f" (groups={groups}): allowed 1..{limit}"
+            f" (groups={groups}): allowed {allowed}"
         )
 
 
@@ -57,7 +60,9 @@ class LowRankConv2d(nn.Module):
     [between: BatchNorm2d(groups·K), only if bn_between]
     horizontal: Conv2d(groups·K → N, (1,kw), stride (1,sw), padding (0,pw), dilation (1,dw), bias)
 
-    `rank` is K per group; a grouped conv keeps its groups in both factors.
+    `rank` is the number of vertical filters, the total over the groups as in the authors'
+    prototxts (CaffeNet's conv2 "40" is 20 per group); a grouped conv keeps its groups in both
+    factors, so each group has rank/groups of them.
     """
 
     def __init__(
@@ -88,12 +93,12 @@ class LowRankConv2d(nn.Module):
         self.groups, self.rank = groups, rank
         factory = {"device": device, "dtype": dtype}
         self.vertical = nn.Conv2d(
-            in_channels, groups * rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+            in_channels, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
             groups=groups, bias=False, **factory,
         )
-        self.between = nn.BatchNorm2d(groups * rank, **factory) if bn_between else None
+        self.between = nn.BatchNorm2d(rank, **factory) if bn_between else None
         self.horizontal = nn.Conv2d(
-            groups * rank, out_channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
+            rank, out_channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
             groups=groups, bias=bias, **factory,
         )
 
@@ -125,10 +130,10 @@ class LowRankConv2d(nn.Module):
         cls, conv: nn.Conv2d, rank: int, bn_between: bool = False, decomposition: Decomposition | None = None
     ) -> "LowRankConv2d":
         """The exact rank-K decomposition of a (trained) dense conv: the fine-tune path.
-        `decomposition`, if given, is `decompose_kernel(conv.weight, rank, conv.groups)` computed
-        by the caller (who wants its error)."""
+        `decomposition`, if given, is `decompose_kernel(conv.weight, rank // conv.groups, conv.groups)`
+        computed by the caller (who wants its error)."""
         layer = cls._like(conv, rank, bn_between)
-        layer.load_decomposition(decomposition or decompose_kernel(conv.weight, rank, conv.groups))
+        layer.load_decomposition(decomposition or decompose_kernel(conv.weight, rank // conv.groups, conv.groups))
         if conv.bias is not None:
             with torch.no_grad():
                 layer.horizontal.bias.copy_(conv.bias)
@@ -141,7 +146,8 @@ class LowRankConv2d(nn.Module):
         The factors are drawn so that the composed map has the same gain as the dense layer's own
         initialisation (whatever scheme the model used): V ~ N(0, 1/(C·kh)) preserves the input's
         variance, and H ~ N(0, σ_W²·C·kh·kw / (K·kw)) then reproduces the dense output variance
-        C·kh·kw·σ_W²·E[x²], where σ_W is the standard deviation of conv.weight as initialised.
+        C·kh·kw·σ_W²·E[x²], where σ_W is the standard deviation of conv.weight as initialised
+        (C and K per group).
         """
         layer = cls._like(conv, rank, bn_between)
         c = conv.in_channels // conv.groups
@@ -151,7 +157,7 @@ class LowRankConv2d(nn.Module):
             sigma_w = 1.0 / math.sqrt(c * kh * kw)
         with torch.no_grad():
             layer.vertical.weight.normal_(0.0, 1.0 / math.sqrt(c * kh))
-            layer.horizontal.weight.normal_(0.0, sigma_w * math.sqrt(c * kh * kw / (rank * kw)))
+            layer.horizontal.weight.normal_(0.0, sigma_w * math.sqrt(c * kh * kw / (rank // conv.groups * kw)))
             if conv.bias is not None:
                 layer.horizontal.bias.copy_(conv.bias)
         return layer
@@ -162,14 +168,14 @@ class LowRankConv2d(nn.Module):
         """Copy factors into this layer, resizing it if the rank changed."""
         if decomposition.groups != self.groups:
             raise ValueError(f"decomposition has {decomposition.groups} groups, layer has {self.groups}")
-        if decomposition.rank != self.rank:
+        if decomposition.rank * self.groups != self.rank:
             # New parameters: an optimizer holding the old ones must be rebuilt by the caller.
-            self.rank = decomposition.rank
-            self.vertical.out_channels = self.horizontal.in_channels = self.groups * self.rank
+            self.rank = decomposition.rank * self.groups
+            self.vertical.out_channels = self.horizontal.in_channels = self.rank
             self.vertical.weight = nn.Parameter(torch.empty_like(decomposition.vertical))
             self.horizontal.weight = nn.Parameter(torch.empty_like(decomposition.horizontal))
             if self.between is not None:
-                self.between = nn.BatchNorm2d(self.groups * self.rank).to(decomposition.vertical.device)
+                self.between = nn.BatchNorm2d(self.rank).to(decomposition.vertical.device)
         with torch.no_grad():
             self.vertical.weight.copy_(decomposition.vertical)
             self.horizontal.weight.copy_(decomposition.horizontal)
@@ -198,10 +204,12 @@ class LowRankConv2d(nn.Module):
 
     @torch.no_grad()
     def reproject(self, rank: int | None = None) -> Decomposition:
-        """Replace the factors by the exact rank-`rank` decomposition (default: the current rank) of
-        the current composed kernel. At the same rank this re-balances V and H (‖V_k‖ = ‖H_k‖ = √s_k)
+        """Replace the factors by the exact rank-`rank` decomposition (default: the current rank; a
+        total over the groups, like the constructor's) of the current composed kernel. At the same rank this re-balances V and H (‖V_k‖ = ‖H_k‖ = √s_k)
         without changing the layer's output, in place, so an optimizer's references stay valid."""
-        decomposition = decompose_kernel(self.dense_weight(), self.rank if rank is None else rank, self.groups)
+        rank = self.rank if rank is None else rank
+        check_rank(rank, self.in_channels, self.out_channels, self.kernel_size, self.groups)
+        decomposition = decompose_kernel(self.dense_weight(), rank // self.groups, self.groups)
         self.load_decomposition(decomposition)
         return decomposition
 

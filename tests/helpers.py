@@ -71,6 +71,36 @@ def write_digits(root: Path, seed: int = 0) -> dict[str, int]:
     return {"train": len(splits["train"]), "val": len(splits["val"]), "classes": 10}
 
 
+def write_cifar_batches(root: Path, images: np.ndarray, labels: np.ndarray, val_images: np.ndarray,
+                        val_labels: np.ndarray) -> Path:
+    """CIFAR-10's binary layout: uint8 N×32×32×3 images split over data_batch_1..5.bin, the val ones
+    in test_batch.bin; each record is the label byte, then the R, G and B planes."""
+    def records(pixels, targets):
+        planes = pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1)
+        return np.concatenate([targets.astype(np.uint8)[:, None], planes], axis=1).tobytes()
+
+    root.mkdir(parents=True, exist_ok=True)
+    for number, part in enumerate(np.array_split(np.arange(len(images)), 5), start=1):
+        (root / f"data_batch_{number}.bin").write_bytes(records(images[part], labels[part]))
+    (root / "test_batch.bin").write_bytes(records(val_images, val_labels))
+    return root
+
+
+def write_digits_cifar(root: Path, seed: int = 0) -> dict[str, int]:
+    """scikit-learn's digits in CIFAR-10's binary format: each 8×8 digit upscaled to 32×32 (bilinear)
+    and repeated over R, G, B; the 80/20 stratified split of write_digits. Returns the counts."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images * (255 / 16)).astype(np.uint8)
+    large = np.stack([np.asarray(Image.fromarray(p).resize((32, 32), Image.BILINEAR)) for p in pixels])
+    rgb = np.repeat(large[..., None], 3, axis=3)
+    train, val = train_test_split(np.arange(len(pixels)), test_size=0.2, stratify=digits.target, random_state=seed)
+    write_cifar_batches(root, rgb[train], digits.target[train], rgb[val], digits.target[val])
+    return {"train": len(train), "val": len(val), "classes": 10}
+
+
 def write_config(path: Path, tree: dict, sections: dict) -> Path:
     """Write `tree` with each of `sections` merged over its section (None removes the section)."""
     for section, values in sections.items():

@@ -62,7 +62,7 @@ BAD = [  # (change to the base config, expected message)
     (lambda t: t["model"].update(lowrank={"ranks": [0, 4]}), r"ranks must be >= 1"),
     (lambda t: t["model"]["lowrank"].update(mode="decomposed"), r"needs dense_checkpoint"),
     (lambda t: t["model"]["lowrank"].update(mode="pruned"), r"model.lowrank.mode: Input should be 'factorized', 'decomposed' or 'projected'"),
-    (lambda t: t.setdefault("optim", {}).update(schedule="linear"), r"optim.schedule: Input should be 'cosine' or 'step'"),
+    (lambda t: t.setdefault("optim", {}).update(schedule="linear"), r"optim.schedule: Input should be 'cosine', 'step' or 'linear_step'"),
     (lambda t: t.setdefault("optim", {}).update(epochs=2, warmup_epochs=2), r"warmup_epochs \(2.0\) must be shorter than epochs \(2\)"),
     (lambda t: t["data"].update(backend="pil"), r"data.backend: Input should be 'auto', 'dali' or 'torchvision'"),
     (lambda t: t["data"].update(batch_size=0), r"data.batch_size: Input should be greater than or equal to 1"),
@@ -113,3 +113,16 @@ def test_a_bad_config_exits_2_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "optim.lr: Input should be greater than 0" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["factorized", "projected"])
+def test_energy_policy_needs_trained_weights(tmp_path, mode):
+    path = tmp_path / "energy.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "nin", "lowrank": {"mode": mode, "energy": 0.9}},
+                                    "data": {"root": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match=f"model.lowrank.energy: the energy policy .* mode '{mode}' chooses ranks"):
+        load_config(path)
+    tree = yaml.safe_load(path.read_text())
+    tree["model"]["lowrank"] |= {"mode": "decomposed", "dense_checkpoint": str(tmp_path / "dense.pt")}
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path).model.lowrank.energy == 0.9  # decomposed: the dense model's spectrum

@@ -40,8 +40,10 @@ def test_from_conv_equals_dense_conv_with_recomposed_kernel(geometry):
     kernel, stride, padding, dilation, groups = geometry
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    rank = max(1, min(6 // groups * kernel[0], kernel[1] * 8 // groups) // 2)
+    per_group = max(1, min(6 // groups * kernel[0], kernel[1] * 8 // groups) // 2)
+    rank = groups * per_group  # LowRankConv2d counts the vertical filters of all groups
     layer = LowRankConv2d.from_conv(conv, rank)
+    assert layer.vertical.out_channels == layer.horizontal.in_channels == rank
     x = torch.randn(2, 6, 23, 19)
     expected = F.conv2d(x, layer.dense_weight(), conv.bias, conv.stride, conv.padding, conv.dilation, groups)
     actual = layer(x)
@@ -49,7 +51,7 @@ def test_from_conv_equals_dense_conv_with_recomposed_kernel(geometry):
     scale = expected.abs().max()
     torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=1e-5)
     # the recomposed kernel is the exact rank-K decomposition of the original
-    d = decompose_kernel(conv.weight, rank, groups)
+    d = decompose_kernel(conv.weight, per_group, groups)
     torch.testing.assert_close(layer.dense_weight(), recompose(d.vertical, d.horizontal, groups))
     assert float((conv.weight - layer.dense_weight()).detach().norm()) == pytest.approx(d.error, rel=1e-4, abs=1e-6)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowrank_dist.decompose import max_rank, singular_values
 from lowrank_dist.layers import LowRankConv2d
 from lowrank_dist.models import build_model, convert, decompose, factorisable_convs
 from lowrank_dist.report.costs import conv_costs
@@ -108,11 +109,11 @@ def test_convert_by_layer_name_and_keep_dense():
 @pytest.mark.parametrize(
     "cfg,message",
     [
-        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, googlenet, nin, tiny_vgg, vgg16"),
+        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, caffenet, googlenet, nin, tiny_vgg, vgg16"),
         ({}, r"'name' is required"),
         ({"name": "vgg16", "depth": 19}, r"unknown key\(s\) \['depth'\]"),
-        ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016'\]"),
-        ({"name": "nin", "lowrank": {"preset": "tai2016"}}, r"nin has no preset 'tai2016'; available: none"),
+        ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016', 'tai2016_2.4x', 'tai2016_4.0x'\]"),
+        ({"name": "tiny_vgg", "lowrank": {"preset": "tai2016"}}, r"tiny_vgg has no preset 'tai2016'; available: none"),
         ({"name": "vgg16", "lowrank": {"rank": 3}}, r"unknown key\(s\) \['rank'\]"),
         ({"name": "vgg16", "lowrank": {"ranks": [5, 6]}}, r"one entry per factorisable conv: the model has 13, the list has 2"),
         ({"name": "vgg16", "lowrank": {"ranks": {"features.1": 4}}}, r"does not have .*\['features.1'\]; factorisable layers: \['features.0', 'features.2'"),
@@ -140,5 +141,71 @@ def test_cost_table_command_prints_a_row_per_conv_and_totals(capsys):
 def test_cost_table_command_rejects_a_bad_preset(capsys):
     from lowrank_dist.report.costs import main
 
-    assert main(["--model", "nin", "--preset", "tai2016"]) == 2
-    assert "nin has no preset 'tai2016'" in capsys.readouterr().err
+    assert main(["--model", "nin", "--preset", "tai2016_2.4x"]) == 2
+    assert "nin has no preset 'tai2016_2.4x'" in capsys.readouterr().err
+
+
+def test_caffenet_at_the_authors_ranks_counts_ranks_over_groups():
+    """CaffeNet-BN as the authors trained it: conv2/4/5 in 2 groups, their ranks totals over groups."""
+    model = build_model({"name": "caffenet", "lowrank": {"preset": "tai2016"}})
+    layers = [m for m in model.modules() if isinstance(m, LowRankConv2d)]
+    assert [(m.rank, m.groups) for m in layers] == [(8, 1), (40, 2), (60, 1), (100, 2), (200, 2)]
+    assert layers[1].vertical.weight.shape == (40, 48, 5, 1)  # 20 vertical filters per group of 48 channels
+    assert layers[1].horizontal.weight.shape == (256, 20, 1, 5)
+    rows = conv_costs(model, (3, 227, 227))
+    conv2 = rows[1]  # per output pixel per group: K_g·(C_g·kh + N_g·kw) = 20·(48·5 + 128·5)
+    assert conv2.lowrank_macs == 2 * 20 * (48 * 5 + 128 * 5) * 27 * 27
+    assert conv2.dense_macs == 256 * 48 * 25 * 27 * 27
+    dense, lowrank = sum(r.dense_macs for r in rows), sum(r.lowrank_macs for r in rows)
+    assert round(dense / 1e6, 1) == 665.8 and round(lowrank / 1e6, 1) == 125.9
+    assert round(dense / lowrank, 2) == 5.29 and round(conv2.speedup, 2) == 8.73
+    x = torch.randn(2, 3, 227, 227)
+    assert model.eval()(x).shape == (2, 1000)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert [m.num_features for m in bns] == [4096, 4096]  # BN on fc6 and fc7
+
+
+def test_caffenet_decomposes_group_by_group():
+    torch.manual_seed(0)
+    dense = build_model({"name": "caffenet", "batch_norm": False, "num_classes": 10}).double().eval()
+    lowrank, errors = decompose(dense, {"ranks": [8, 40, 60, 100, 200]})
+    for e in errors:
+        conv = dense.get_submodule(e.name)
+        per_group = e.rank // conv.groups
+        spectra = singular_values(conv.weight, conv.groups).reshape(conv.groups, -1)
+        discarded = float(spectra[:, per_group:].square().sum().sqrt())  # Eckart–Young, group by group
+        assert e.error == pytest.approx(discarded, rel=1e-9)
+        recomposed = lowrank.get_submodule(e.name).dense_weight()
+        assert float((recomposed - conv.weight).detach().norm()) == pytest.approx(e.error, rel=1e-9)
+    full = [c.groups * max_rank(c.weight, c.groups) for _, c in factorisable_convs(dense)]
+    exact, _ = decompose(dense, {"ranks": full})
+    x = torch.randn(1, 3, 99, 99, dtype=torch.float64)
+    torch.testing.assert_close(exact.eval()(x), dense(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_grouped_rank_must_be_a_multiple_of_the_groups():
+    with pytest.raises(ValueError, match=r"features.5: rank 41 .* allowed a multiple of the groups, 2\.\.480"):
+        build_model({"name": "caffenet", "lowrank": {"ranks": [8, 41, 60, 100, 200]}})
+
+
+def test_vgg16_fc_batch_norm_and_the_three_rank_settings():
+    model = build_model({"name": "vgg16", "batch_norm": True, "fc_batch_norm": True, "num_classes": 10})
+    assert [type(m).__name__ for m in model.classifier] == [
+        "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    speedups = {}
+    for preset in ("tai2016", "tai2016_2.4x", "tai2016_4.0x"):
+        rows = conv_costs(build_model({"name": "vgg16", "lowrank": {"preset": preset}}), (3, 224, 224))
+        speedups[preset] = round(sum(r.dense_macs for r in rows) / sum(r.lowrank_macs for r in rows), 2)
+    assert speedups == {"tai2016": 3.10, "tai2016_2.4x": 2.42, "tai2016_4.0x": 3.97}
+
+
+def test_nin_preset_is_the_authors_low_rank_nin():
+    model = build_model({"name": "nin", "lowrank": {"preset": "tai2016"}})
+    layers = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankConv2d)}
+    assert layers == {"features.0": 10, "features.8": 51}  # conv1 K=10, conv2 K=51, conv3 (3×3) dense
+    assert isinstance(model.get_submodule("features.16"), nn.Conv2d)
+
+
+def test_energy_policy_is_refused_on_random_weights():
+    with pytest.raises(ValueError, match="energy policy reads the singular values of trained weights; mode 'factorized'"):
+        build_model({"name": "vgg16", "lowrank": {"energy": 0.9}})

@@ -197,6 +197,16 @@ def test_lr_schedules():
     assert lr_factor(100, 10, cfg) == pytest.approx(0.01)
     step = load_config_like(epochs=10, schedule="step", milestones=[3, 6], gamma=0.1)
     assert [lr_factor(e * 10, 10, step) for e in (0, 2, 3, 5, 6, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    # fractional milestones: Caffe's iteration counts in epochs (CaffeNet's 100,000 × 256 images ≈ 19.98 epochs)
+    caffe = load_config_like(epochs=10, schedule="step", milestones=[2.5], gamma=0.1)
+    assert (lr_factor(24, 10, caffe), lr_factor(25, 10, caffe)) == pytest.approx((1, 0.1))
+    # Caffe's "step" policy: ×gamma every step_every epochs, here floored at min_lr
+    every = load_config_like(epochs=40, lr=0.1, schedule="step", step_every=1.5, gamma=0.5, min_lr=0.01)
+    assert [lr_factor(round(e * 10), 10, every) for e in (0, 1.4, 1.5, 3.0, 4.4, 4.5, 30)] == pytest.approx(
+        [1, 1, 0.5, 0.25, 0.25, 0.125, 0.1])
+    decr = load_config_like(epochs=44, lr=0.1, schedule="linear_step", step_every=1.6, gamma=0.04, min_lr=0.001)
+    assert [lr_factor(round(e * 10), 10, decr) for e in (0, 1.5, 1.6, 16, 38.4, 40, 43)] == pytest.approx(
+        [1, 1, 0.96, 0.6, 0.04, 0.01, 0.01])
 
 
 def test_linear_lr_scaling_follows_the_global_batch():

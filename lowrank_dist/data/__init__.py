@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .augment import AUGMENTS, CAFFE_RESIZE
+from .cifar import CLASSES as CIFAR10_CLASSES, CifarBackend, load_cifar10
 from .dali import DaliBackend, check_dali, dali_available
 from .integrity import ON_BAD_IMAGE, Skipped
 from .loaders import TrainLoader, ValLoader
@@ -64,6 +66,8 @@ def build_loaders(
     on_bad_image: str = "error",
     train: bool = True,
     decode: bool = True,
+    format: str = "imagenet",
+    augment: str | None = None,
 ) -> Loaders:
     """Train and val loaders for this rank. `batch_size` is per rank; `image_size` is the train crop
     and the val centre crop; `val_resize` the shorter side before the val crop (default
@@ -76,7 +80,11 @@ def build_loaders(
     `train=False` (evaluation only) builds no train loader and does not list the train images: the
     classes still come from the train split's folders (or list). `decode=False` (the loader
     benchmark's --no-decode) reads and checks the files but yields None for the images.
-    The splits come from the data index (`index`), built on the first run."""
+    The splits come from the data index (`index`), built on the first run. `format` "cifar10"
+    reads the CIFAR-10 binary batches in `root` instead (`cifar`). `augment` picks the train crop and input
+    scaling: "inception" (default for ImageNet folders: random resized crop, min_crop_scale),
+    "caffe" (`augment`: shorter side 256, random square, mean subtraction) or "none" (the val crop;
+    the default for CIFAR-10, whose images are used whole); `hflip` mirrors in all of them."""
     if backend not in ("auto", "dali", "torchvision"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
     if dali_device not in ("auto", "cpu", "gpu"):
@@ -87,15 +95,23 @@ def build_loaders(
         raise ValueError(f"batch_size must be ≥ 1 and workers ≥ 0, got {batch_size} and {workers}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-    val_resize = val_resize or round(image_size * 256 / 224)
-    if val_resize < image_size:
-        raise DataError(f"data.val_resize: {val_resize} is smaller than data.image_size {image_size}: the centre crop would not fit")
+    if format not in ("imagenet", "cifar10"):
+        raise ValueError(f"format must be 'imagenet' or 'cifar10', got {format!r}")
+    augment = augment or ("none" if format == "cifar10" else "inception")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     use_dali = backend == "dali" or (backend == "auto" and dali_available())
     if use_dali:
         dali_device = check_dali(dali_device)
+    if format == "cifar10":
+        return _cifar_loaders(root, augment, image_size, train_list, val_list, use_dali and dali_device, batch_size,
+                              workers, rank, world_size, seed, torch.device(device), channels_last, hflip, train)
+    val_resize = val_resize or (CAFFE_RESIZE if augment == "caffe" else round(image_size * 256 / 224))
+    if val_resize < image_size:
+        raise DataError(f"data.val_resize: {val_resize} is smaller than data.image_size {image_size}: the centre crop would not fit")
 
     classes, train_samples, val = load_samples(root, train_list, val_list, with_train=train)
-    plan = CropPlan(image_size, val_resize, seed, min_crop_scale, hflip)
+    plan = CropPlan(image_size, val_resize, seed, min_crop_scale, hflip, augment)
     device = torch.device(device)
 
     def backend_for(samples):
@@ -113,4 +129,30 @@ def build_loaders(
         val=ValLoader(val, val_backend, batch_size, rank, world_size, device, on_bad_image),
         classes=classes, num_train=None if train_samples is None else len(train_samples), num_val=len(val),
         backend=val_backend.name,
+    )
+
+
+def _cifar_loaders(root, augment, image_size, train_list, val_list, dali_device, batch_size, workers, rank,
+                   world_size, seed, device, channels_last, hflip, train) -> Loaders:
+    """Loaders over the CIFAR-10 binary batches in `root` (`cifar`); dali_device False: torchvision."""
+    if augment != "none":
+        raise DataError(f"data.augment: {augment!r} crops ImageNet-sized images; CIFAR-10 images are used whole"
+                        " (set 'none', the paper's, and data.hflip for random mirrors)")
+    if image_size != 32:
+        raise DataError(f"data.image_size: CIFAR-10 images are 32×32, got {image_size}; set 32")
+    if train_list is not None or val_list is not None:
+        raise DataError("data.train_list/val_list: CIFAR-10 has fixed train and test batches; remove the lists")
+    train_images, train_samples, val_images, val, scaling = load_cifar10(root, with_train=train)
+
+    def backend_for(images):
+        return CifarBackend(images, scaling, seed, hflip, device, channels_last, dali_device or None, workers)
+
+    train_loader = None
+    if train:
+        train_loader = TrainLoader(train_samples, backend_for(train_images), batch_size, rank, world_size, seed, device)
+    val_backend = backend_for(val_images)
+    return Loaders(
+        train=train_loader, val=ValLoader(val, val_backend, batch_size, rank, world_size, device),
+        classes=list(CIFAR10_CLASSES), num_train=None if train_samples is None else len(train_samples),
+        num_val=len(val), backend=val_backend.name,
     )

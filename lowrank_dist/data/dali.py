@@ -93,6 +93,7 @@ class DaliBackend:
         self.name = f"dali-{dali_device}"
         self.samples, self.plan, self.dali_device, self.decode = samples, plan, dali_device, decode
         self.threads, self.device, self.channels_last = max(1, workers), device, channels_last
+        self.scaling = plan.scaling  # the loaders normalise with it (data.augment)
         if dali_device == "gpu":
             self.device_id = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
         else:

@@ -73,11 +73,13 @@ class _Normalise:
     its storage (the trainer drops a batch after its step), else a new one is made, so a consumer
     that keeps batches still gets its own memory."""
 
-    def __init__(self, device: torch.device, channels_last: bool, size: int = 3):
+    def __init__(self, device: torch.device, channels_last: bool, scaling=None, size: int = 3):
         self.device, self.size = device, size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        # (mean, std) per channel in 0..255 units: the back-end's (data.augment's, CIFAR's), else ImageNet's
+        mean, std = scaling or ([255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.ring: list[torch.Tensor] = []
 
     @staticmethod
@@ -152,7 +154,7 @@ class TrainLoader:
         self.samples, self.backend, self.batch_size = samples, backend, batch_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.bad = _BadImages(samples.paths, on_bad_image)
-        self.normalise = _Normalise(device, getattr(backend, "channels_last", False))
+        self.normalise = _Normalise(device, getattr(backend, "channels_last", False), getattr(backend, "scaling", None))
 
     @property
     def skipped(self) -> Skipped:
@@ -189,7 +191,7 @@ class ValLoader:
         self.samples, self.backend, self.batch_size, self.device = samples, backend, batch_size, device
         self.indices, self.valid = shard(np.arange(len(samples)), rank, world_size)
         self.bad = _BadImages(samples.paths, on_bad_image)
-        self.normalise = _Normalise(device, getattr(backend, "channels_last", False))
+        self.normalise = _Normalise(device, getattr(backend, "channels_last", False), getattr(backend, "scaling", None))
 
     @property
     def skipped(self) -> Skipped:

@@ -120,6 +120,14 @@ class CropPlan:
     seed: int = 0
     min_crop_scale: float = 0.08
     hflip: bool = True
+    augment: str = "inception"  # or "caffe" (augment.caffe_train_boxes), or "none" (the val crop, maybe mirrored)
+
+    @property
+    def scaling(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) in 0..255 units for this augmentation (augment.input_scaling)."""
+        from .augment import input_scaling
+
+        return input_scaling(self.augment)
 
     def train_boxes(self, epoch: int, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> Boxes:
         """The train windows of samples `indices` whose images are widths×heights, all at once
@@ -166,6 +174,14 @@ class CropPlan:
         """Train windows for an epoch number, val windows for epoch None."""
         if epoch is None:
             return self.val_boxes(widths, heights)
+        if self.augment == "caffe":
+            from .augment import caffe_train_boxes
+
+            u = sample_uniforms(self.seed, epoch, indices, 3)
+            return caffe_train_boxes(u, widths, heights, self.image_size, self.val_resize, self.hflip)
+        if self.augment == "none":  # the val window, mirrored at random
+            flip = (sample_uniforms(self.seed, epoch, indices, 1)[:, 0] < 0.5) & self.hflip
+            return self.val_boxes(widths, heights)._replace(flip=flip)
         return self.train_boxes(epoch, indices, widths, heights)
 
     def box(self, epoch: int | None, index: int, width: int, height: int) -> Box:

@@ -96,6 +96,7 @@ class TorchvisionBackend:
     def __init__(self, samples: Samples, plan: CropPlan, workers: int, device: torch.device, channels_last: bool,
                  decode: bool = True):
         self.samples, self.plan, self.channels_last = samples, plan, channels_last
+        self.scaling = plan.scaling  # the loaders normalise with it (data.augment)
         self.keys = _Keys()
         dataset = _CroppedImages(samples.paths, plan, samples.bad, decode)
         # a private generator: the DataLoader draws a worker base seed from it (unused: crops come

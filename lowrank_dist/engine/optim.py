@@ -83,7 +83,12 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
 
     warm-up: linear from 1/W to 1 over W = warmup_epochs·steps_per_epoch steps;
     cosine:  m + (1 − m)·½(1 + cos(π·t/T)) after warm-up, m = min_lr/lr, t/T the remaining fraction;
-    step:    gamma^(number of milestones passed), milestones in epochs.
+    step:    max(m, gamma^n), n the number of milestones passed (epochs), or with step_every
+             n = floor(epoch / step_every) (Caffe's "step": base_lr·gamma^floor(iter/stepsize)).
+    linear_step: max(m, 1 − gamma·floor(epoch / step_every)). Our reading of "stepdecr", the policy
+             of the authors' CaffeNet-BN solvers (gamma 0.04, stepsize 8,000, min_lr 0.001, 220,000
+             iterations), which their Caffe fork defines but its public source does not show: a drop
+             of 4% of base_lr every 8,000 iterations reaches min_lr at ~198,000, just before the end.
     """
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
@@ -94,7 +99,13 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     epoch = step / steps_per_epoch
-    return cfg.gamma ** sum(epoch >= milestone for milestone in cfg.milestones)
+    if cfg.schedule == "linear_step":
+        return max(cfg.min_lr / cfg.lr, 1.0 - cfg.gamma * math.floor(epoch / cfg.step_every + 1e-9))
+    if cfg.step_every is not None:
+        passed = math.floor(epoch / cfg.step_every + 1e-9)  # 1e-9: an exact multiple counts despite rounding
+    else:
+        passed = sum(epoch >= milestone for milestone in cfg.milestones)
+    return max(cfg.min_lr / cfg.lr, cfg.gamma ** passed)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, cfg: OptimConfig):

@@ -25,7 +25,7 @@ class Projector:
         """Project every chosen kernel onto its rank in place; returns the relative residual of each."""
         residuals = {}
         for name, conv in self.convs.items():
-            d = decompose_kernel(conv.weight, self.ranks[name], conv.groups)
+            d = decompose_kernel(conv.weight, self.ranks[name] // conv.groups, conv.groups)  # ranks are totals
             factors64 = (d.vertical.double(), d.horizontal.double())
             conv.weight.copy_(recompose(*factors64, conv.groups))
             residuals[name] = d.relative_error

@@ -3,12 +3,12 @@ built dense or low-rank from a plain dict.
 
     build_model({"name": "vgg16", "batch_norm": True, "lowrank": {"preset": "tai2016"}})
     build_model({"name": "googlenet", "lowrank": {"speedup": 2.0}})
-    build_model({"name": "alexnet", "batch_norm": True, "lowrank": {"energy": 0.9}})
 
 `lowrank` takes exactly one of preset (a named rank list of the model), ranks (a list, one per
 factorisable conv in module order, or a mapping layer name → rank; null keeps a layer dense),
-speedup (per-layer theoretical target) or energy (fraction of singular-value energy), plus
-factorise_first (default: only when ranks are explicit) and bn_between (default false).
+or speedup (per-layer theoretical target), plus factorise_first (default: only when ranks are
+explicit) and bn_between (default false). The energy policy (a fraction of singular-value energy)
+needs trained weights, so it goes to `decompose`, not here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Mapping
 
 from torch import nn
 
-from . import alexnet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
+from . import alexnet, caffenet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
 from .convert import LayerError, choose_ranks, convert, decompose, factorisable_convs
 from .registry import MODELS, ModelSpec, model_spec, register_model
 
@@ -59,6 +59,10 @@ def build_model(cfg: Mapping) -> nn.Module:
             options[key] = cfg[key]
     model = spec.build(num_classes=cfg.get("num_classes", spec.num_classes), **options)
     lowrank = cfg.get("lowrank")
+    if lowrank and lowrank.get("energy") is not None:
+        from ..config import ENERGY_NEEDS_TRAINED_WEIGHTS
+
+        raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode="factorized"))
     if lowrank:
         model = convert(
             model,

@@ -1,12 +1,14 @@
 """AlexNet, torchvision's architecture (64-192-384-256-256 convs), optionally with BatchNorm after
-each conv (the paper's low-rank AlexNet trains from scratch with BN)."""
+each conv. Not the authors' network: their "AlexNet" is CaffeNet-BN (models/caffenet.py, widths
+96-256-384-384-256, grouped convs, BN on fc6/fc7). The preset applies CaffeNet's ranks to these
+narrower, ungrouped convs, so its costs and accuracy are not like for like with the paper's."""
 
 from torch import nn
 from torchvision.models import AlexNet
 
 from .registry import register_model
 
-# Tai et al., CaffeNet ranks for conv1..conv5 (DESIGN.md §1).
+# Tai et al.'s CaffeNet ranks for conv1..conv5 (DESIGN.md §1), on torchvision's AlexNet.
 TAI2016_RANKS = [8, 40, 60, 100, 200]
 
 

@@ -44,7 +44,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first: bool | None = None) -> dict[str, int]:
-    """Layer name → rank for every layer the policy factorises (the others stay dense)."""
+    """Layer name → rank for every layer the policy factorises (the others stay dense). A grouped
+    conv's rank is the total over its groups, as LowRankConv2d takes it."""
     policy = policy_from_config(policy)
     if factorise_first is None:  # explicit per-layer ranks name the first conv deliberately
         factorise_first = isinstance(policy, ExplicitRanks)
@@ -97,8 +98,8 @@ def convert(
 @dataclass
 class LayerError:
     name: str
-    rank: int
-    max_rank: int
+    rank: int  # the total over the groups
+    max_rank: int  # likewise
     error: float  # ‖W − Ŵ‖_F
     relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
 
@@ -115,11 +116,11 @@ def decompose(
     errors = []
     for name, rank in choose_ranks(model, policy, factorise_first).items():
         conv = model.get_submodule(name)
-        decomposition = decompose_kernel(conv.weight, rank, conv.groups)
+        decomposition = decompose_kernel(conv.weight, rank // conv.groups, conv.groups)
         _replace(model, name, LowRankConv2d.from_conv(conv, rank, bn_between, decomposition))
         errors.append(
             LayerError(
-                name, rank, decomposition.singular_values.shape[-1], decomposition.error,
+                name, rank, conv.groups * decomposition.singular_values.shape[-1], decomposition.error,
                 decomposition.relative_error,
             )
         )

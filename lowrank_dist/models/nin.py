@@ -1,9 +1,16 @@
 """Network in Network for CIFAR-10 (Lin et al. 2014), the model of Tai et al.'s CIFAR-10 study:
-three 'mlpconv' blocks (a k×k conv followed by two 1×1 convs), global average pooling."""
+three 'mlpconv' blocks (a k×k conv followed by two 1×1 convs), global average pooling.
+
+The authors' low-rank NIN (chengtaipu/lowrankcnn, cifar/models/lowrank_nin_cudnn.lua) factorises
+conv1 (5×5, 3 → 192) at rank 10 and conv2 (5×5, 96 → 192) at rank 51 and keeps conv3 (3×3) dense:
+the preset `tai2016`. (They apply the 1×5 filters first, then the 5×1; a square kernel costs the
+same either way, and LowRankConv2d's vertical-first order spans the same set of rank-K kernels.)"""
 
 from torch import nn
 
 from .registry import register_model
+
+TAI2016_RANKS = [10, 51, None]  # conv1, conv2, conv3 (dense)
 
 
 def _mlpconv(in_channels, widths, kernel_size, padding, batch_norm):
@@ -35,6 +42,6 @@ class NIN(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-@register_model("nin", input_size=(3, 32, 32), num_classes=10)
+@register_model("nin", input_size=(3, 32, 32), num_classes=10, presets={"tai2016": TAI2016_RANKS})
 def nin(num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
     return NIN(num_classes, batch_norm, dropout)

@@ -23,7 +23,7 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     input_size: tuple[int, int, int]
     num_classes: int
-    presets: dict[str, list[int]] = field(default_factory=dict)
+    presets: dict[str, list[int | None]] = field(default_factory=dict)  # None: that conv stays dense
     options: dict[str, object] = field(default_factory=dict)
     aux_loss_weight: float = 0.0
 

@@ -38,7 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--preset", help="with --model: a named rank preset, e.g. tai2016")
     policy.add_argument("--speedup", type=float, help="with --model: per-layer theoretical speedup target")
-    policy.add_argument("--energy", type=float, help="with --model: fraction of singular-value energy to keep")
     parser.add_argument("--batch-norm", action="store_true", help="with --model: the BN variant")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 if the config's precision.amp is, else fp32")
@@ -65,13 +64,13 @@ def _model_setup(args) -> tuple[dict, dict | None, dict]:
     if args.config is None:
         if args.set:
             raise ValueError("--set needs --config")
-        lowrank = {k: getattr(args, k) for k in ("preset", "speedup", "energy") if getattr(args, k) is not None}
+        lowrank = {k: getattr(args, k) for k in ("preset", "speedup") if getattr(args, k) is not None}
         build = {"name": args.model, "lowrank": lowrank or DEFAULT_LOWRANK.get(args.model, {"speedup": 2.0})}
         if args.batch_norm:
             build["batch_norm"] = True
         return build, None, {}
-    if any(getattr(args, k) is not None for k in ("preset", "speedup", "energy")) or args.batch_norm:
-        raise ValueError("--preset/--speedup/--energy/--batch-norm go with --model; with --config the config says it")
+    if any(getattr(args, k) is not None for k in ("preset", "speedup")) or args.batch_norm:
+        raise ValueError("--preset/--speedup/--batch-norm go with --model; with --config the config says it")
     import yaml
 
     from ..config import apply_override, load_config  # lazily: only the --config path needs pydantic

@@ -3,7 +3,8 @@
 MACs are counted from the shapes a real forward pass produces, so strides and padding are exact:
 a dense conv costs (C/groups)·kh·kw MACs per output element; a LowRankConv2d costs its vertical
 conv ((C/groups)·kh per element of the K-channel intermediate, which has the output's height but the
-input's width) plus its horizontal conv (K·kw per output element). For stride 1 this is the paper's
+input's width) plus its horizontal conv ((K/groups)·kw per output element, K the layer's rank: the
+vertical filters of all groups). For stride 1 this is the paper's
 K·(C·kh + N·kw) per output pixel; the "dense" column is what the original kh×kw conv would cost.
 
     python -m lowrank_dist.report.costs                      # every model, its default policy
@@ -71,7 +72,7 @@ def conv_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
             n, c, (kh, kw), g = module.out_channels, module.in_channels // module.groups, module.kernel_size, module.groups
             out_h, out_w = shapes[h][2:]
             dense_macs = n * c * kh * kw * out_h * out_w
-            lowrank_macs = shapes[v][1:].numel() * c * kh + shapes[h][1:].numel() * module.rank * kw
+            lowrank_macs = shapes[v][1:].numel() * c * kh + shapes[h][1:].numel() * (module.rank // g) * kw
             dense_params = n * c * kh * kw + (n if h.bias is not None else 0)
             rows.append(
                 LayerCost(name, (n, c, kh, kw), g, module.rank, (out_h, out_w), dense_macs, lowrank_macs,
@@ -116,10 +117,11 @@ def as_dicts(rows: list[LayerCost]) -> list[dict]:
 
 # The policies the demo shows: the authors' ranks where they published them, else a target speedup.
 DEFAULT_LOWRANK = {
+    "caffenet": {"preset": "tai2016"},
     "alexnet": {"preset": "tai2016"},
     "vgg16": {"preset": "tai2016"},
     "googlenet": {"speedup": 2.0},
-    "nin": {"speedup": 2.0},
+    "nin": {"preset": "tai2016"},
 }
 
 
@@ -134,12 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--preset", help="a named rank preset of the model, e.g. tai2016")
     policy.add_argument("--speedup", type=float, help="per-layer theoretical speedup target")
-    policy.add_argument("--energy", type=float, help="fraction of singular-value energy to keep (of the initial weights)")
     parser.add_argument("--batch-norm", action="store_true", help="build the BN variant")
     args = parser.parse_args(argv)
 
-    override = {key: getattr(args, key) for key in ("preset", "speedup", "energy") if getattr(args, key) is not None}
-    for name in args.model or ["alexnet", "vgg16", "googlenet", "nin"]:
+    override = {key: getattr(args, key) for key in ("preset", "speedup") if getattr(args, key) is not None}
+    for name in args.model or ["caffenet", "alexnet", "vgg16", "googlenet", "nin"]:
         lowrank = override or DEFAULT_LOWRANK[name]
         cfg = {"name": name, "lowrank": lowrank}
         if args.batch_norm:
