@@ -52,10 +52,10 @@ if TYPE_CHECKING:
 
 EXECUTIONS = ("auto", "factorized", "composed")
 # model.lowrank.execution when the config leaves it out. On a GPU: auto. On the CPU: factorized —
-# measured (bench/execution_cpu.py, VGG-16 at the authors' ranks, fp32, batch 8, 112×112): CPUs are
-# bound by arithmetic, composed forward+backward was 1.7–4.3× slower than factorised on 12 of the 13
-# layers (only conv1_1, 3 input channels at rank 5, was faster composed), so timing every layer at
-# every start would cost seconds to win almost nothing.
+# measured (bench/execution_cpu.py, VGG-16 at the authors' ranks, fp32, batch 8, 112×112, 2 shared
+# cores): CPUs are bound by arithmetic, and composed forward+backward was 1.4–5.5× slower than
+# factorised on 12 of the 13 layers; only conv1_1 (3 input channels, rank 5) was faster composed.
+# Timing all 13 layers took 46 s there, to gain one small layer.
 CPU_DEFAULT = "factorized"
 CACHE_VERSION = 1
 
@@ -128,7 +128,8 @@ class ExecutionPlan:
         timed = sum(layer.factorized_s is not None and not layer.cached for layer in self.layers)
         cached = sum(layer.cached for layer in self.layers)
         how = "" if self.mode != "auto" else (
-            f", {timed} timed now in {meta.get('timing_s', 0.0):.1f} s, {cached} from {meta.get('cache') or 'no cache'}"
+            f": {timed} layers timed ({meta.get('timing_s', 0.0):.1f} s), "
+            + (f"{cached} from the cache {meta['cache']}" if meta.get("cache") else "no cache")
         )
         how += f"; {meta['note']}" if meta.get("note") else ""
         return (f"execution plan ({self.mode}{how}): {counts['composed']} of {len(self.layers)} factorised layers"

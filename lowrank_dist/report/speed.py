@@ -181,6 +181,14 @@ class SpeedReport:
         log_tensorboard(self, writer, step, prefix)
 
 
+def _switched(model: nn.Module, executions, fn):
+    def run():
+        set_execution(model, executions)
+        return fn()
+
+    return run
+
+
 def speed_report(
     dense_model: nn.Module,
     lowrank_model: nn.Module,
@@ -268,12 +276,16 @@ def speed_report(
 
     model_speed = None
     if whole_model:
-        planned = copy.deepcopy(lowrank)
-        set_execution(planned, plan if plan is not None else executions)
-        fns = {"dense": model_functions(dense, example, dtype), "factorized": model_functions(lowrank, example, dtype),
-               "planned": model_functions(planned, example, dtype)}
+        fns = {"dense": model_functions(dense, example, dtype), "factorized": model_functions(lowrank, example, dtype)}
+        planned = plan if plan is not None else executions
+        if "composed" in planned.values():
+            # the plan is the same model with some layers switched: one copy, switched before each call
+            fns["planned"] = tuple(_switched(lowrank, planned, fn) for fn in fns["factorized"])
+            fns["factorized"] = tuple(_switched(lowrank, "factorized", fn) for fn in fns["factorized"])
         forward = measure({key: pair[0] for key, pair in fns.items()}, device, **timing_options)
         train = measure({key: pair[1] for key, pair in fns.items()}, device, **timing_options)
+        for timings in (forward, train):  # a plan that composes nothing is the all-factorised model
+            timings.setdefault("planned", timings["factorized"])
         model_speed = ModelSpeed(batch, forward["dense"], forward["factorized"], train["dense"], train["factorized"],
                                  forward["planned"], train["planned"])
 
