@@ -261,6 +261,19 @@ def test_the_cache_is_per_layer_a_changed_rank_retimes_only_that_layer(fake, tmp
     assert [layer.cached for layer in plan.layers] == [True, True, False]
 
 
+def test_a_broken_cache_entry_is_timed_again(fake, tmp_path):
+    cache = tmp_path / "cache.json"
+    plan_execution(tiny(), (8, 3, 32, 32), "auto", "cpu", cache=cache)
+    data = json.loads(cache.read_text())
+    first = next(iter(data["layers"]))
+    data["layers"][first] = {"factorized_s": "fast"}
+    cache.write_text(json.dumps(data))
+    fake.calls.clear()
+    plan = plan_execution(tiny(), (8, 3, 32, 32), "auto", "cpu", cache=cache)
+    assert len(fake.calls) == 1 and [layer.cached for layer in plan.layers].count(False) == 1
+    assert execution._usable(read_cache(cache)[first])
+
+
 def test_an_unreadable_cache_is_ignored_with_a_warning_and_replaced(fake, tmp_path, capsys):
     cache = tmp_path / "cache.json"
     cache.write_text("{ half a file")

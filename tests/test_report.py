@@ -311,15 +311,21 @@ def test_cli_speed_aware_writes_a_config_that_builds(tmp_path, capsys):
 
 def test_cli_reads_a_training_config(tmp_path, capsys):
     """--config: model, batch and image size, bf16 and channels_last come from the config (here
-    the flags override batch, size and dtype; channels_last stays the config's)."""
+    the flags override batch and size; channels_last stays the config's; the config's bf16 becomes
+    fp32 on the CPU, where bf16 convolutions say nothing about a GPU run). The config's
+    model.lowrank.execution is the report's plan."""
     out = tmp_path / "from_config"
     argv = ["--config", str(REPO / "configs/alexnet_lr.yaml"), "--set", "model.num_classes=10", "--device", "cpu",
-            "--dtype", "fp32", "--batch", "2", "--image-size", "64", "--repeats", "1", "--warmup", "0",
-            "--layers-only", "--out", str(out)]
+            "--set", "model.lowrank.execution=composed", "--batch", "2", "--image-size", "64", "--repeats", "1",
+            "--warmup", "0", "--layers-only", "--out", str(out)]
     assert main(argv) == 0
     assert "alexnet, low-rank (preset=tai2016): measured speed" in capsys.readouterr().out
-    meta = json.loads((out / "speed.json").read_text())["meta"]
+    saved = json.loads((out / "speed.json").read_text())
+    meta = saved["meta"]
     assert meta["channels_last"] is True and meta["input_shape"] == [2, 3, 64, 64] and meta["dtype"] == "fp32"
+    assert meta["plan"] == "--execution composed"
+    assert [row["execution"] for row in saved["layers"]] == ["dense" if row["rank"] is None else "composed"
+                                                             for row in saved["layers"]]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -230,6 +230,13 @@ def write_cache(path: Path, entries: Mapping[str, dict]) -> None:
 # Planning
 
 
+def _usable(entry) -> bool:
+    """A cache entry with two positive times (anything else, e.g. edited by hand, is timed again)."""
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(key), (int, float)) and entry[key] > 0 for key in ("factorized_s", "composed_s")
+    )
+
+
 def _time_layer(layer: LowRankConv2d, given: LayerInput, device, dtype, channels_last, **timing) -> dict[str, float]:
     """Forward+backward seconds of the layer as factorised and as composed, alternated."""
     fns = {}
@@ -302,7 +309,7 @@ def plan_execution(
         given = LayerInput((int(input_shape[0]), *inputs[name].shape[1:]), inputs[name].requires_grad)
         key = layer_key(layer, given, env)
         entry, cached = known.get(key), True
-        if entry is None:
+        if not _usable(entry):
             entry = _time_layer(layer, given, device, dtype, channels_last, **timing)
             new[key] = entry | {"date": meta["date"]}
             cached = False
