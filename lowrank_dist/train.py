@@ -28,8 +28,8 @@ EXIT_PREEMPTED = 3  # stopped on request with a checkpoint: run again (or requeu
 class StopSignals:
     """Turns SLURM's warnings into a clean stop: USR2 (sbatch --signal=USR2@T, before the time limit
     or preemption) and TERM (preemption, `scontrol requeue`, `scancel`; SIGKILL follows after
-    KillWait, 30 s by default) set `event`; the trainer then checkpoints its current step on every
-    rank and raises Preempted. `received` is the last signal caught."""
+    KillWait, 30 s by default) set `event`; at its next stop check (`run.stop_check_every` steps
+    at most) the trainer checkpoints that step on every rank and raises Preempted. `received` is the last signal caught."""
 
     def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
         self.event = threading.Event()
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(cfg, resume: Path | None = None, rdv=None, stop=None):
     """Join the job's process group (none for one process) and train; what launchers call.
-    `stop`: a threading.Event that ends the run with a checkpoint after the current step."""
+    `stop`: a threading.Event that ends the run with a checkpoint at the next stop check."""
     from .engine.distributed import device_type_for, process_group, rendezvous
     from .engine.trainer import fit
 

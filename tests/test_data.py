@@ -6,6 +6,7 @@ their sample index and class, so each check reads back from the decoded pixels w
 output came from, instead of trusting the loader's own index lists.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -140,10 +141,45 @@ def test_every_val_image_is_counted_exactly_once(coded, backend, world_size):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_epoch_is_a_function_of_seed_and_epoch_not_of_workers(photos, backend):
-    workers = (0, 2) if backend == "torchvision" else (1, 2)
-    first, second = (read_epoch(loaders(photos, backend, workers=w, seed=7).train, 3)[0] for w in workers)
-    assert torch.equal(first, second)
+    workers = (0, 2, 4) if backend == "torchvision" else (1, 2, 4)  # DALI: threads
+    first, *others = (read_epoch(loaders(photos, backend, workers=w, seed=7).train, 3)[0] for w in workers)
+    assert all(torch.equal(first, other) for other in others)
     assert not torch.equal(first, read_epoch(loaders(photos, backend, seed=8).train, 3)[0])
+
+
+def test_torchvision_workers_serve_every_epoch_and_the_val_set_without_restarting(photos):
+    data = loaders(photos, "torchvision", workers=2)
+    read_epoch(data.train, 0)
+    workers = data.train.backend.loader._iterator._workers
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    read_epoch(data.train, 1)
+    list(data.train.epoch(2, start_batch=1))
+    assert data.train.backend.loader._iterator._workers == workers and all(w.is_alive() for w in workers)
+    # an epoch abandoned half way (a stop, an evaluation) does not leak into the next one
+    first_batch = next(iter(data.train.epoch(3)))
+    assert torch.equal(read_epoch(data.train, 3)[0][:4], first_batch[0])
+    assert data.train.backend.loader._iterator._workers == workers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_reuse_a_few_output_buffers_unless_the_consumer_keeps_them(photos, backend):
+    """No fresh float32 batch per step: once the trainer drops a batch its memory is reused."""
+    train = loaders(photos, backend, batch_size=1, image_size=24).train
+    addresses = set()
+    for images, _ in train.epoch(0):  # dropped after use, as the trainer does
+        addresses.add(images.data_ptr())
+        del images
+    assert len(train) == 8 and len(addresses) <= 3
+    kept = list(train.epoch(0))  # kept: each batch its own memory, the values intact
+    assert len({images.data_ptr() for images, _ in kept}) == 8
+    fresh = loaders(photos, backend, batch_size=1, image_size=24).train
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(kept, fresh.epoch(0), strict=True))
+    batches = train.epoch(0)
+    images, _ = next(batches)
+    view, address = images[:, :1], images.data_ptr()  # a view keeps its batch's buffer too
+    del images, kept
+    assert all(images.data_ptr() != address for images, _ in batches)
+    assert torch.equal(view, next(iter(fresh.epoch(0)))[0][:, :1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -380,3 +416,26 @@ def test_dali_on_the_gpu_matches_torchvision(photos):
     assert (images.cpu() - reference).abs().mean() < 0.05
     (images, labels, valid), = list(data.val)
     assert valid.is_cuda and int(valid.sum()) == data.num_val
+
+
+# -- the loader benchmark ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_loader_benchmark_reports_images_per_second_per_core_and_data_wait(coded, backend, tmp_path, capsys):
+    from lowrank_dist.data.bench import main as bench_main
+
+    common = [str(coded), "--backend", backend, "--batch", "4", "--image-size", "16", "--workers", "1", "--seconds", "0.3"]
+    variants = [["--step-ms", "5"], ["--no-decode"]] + ([["--reference"]] if backend == "dali" else [])
+    for extra in variants:
+        out = tmp_path / "bench.json"
+        assert bench_main(common + extra + ["--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["images"] > 0 and result["images_per_s"] > 0 and result["images_per_s_per_core"] > 0
+        assert result["decode"] == ("--no-decode" not in extra) and result["train_images"] == 11
+        assert ("data_wait_fraction" in result) == ("--step-ms" in extra)
+        if "--step-ms" in extra:  # a 5 ms step per batch of 4: fewer than 4 / 0.005 images/s
+            assert 0 <= result["data_wait_fraction"] <= 1 and result["images_per_s"] < 800
+        assert "images/s" in capsys.readouterr().out
+    assert bench_main([str(tmp_path / "nowhere"), "--backend", backend]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_two_processes_count_every_val_image_once(tmp_path, synthetic):
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["world_size"] == 2 and got["count"] == 28
-    best = torch.load(result.folder / "checkpoints" / "best.pt", weights_only=False)
+    best = torch.load(result.folder / "checkpoints" / "best.pt", weights_only=True)
     assert got["top1"] == pytest.approx(best["best_top1"], abs=1e-9)
 
 

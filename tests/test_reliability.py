@@ -698,6 +698,36 @@ def test_more_nan_steps_than_allowed_stop_the_run(tmp_path, synthetic, monkeypat
     assert "(already skipped 1, the optim.skip_nonfinite_steps limit)" in err
 
 
+def test_a_nan_between_sync_points_stops_at_the_next_one_before_saving(tmp_path, synthetic, monkeypatch, capsys):
+    """The loop reads the device only at sync points: with checkpoints every 2 steps and log lines
+    every 4, a NaN in step 3 is found at step 4's sync point — before step 4's checkpoint is
+    written — so the last checkpoint is step 2's, written before the bad step."""
+    poison_batches(monkeypatch, {(0, 2)})
+    config = write_config(tmp_path, synthetic, run={"log_every": 4, "checkpoint_every": 2, "stop_check_every": 100})
+    assert main(["--config", str(config)]) == 1
+    folder = tmp_path / "runs" / "r" / "checkpoints"
+    assert one_line_error(capsys) == (
+        f"training stopped: the loss became nan in step 3 (epoch 0, batch 2) on some rank; last good checkpoint:"
+        f" {folder / 'step_000000002.pt'}. Lower optim.lr or add warm-up; optim.skip_nonfinite_steps N would skip up to"
+        " N such steps")
+    assert [p.name for p in checkpoints(tmp_path / "runs" / "r").step_files()] == ["step_000000002.pt"]
+
+
+def test_a_skipped_first_step_leaves_zero_momentum(tmp_path, synthetic, monkeypatch):
+    """A NaN in the very first step: torch's fused SGD would leave its freshly allocated momentum
+    buffers uninitialised when that step is skipped; ours start at zero, and training goes on."""
+    poison_batches(monkeypatch, {(0, 0)})
+    config = write_config(tmp_path, synthetic, optim={"skip_nonfinite_steps": 1, "epochs": 1})
+    assert main(["--config", str(config)]) == 0
+    manager = checkpoints(tmp_path / "runs" / "r")
+    first = load_checkpoint(manager.path_for(1))
+    assert first["skipped_nonfinite"] == 1
+    assert all(torch.equal(s["momentum_buffer"], torch.zeros_like(s["momentum_buffer"]))
+               for s in first["engine"]["optimizer"]["state"].values())
+    final = load_checkpoint(manager.latest())
+    assert final["step"] == 6 and all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())
+
+
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("deepspeed", marks=NEEDS_DEEPSPEED)])
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, synthetic, engine):
     """Only rank 1 sees the NaN (epoch 0, batch 1 → step 2): the ranks agree, both skip, neither
@@ -713,8 +743,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, synthetic, eng
     assert load_checkpoint(manager.latest())["step"] == 3
     if engine == "deepspeed":
         for rank in (0, 1):
-            before, after = (load_checkpoint(manager.shard_path(manager.path_for(s), rank, 2))["engine"]["optimizer"]
-                             for s in (1, 2))
+            before, after = (manager.load_shard(manager.path_for(s), rank, 2)["engine"]["optimizer"] for s in (1, 2))
             assert_same_state(before, after, keys=("single_partition_of_fp32_groups",))
             assert_same_state(before["base_optimizer_state"], after["base_optimizer_state"], keys=("state",))
 

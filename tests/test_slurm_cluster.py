@@ -85,9 +85,9 @@ def test_train_sbatch_sets_ranks_master_and_requeues_on_usr2(tmp_path):
         port = 20000 + int(job) % 40000
         assert sorted(p.read_text().split() for p in first) == [
             ["0", "2", "0", "n1", "n1", str(port), "-m", "lowrank_dist.train", "--config", "configs/debug.yaml",
-             "--set", "optim.epochs=1"],
+             "--set", "data.workers=0", "--set", "optim.epochs=1"],
             ["1", "2", "0", "n2", "n1", str(port), "-m", "lowrank_dist.train", "--config", "configs/debug.yaml",
-             "--set", "optim.epochs=1"],
+             "--set", "data.workers=0", "--set", "optim.epochs=1"],
         ]
         # like --signal=USR2: to every task of every step, not to the batch shell
         subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True, timeout=30)

@@ -160,7 +160,7 @@ def test_projected_training_exports_an_equivalent_factorised_model(tmp_path, syn
     for name, k in state["ranks"].items():
         s = rank_of(dense.get_submodule(name).weight)
         assert s[k:].max() <= 1e-5 * s[0], name
-    exported = torch.load(result.exported, weights_only=False)
+    exported = torch.load(result.exported, weights_only=True)  # exports are plain tensors and types
     lowrank = build_model({"name": "tiny_vgg", "num_classes": 4, "dropout": 0.2,
                            "lowrank": {"ranks": exported["ranks"], "factorise_first": True}})
     lowrank.load_state_dict(exported["model"])
@@ -288,3 +288,31 @@ def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_doe
     assert not (cut.folder / "speed").exists()
     no_report = fit(load_config(config(tmp_path / "c", synthetic, optim={"epochs": 1}, run={"speed_report": False})))
     assert not (no_report.folder / "speed").exists()
+
+
+def test_skipping_sgd_is_torch_sgd_and_skips_a_non_finite_update_on_the_device():
+    """SkippingSGD (fused) follows torch's default SGD to within rounding, and a NaN gradient leaves
+    weights and momentum bitwise as they were, with its found_inf flag set on the device."""
+    from lowrank_dist.engine.optim import SkippingSGD
+
+    torch.manual_seed(0)
+    reference = [torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64)) for _ in range(3)]
+    ours = [torch.nn.Parameter(p.detach().float().clone()) for p in reference]
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    sgd64, skipping = torch.optim.SGD(reference, **options), SkippingSGD(ours, **options)
+    for _ in range(5):
+        for p, q in zip(reference, ours):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.float()
+        sgd64.step()
+        skipping.step()
+        assert skipping.skipped.item() == 0.0
+    for p, q in zip(reference, ours):
+        torch.testing.assert_close(q.double(), p.detach(), rtol=1e-6, atol=1e-6)
+    before = [q.detach().clone() for q in ours]
+    momentum = [skipping.state[q]["momentum_buffer"].clone() for q in ours]
+    ours[1].grad[3, 4] = float("nan")
+    skipping.step()
+    assert skipping.skipped.item() == 1.0
+    assert all(torch.equal(a, q) for a, q in zip(before, ours))
+    assert all(torch.equal(m, skipping.state[q]["momentum_buffer"]) for m, q in zip(momentum, ours))

@@ -11,7 +11,9 @@ The back-ends (DALI on the CPU or GPU, torchvision with PIL) crop the same windo
 images in the same order; sharding, padding and the determinism guarantees are described in
 `sampling`; what a bad image is and what happens to it, in `integrity`. `python -m
 lowrank_dist.data.synthetic --out DIR` writes a small learnable data set, `python -m
-lowrank_dist.data.check ROOT` lists every problem of a data set.
+lowrank_dist.data.check ROOT` lists every problem of a data set, `python -m lowrank_dist.data.index
+ROOT` builds the index every run starts from (`index`), `python -m lowrank_dist.data.bench ROOT`
+measures the loaders' speed.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def build_loaders(
     hflip: bool = True,
     on_bad_image: str = "error",
     train: bool = True,
+    decode: bool = True,
 ) -> Loaders:
     """Train and val loaders for this rank. `batch_size` is per rank; `image_size` is the train crop
     and the val centre crop; `val_resize` the shorter side before the val crop (default
@@ -71,7 +74,9 @@ def build_loaders(
     `on_bad_image` "error" stops at the first undecodable image with a DataError naming it; "skip"
     replaces it by the next good sample and counts it in loaders.train/val.skipped (`integrity`).
     `train=False` (evaluation only) builds no train loader and does not list the train images: the
-    classes still come from the train split's folders (or list)."""
+    classes still come from the train split's folders (or list). `decode=False` (the loader
+    benchmark's --no-decode) reads and checks the files but yields None for the images.
+    The splits come from the data index (`index`), built on the first run."""
     if backend not in ("auto", "dali", "torchvision"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
     if dali_device not in ("auto", "cpu", "gpu"):
@@ -95,8 +100,8 @@ def build_loaders(
 
     def backend_for(samples):
         if use_dali:
-            return DaliBackend(samples, plan, dali_device, workers, device, channels_last)
-        return TorchvisionBackend(samples, plan, workers, device, channels_last)
+            return DaliBackend(samples, plan, dali_device, workers, device, channels_last, decode)
+        return TorchvisionBackend(samples, plan, workers, device, channels_last, decode)
 
     val_backend = backend_for(val)
     train_loader = None

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from .integrity import BadImage, decode_rgb, inspect_image, read_bytes
+from .integrity import BadImage, ImageInfo, decode_rgb, inspect_image, read_bytes
 from .samples import IMAGE_EXTENSIONS
 
 HEAD, TAIL = 64 * 1024, 4 * 1024
@@ -41,36 +41,45 @@ class Finding(NamedTuple):
     problem: bool  # False: a note
 
 
-def _probe(path: str, decode: bool) -> tuple[bytes, bool]:
-    """(the bytes inspect_image needs, whether they are only part of the file): the whole file, or
-    (large files, headers only) its head and tail with a 0 byte between them, so that no marker
-    can form across the seam."""
+def _probe(path: str, decode: bool) -> tuple[bytes, bool, int]:
+    """(the bytes inspect_image needs, whether they are only part of the file, the file's size):
+    the whole file, or (large files, headers only) its head and tail with a 0 byte between them,
+    so that no marker can form across the seam."""
     if decode:
-        return read_bytes(path), False
+        data = read_bytes(path)
+        return data, False, len(data)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= HEAD + TAIL:
-                return f.read(), False
+                return f.read(), False, size
             head = f.read(HEAD)
             f.seek(size - TAIL)
-            return head + b"\x00" + f.read(TAIL), True
+            return head + b"\x00" + f.read(TAIL), True, size
     except OSError as error:
         raise BadImage(f"cannot be read: {error.strerror or error}") from None
+
+
+def inspect_file(path: str, decode: bool = False) -> tuple[int, ImageInfo]:
+    """(size in bytes, inspect_image's answer) for one file, reading only its head and tail unless
+    they look bad; BadImage if the loaders would treat it as bad (with `decode`, PIL must decode it too)."""
+    data, partial, size = _probe(path, decode)
+    try:
+        info = inspect_image(data)
+    except BadImage:
+        if not partial:
+            raise
+        data = read_bytes(path)  # a large header or trailing bytes: look at it all
+        info, size = inspect_image(data), len(data)
+    if decode:
+        decode_rgb(data)
+    return size, info
 
 
 def check_image(path: str, decode: bool = False) -> Finding | None:
     """A problem or a note about one image file, or None if the loaders take it as it is."""
     try:
-        data, partial = _probe(path, decode)
-        try:
-            info = inspect_image(data)
-        except BadImage:
-            if not partial:
-                raise
-            info = inspect_image(read_bytes(path))  # a large header or trailing bytes: look at it all
-        if decode:
-            decode_rgb(data)
+        _, info = inspect_file(path, decode)
     except BadImage as bad:
         return Finding(path, str(bad), True)
     except OSError as error:  # the file vanished or cannot be stat'ed

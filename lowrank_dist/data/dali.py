@@ -1,25 +1,27 @@
-"""The DALI back-end: decode, crop, resize, mirror and normalize in DALI, on the CPU or the GPU.
+"""The DALI back-end: read, decode, crop, resize and mirror in DALI's own threads, on the CPU or the GPU.
 
-The host feeds DALI through fn.external_source, one batch per pipeline iteration: the encoded
-bytes of exactly the samples this rank should see, in order, with each sample's crop window and
-mirror flag from the CropPlan. So DALI has no reader, no shuffling, no sharding and no random
-operators of its own. That sidesteps the reader pitfalls (NVIDIA/DALI#2881, #1203, #3855, #4440:
-shards that overlap or drop samples without pad_last_batch, a 0-size last batch, an iterator
-length that changes after the first epoch), and it makes a resumed epoch exact: a seeded DALI
-random operator draws from a per-slot stream, which cannot skip batches without running them.
+The host plans each pass (an epoch from its start batch, or the val set) in one go: which sample
+fills each slot (the index's bad images replaced, `loaders.fill_slots`) and every crop window and
+mirror flag (`CropPlan.boxes`, vectorised over the index's image sizes). DALI then does the rest:
+fn.readers.file reads exactly those files, in that order, in its own loader thread (memory-mapped,
+prefetched), fn.decoders.image_slice decodes just each crop window (libjpeg-turbo on the CPU,
+nvJPEG for "mixed"), fn.resize scales it to S×S with an antialiased linear filter like PIL's and
+fn.flip mirrors it. The crop windows reach DALI through a batch-mode fn.external_source whose
+callback only slices the planned arrays (a few µs per batch), so no per-image work runs on the
+training thread; with prefetch_queue_depth batches in flight, DALI prepares the next batches while
+the step runs. The output is uint8 N×S×S×3; the loaders normalise it on their device.
 
-Per sample the host only reads the file and checks its bytes, which yields the image size
-(integrity.inspect_image, tens of µs); fn.decoders.image_slice then decodes just the crop window (libjpeg-turbo on the CPU,
-nvJPEG for "mixed"), fn.resize scales it to S×S with an antialiased linear filter like PIL's, and
-fn.crop_mirror_normalize mirrors, converts to float and normalizes in one pass.
+The reader gets one rank's files in the planned order, unshuffled and unsharded: DALI has no
+sharding, shuffling or random operators of its own. That sidesteps the reader pitfalls
+(NVIDIA/DALI#2881, #1203, #3855, #4440: shards that overlap or drop samples, a 0-size last batch,
+an iterator length that changes after the first epoch) and makes a resumed epoch exact. The reader's
+labels are the positions in that list, and each batch's are checked, so a reader out of step could
+not go unnoticed; its byte counts (the encoded tensors' shapes) are checked against the index.
 
-Bad images never reach DALI if the host can tell: the callback runs integrity.inspect_image on the
-bytes it has just read (zero-byte, not an image, truncated — which libjpeg-turbo decodes without a
-word when the crop window stops short of the missing data) and feeds integrity.first_good's
-replacement instead. What only a decoder
-can find (say, a corrupt Huffman table) makes pipe.run() fail; the pipeline is dead then and
-DALI's message does not say which sample it was, so `images` decodes that batch's files with PIL
-to find it, marks it bad, builds a new pipeline and redoes the batch from there.
+Bad images the index knows never reach DALI. What only a decoder can find (say, a corrupt Huffman
+table) makes pipe.run() fail; the pipeline is dead then and DALI's message does not say which sample
+it was, so `images` decodes the files of that batch (and of those prefetched behind it) with PIL to
+find it, marks it bad, builds a new pipeline and redoes the pass from that batch.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from .integrity import BadImage, ImageInfo, decode_rgb, first_good, inspect_image, read_bytes
-from .loaders import Batch
+from .integrity import BadImage, decode_rgb, read_bytes
+from .loaders import Batch, fill_slots
 from .samples import DataError, Samples
-from .sampling import IMAGENET_MEAN, IMAGENET_STD, CropPlan
+from .sampling import Boxes, CropPlan
+
+PREFETCH = 2  # batches DALI prepares ahead of the one the step uses
 
 try:
     from nvidia.dali import fn, types
@@ -61,117 +65,121 @@ def check_dali(dali_device: str) -> str:
     return dali_device
 
 
-class _BatchSource:
-    """DALI's external_source callback: iteration i → (encoded images, crop anchors (x, y), crop
-    shapes (w, h), mirror flags) of batch i; StopIteration after the last batch ends the pipeline.
-    `filled[i]` is then (the sample in each slot, the bad samples met) for batch i."""
+class _Crops:
+    """The external_source callback: iteration i → (crop anchors (x, y), crop shapes (w, h), mirror
+    flags) of batch i, slices of arrays planned for the whole pass. Iterations past the end (DALI
+    prefetching beyond the last batch) repeat the last one; they are never used."""
 
-    def __init__(self, paths: list[str], plan: CropPlan, batches: list[np.ndarray], epoch: int | None,
-                 known_bad: Mapping[int, str]):
-        self.paths, self.plan, self.batches, self.epoch, self.known_bad = paths, plan, batches, epoch, known_bad
-        self.filled: dict[int, tuple[np.ndarray, list[tuple[int, str]]]] = {}
-
-    def _load(self, index: int) -> tuple[bytes, ImageInfo]:
-        data = read_bytes(self.paths[index])
-        return data, inspect_image(data)
+    def __init__(self, boxes: Boxes, batch_size: int, batches: int):
+        pad = batches * batch_size - len(boxes.left)  # the last batch may be short: the reader pads it
+        take = np.concatenate([np.arange(len(boxes.left)), np.full(pad, len(boxes.left) - 1)])
+        self.anchors = np.stack([boxes.left[take], boxes.top[take]], axis=1).astype(np.int32)
+        self.shapes = np.stack([boxes.width[take], boxes.height[take]], axis=1).astype(np.int32)
+        self.mirrors = boxes.flip[take].astype(np.int32)
+        self.batch_size, self.batches = batch_size, batches
 
     def __call__(self, iteration: int):
-        if iteration >= len(self.batches):
-            raise StopIteration
-        encoded, anchors, shapes, mirrors, used, bad = [], [], [], [], [], []
-        for slot in self.batches[iteration]:
-            index, (data, info), found = first_good(int(slot), len(self.paths), self.known_bad, self._load)
-            box = self.plan.box(self.epoch, int(slot), info.width, info.height)
-            encoded.append(np.frombuffer(data, dtype=np.uint8))
-            anchors.append(np.array([box.left, box.top], dtype=np.int32))
-            shapes.append(np.array([box.width, box.height], dtype=np.int32))
-            mirrors.append(np.array(box.flip, dtype=np.int32))
-            used.append(index)
-            bad += found
-        self.filled[iteration] = (np.array(used, dtype=np.int64), bad)
-        return encoded, anchors, shapes, mirrors
+        i = min(iteration, self.batches - 1) * self.batch_size
+        window = slice(i, i + self.batch_size)
+        return self.anchors[window], self.shapes[window], self.mirrors[window]
 
 
 class DaliBackend:
-    """`dali_device` "cpu" or "gpu", as checked by check_dali."""
+    """`dali_device` "cpu" or "gpu", as checked by check_dali; `workers` DALI threads. `decode=False`
+    reads, checks and plans without decoding (the loader benchmark's --no-decode)."""
 
     def __init__(self, samples: Samples, plan: CropPlan, dali_device: str, workers: int, device: torch.device,
-                 channels_last: bool):
+                 channels_last: bool, decode: bool = True):
         self.name = f"dali-{dali_device}"
-        self.paths, self.plan, self.dali_device = samples.paths, plan, dali_device
+        self.samples, self.plan, self.dali_device, self.decode = samples, plan, dali_device, decode
         self.threads, self.device, self.channels_last = max(1, workers), device, channels_last
         if dali_device == "gpu":
             self.device_id = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
 
-    def _pipeline(self, source: _BatchSource, batch_size: int) -> Pipeline:
-        pipe = Pipeline(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id)
+    def _pipeline(self, files: list[str], crops: _Crops, batch_size: int) -> Pipeline:
+        pipe = Pipeline(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id,
+                        prefetch_queue_depth=PREFETCH)
         with pipe:
-            encoded, anchors, shapes, mirrors = fn.external_source(
-                source=source, num_outputs=4, batch=True,
-                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32], ndim=[1, 1, 1, 0],
+            # labels: the position in `files` (no labels given), checked against the plan
+            encoded, positions = fn.readers.file(files=files, pad_last_batch=True, prefetch_queue_depth=PREFETCH)
+            anchors, shapes, mirrors = fn.external_source(
+                source=crops, num_outputs=3, batch=True, dtype=[types.INT32, types.INT32, types.INT32], ndim=[1, 1, 0],
             )
-            # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
-            images = fn.decoders.image_slice(
-                encoded, anchors, shapes, axis_names="WH", output_type=types.RGB, adjust_orientation=False,
-                device="mixed" if self.dali_device == "gpu" else "cpu",
-            )
-            images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.crop_mirror_normalize(
-                images, mirror=mirrors, dtype=types.FLOAT,
-                mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-                # NHWC output is N×3×S×S in channels_last order once permuted, with no copy
-                output_layout="HWC" if self.channels_last else "CHW",
-            )
-            pipe.set_outputs(images)
+            sizes = encoded.shape()  # the bytes read, checked against the index
+            if not self.decode:
+                pipe.set_outputs(positions, sizes, anchors, shapes, mirrors)
+            else:
+                # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
+                images = fn.decoders.image_slice(
+                    encoded, anchors, shapes, axis_names="WH", output_type=types.RGB, adjust_orientation=False,
+                    device="mixed" if self.dali_device == "gpu" else "cpu",
+                )
+                images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.flip(images, horizontal=mirrors)
+                pipe.set_outputs(positions, sizes, images)
         pipe.build()
         return pipe
 
     def _culprits(self, indices: np.ndarray, error: RuntimeError) -> dict[int, str]:
-        """The samples of a batch DALI failed on that PIL cannot decode either, index → why."""
+        """The samples DALI may have failed on that PIL cannot decode either, index → why."""
         culprits = {}
         for index in dict.fromkeys(indices.tolist()):
             try:
-                decode_rgb(read_bytes(self.paths[index]))
+                decode_rgb(read_bytes(self.samples.paths[index]))
             except BadImage as bad:
                 culprits[index] = str(bad)
         if not culprits:
             lines = [line for line in str(error).splitlines() if line.strip() and "no longer valid" not in line]
             raise DataError(
                 f"DALI could not decode a batch whose {len(indices)} images PIL decodes"
-                f" (first: {self.paths[indices[0]]!r}): {lines[-1] if lines else error}"
+                f" (first: {self.samples.paths[indices[0]]!r}): {lines[-1] if lines else error}"
             ) from error
         return culprits
+
+    def _images(self, output) -> torch.Tensor:
+        """uint8 N×S×S×3 from a DALI output, valid until the next pipe.run(): a view of DALI's
+        buffer on the CPU (the loaders normalise it before asking for the next batch), a copy into
+        a PyTorch CUDA tensor (ordered on the current stream) on the GPU."""
+        dense = output.as_tensor()
+        if self.device_id is None:
+            return torch.from_numpy(np.asarray(dense))
+        target = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+        feed_ndarray(dense, target, cuda_stream=torch.cuda.current_stream(self.device_id))
+        return target
 
     def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
         if not batches:
             return
-        on_gpu = self.device_id is not None
-        stream = torch.cuda.current_stream(self.device_id) if on_gpu else None
         failed: dict[int, str] = {}  # bad samples only a failed pipeline revealed, this call
         unreported: dict[int, str] = {}  # … not yet reported: they go with the batch they broke
         done = 0  # batches yielded
         while done < len(batches):
-            start = done
-            source = _BatchSource(self.paths, self.plan, batches[start:], epoch, ChainMap(failed, known_bad))
-            pipe = self._pipeline(source, max(map(len, batches[start:])))
+            start, run = done, batches[done:]
+            size = len(run[0])  # every batch but the last has this size
+            slots = np.concatenate(run)
+            filled, met = fill_slots(slots, len(self.samples), ChainMap(failed, known_bad, self.samples.bad),
+                                     ChainMap(failed, known_bad))
+            boxes = self.plan.boxes(epoch, slots, self.samples.widths[filled], self.samples.heights[filled])
+            pipe = self._pipeline([self.samples.paths[i] for i in filled], _Crops(boxes, size, len(run)), size)
             try:
-                for _ in batches[start:]:
-                    (output,) = pipe.run()
-                    dense = output.as_tensor()
-                    target = torch.empty(dense.shape(), dtype=torch.float32,
-                                         device=f"cuda:{self.device_id}" if on_gpu else "cpu")
-                    feed_ndarray(dense, target, cuda_stream=stream)  # copies: DALI reuses its output buffers
-                    if self.channels_last:
-                        target = target.permute(0, 3, 1, 2)
-                    indices, bad = source.filled[done - start]
-                    bad, unreported = list(unreported.items()) + bad, {}
-                    yield Batch(target.to(self.device, non_blocking=True), indices, bad)
+                for k, batch in enumerate(run):
+                    outputs = pipe.run()
+                    n, first = len(batch), k * size
+                    positions = np.asarray(outputs[0].as_tensor()).reshape(-1)[:n]
+                    if not np.array_equal(positions, np.arange(first, first + n)):
+                        raise DataError(f"DALI's reader is out of step: batch {start + k} holds files {positions[:4]}…,"
+                                        f" planned {first}…")
+                    sizes = np.asarray(outputs[1].as_tensor())[:n, 0].astype(np.int64)
+                    images = self._images(outputs[2])[:n] if self.decode else None
+                    bad = list(unreported.items()) + [b for p in range(first, first + n) for b in met.get(p, ())]
+                    unreported = {}
+                    yield Batch(images, filled[first:first + n], bad, sizes)
                     done += 1
-            except RuntimeError as error:  # a decoder failed on batch `done`: find the sample, redo the batch
-                if done - start not in source.filled:
-                    raise
-                culprits = self._culprits(source.filled[done - start][0], error)
+            except RuntimeError as error:  # a decoder failed on batch `done` or one prefetched after it
+                k = done - start
+                suspects = filled[k * size:(k + 1 + PREFETCH) * size]
+                culprits = self._culprits(suspects, error)
                 failed.update(culprits)
                 unreported.update(culprits)

@@ -19,19 +19,18 @@ Policy, the same in both back-ends (the bytes decide, not the file name):
 `data.on_bad_image: error` (the default) stops at the first bad image with a DataError naming the
 file; `skip` puts the next good sample of the split in its place and counts it (see `Skipped`).
 
-Where the check runs. ImageNet has 1.28M train files and is often on a network file system. A
-start-up scan would open every file on every rank of every node at every (re)start — minutes of
-metadata traffic on NFS/Lustre, multiplied by the number of processes — and a full decode is out
-of the question. But both back-ends read every file's bytes anyway when it is batched, so the byte
-check (`inspect_image`: magic number, the JPEG marker walk up to the image data, the frame size,
-an end-of-image marker after it; the PNG header and IEND chunk) runs there for free, on bytes
-already in memory, tens of µs per file. Decode failures are caught where the decoding happens:
-PIL in the torchvision workers; for DALI, whose pipeline is dead after an operator error and whose
-message does not say which sample failed, the batch is re-checked with PIL to find the culprit,
-the pipeline is rebuilt and the batch redone without it (if PIL decodes every file of the batch,
-the decoders disagree: that is a DataError under either setting, not bad data). So start-up costs nothing more than it
-did, every bad file is caught no later than the first epoch (and the first evaluation, for val),
-and `python -m lowrank_dist.data.check ROOT` finds them all up front, once, with many processes.
+Where the check runs. ImageNet has 1.28M train files and is often on a network file system, so
+no rank opens every file at start-up. The data index (`index`) is built once, by one process on all
+cores: it runs the byte check (`inspect_image`: magic number, the JPEG marker walk up to the image
+data, the frame size, an end-of-image marker after it; the PNG header and IEND chunk) on each file's
+head and tail, and records the bad ones with the reason. The loaders plan every pass with those
+already replaced, so the back-ends never read them. Decode failures are caught where the decoding
+happens: PIL in the torchvision workers; for DALI, whose pipeline is dead after an operator error
+and whose message does not say which sample failed, the batch is re-checked with PIL to find the
+culprit, the pipeline is rebuilt and the batch redone without it (if PIL decodes every file of the
+batch, the decoders disagree: that is a DataError under either setting, not bad data). So every bad
+file is caught no later than the first epoch (and the first evaluation, for val), and `python -m
+lowrank_dist.data.check ROOT` finds them all up front, `--decode` included.
 
 The replacement keeps sharding, exact resume and val counting intact. Sample indices never move
 (no file is dropped from the list, so no label or crop shifts); a bad sample's slot is filled with

@@ -1,10 +1,16 @@
-"""The train and val loaders the trainer iterates: sharding and labels here, decoding in a back-end.
+"""The train and val loaders the trainer iterates: sharding, labels and normalisation here, reading
+and decoding in a back-end.
 
-A back-end turns batches of sample indices into image tensors and nothing more; it is told the
-epoch (None for val) so it can look up each sample's crop in the CropPlan. Labels and validity
-masks never pass through it: the host already knows them. The one thing a back-end reports back
-is which sample it decoded into each slot — the slot's own, or, where that image is bad, the
-replacement `integrity` prescribes — so the label is always the decoded image's own.
+A back-end turns batches of sample indices into uint8 N×S×S×3 crops and nothing more; it is told
+the epoch (None for val) so it can look up each sample's crop in the CropPlan. Labels and validity
+masks never pass through it: the host already knows them. What a back-end reports back is which
+sample it decoded into each slot — the slot's own, or, where that image is bad, the replacement
+`integrity` prescribes — so the label is always the decoded image's own, and how many bytes it
+read for each, which the loaders hold against the index (a file rewritten since it was indexed).
+
+Normalisation happens here, on the loaders' device: (x − 255·mean) / (255·std) per channel, from
+uint8 (a quarter of float32's bytes to move) into one of a few float32 output buffers that are
+reused once the consumer has let go of them (`_Normalise`), so no batch allocates fresh memory.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import torch
 
 from .integrity import ON_BAD_IMAGE, Skipped
 from .samples import DataError, Samples
-from .sampling import epoch_order, shard, split_batches
+from .sampling import IMAGENET_MEAN, IMAGENET_STD, epoch_order, shard, split_batches
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # float32 N×3×S×S, normalized, on the loaders' device
+    images: torch.Tensor | None  # uint8 N×S×S×3 on the CPU or the GPU; None if the back-end only reads
     indices: np.ndarray  # the sample decoded into each slot: the slot's own unless that one is bad
     bad: list[tuple[int, str]]  # bad samples met while filling the batch: (index, why)
+    sizes: np.ndarray  # the bytes read for each slot's sample
 
 
 class Backend(Protocol):
@@ -32,7 +39,69 @@ class Backend(Protocol):
 
     def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
         """One Batch per batch, in order. A bad sample's slot holds integrity.first_good's choice;
-        `known_bad` (index → why) need not be tried again."""
+        `known_bad` (index → why) need not be tried again, nor reported."""
+
+
+def fill_slots(slots: np.ndarray, count: int, bad: Mapping[int, str], reported: Mapping[int, str]
+               ) -> tuple[np.ndarray, dict[int, list[tuple[int, str]]]]:
+    """integrity.first_good for every slot at once, against the bad samples known in advance (the
+    index's and those found so far): (the sample filling each slot, position → the bad samples
+    passed over for it that are not in `reported`)."""
+    slots = np.asarray(slots, dtype=np.int64)
+    if not bad:
+        return slots.copy(), {}
+    is_bad = np.zeros(count, dtype=bool)
+    is_bad[np.fromiter(bad.keys(), dtype=np.int64)] = True
+    good = np.flatnonzero(~is_bad)
+    if not len(good):
+        raise DataError(f"none of the {count} images of this split can be decoded: {next(iter(bad.values()))}")
+    filled = good[np.searchsorted(good, slots) % len(good)]  # the first good one at or after, wrapping
+    met = {}
+    for position in np.flatnonzero(is_bad[slots]).tolist():
+        index, chain = int(slots[position]), []
+        while index != filled[position]:
+            if index not in reported:
+                chain.append((index, bad[index]))
+            index = (index + 1) % count
+        met[position] = chain
+    return filled, met
+
+
+class _Normalise:
+    """uint8 N×S×S×3 (any device) → float32 N×3×S×S on `device`, normalised, contiguous or
+    channels_last. Written into a ring of `size` buffers: one is reused once nothing outside holds
+    its storage (the trainer drops a batch after its step), else a new one is made, so a consumer
+    that keeps batches still gets its own memory."""
+
+    def __init__(self, device: torch.device, channels_last: bool, size: int = 3):
+        self.device, self.size = device, size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.ring: list[torch.Tensor] = []
+
+    @staticmethod
+    def _holders(buffer: torch.Tensor) -> int:
+        # tensors (views included) sharing the buffer's storage, plus the temporary storage object
+        return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
+
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        for buffer in self.ring:
+            if buffer.shape == shape and self._holders(buffer) == 2:  # the ring's own reference only
+                return buffer
+        buffer = torch.empty(shape, device=self.device, memory_format=self.memory_format)
+        if len(self.ring) < self.size:
+            self.ring.append(buffer)
+        else:  # all held elsewhere: replace the oldest, which its holder keeps alive
+            self.ring = self.ring[1:] + [buffer]
+        return buffer
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
+        out = self._buffer(tuple(images.shape))
+        torch.sub(images, self.mean, out=out)  # uint8 − float: computed in float32
+        # a view: its own TensorImpl on the buffer's storage, which _holders counts while it is alive
+        return out.div_(self.std).detach()
 
 
 class _BadImages:
@@ -60,6 +129,20 @@ class _BadImages:
         return decoded.indices
 
 
+def check_sizes(samples: Samples, indices: np.ndarray, sizes: np.ndarray) -> None:
+    """A DataError if a file read is not the size the index recorded: it was rewritten since."""
+    if samples.sizes is None:
+        return
+    changed = np.flatnonzero(samples.sizes[indices] != sizes)
+    if len(changed):
+        index = int(indices[changed[0]])
+        raise DataError(
+            f"image {samples.paths[index]!r} is {int(sizes[changed[0]])} bytes, the data index says"
+            f" {int(samples.sizes[index])}: it changed since the index was built; rebuild the index with"
+            " python -m lowrank_dist.data.index DATA_ROOT --rebuild"
+        )
+
+
 class TrainLoader:
     """`len()` batches per epoch on every rank; `epoch(e, start_batch)` yields (images, labels);
     `skipped` counts the bad images replaced so far on this rank (on_bad_image "skip")."""
@@ -69,6 +152,7 @@ class TrainLoader:
         self.samples, self.backend, self.batch_size = samples, backend, batch_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.bad = _BadImages(samples.paths, on_bad_image)
+        self.normalise = _Normalise(device, getattr(backend, "channels_last", False))
 
     @property
     def skipped(self) -> Skipped:
@@ -90,7 +174,9 @@ class TrainLoader:
     def _pairs(self, batches, epoch):
         for batch, decoded in zip(batches, self.backend.images(batches, epoch, self.bad.known), strict=True):
             indices = self.bad.indices(batch, decoded)
-            yield decoded.images, torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
+            check_sizes(self.samples, indices, decoded.sizes)
+            images = None if decoded.images is None else self.normalise(decoded.images)
+            yield images, torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
 
 
 class ValLoader:
@@ -103,6 +189,7 @@ class ValLoader:
         self.samples, self.backend, self.batch_size, self.device = samples, backend, batch_size, device
         self.indices, self.valid = shard(np.arange(len(samples)), rank, world_size)
         self.bad = _BadImages(samples.paths, on_bad_image)
+        self.normalise = _Normalise(device, getattr(backend, "channels_last", False))
 
     @property
     def skipped(self) -> Skipped:
@@ -117,6 +204,8 @@ class ValLoader:
         decoded_batches = self.backend.images(batches, None, self.bad.known)
         for batch, mask, decoded in zip(batches, valid, decoded_batches, strict=True):
             indices = self.bad.indices(batch, decoded)
+            check_sizes(self.samples, indices, decoded.sizes)
             labels = torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
             mask = mask & (indices == batch)  # a replacement is a duplicate: not counted
-            yield decoded.images, labels, torch.from_numpy(mask).to(self.device, non_blocking=True)
+            images = None if decoded.images is None else self.normalise(decoded.images)
+            yield images, labels, torch.from_numpy(mask).to(self.device, non_blocking=True)

@@ -11,7 +11,7 @@ DataError that names the file or folder.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,12 @@ class DataError(ValueError):
 class Samples:
     paths: list[str]  # absolute
     labels: np.ndarray  # int64, one per path
+    # from the index (`index`): per image its bytes, width and height (0 if bad), and index → why
+    # for the images whose bytes fail integrity.inspect_image
+    sizes: np.ndarray | None = None
+    widths: np.ndarray | None = None
+    heights: np.ndarray | None = None
+    bad: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -36,7 +42,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _class_folders(split: Path) -> list[str]:
+def class_folders(split: Path) -> list[str]:
     if not split.is_dir():
         raise DataError(f"data folder {str(split)!r} does not exist (expected root/train and root/val)")
     classes = sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
@@ -45,10 +51,10 @@ def _class_folders(split: Path) -> list[str]:
     return classes
 
 
-def _scan_split(split: Path, class_index: dict[str, int]) -> Samples:
+def scan_split(split: Path, class_index: dict[str, int]) -> Samples:
     """Images of split/<class>/ for every class folder there; each must be a known, non-empty class."""
     paths, labels = [], []
-    for name in _class_folders(split):
+    for name in class_folders(split):
         if name not in class_index:
             raise DataError(f"class folder {str(split / name)!r} is not among the train classes")
         folder = split / name
@@ -60,7 +66,7 @@ def _scan_split(split: Path, class_index: dict[str, int]) -> Samples:
     return Samples(paths, np.asarray(labels, dtype=np.int64))
 
 
-def _read_list(root: Path, list_file: Path, num_classes: int | None, check_files: bool = True) -> Samples:
+def read_list(root: Path, list_file: Path, num_classes: int | None, check_files: bool = True) -> Samples:
     """`relative/path label` lines; the path may hold spaces (the label is the last field).
     `check_files=False` skips checking that each image exists (one stat per line)."""
     if not list_file.is_file():
@@ -87,22 +93,38 @@ def _read_list(root: Path, list_file: Path, num_classes: int | None, check_files
 
 def load_samples(
     root: str | os.PathLike, train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None,
-    with_train: bool = True,
+    with_train: bool = True, jobs: int | None = None, rebuild: bool = False,
 ) -> tuple[list[str], Samples | None, Samples]:
-    """(class names, train samples, val samples). With a train list the classes are named "0".."K-1",
-    K = its largest label + 1, since a list carries numbers, not folder names. `with_train=False`
-    (evaluation) finds the classes without listing or checking the train images: train is None."""
+    """(class names, train samples, val samples), from the data index (built or rebuilt first if it
+    is missing or stale: `index`). With a train list the classes are named "0".."K-1", K = its
+    largest label + 1, since a list carries numbers, not folder names. `with_train=False`
+    (evaluation) finds the classes without listing, checking or indexing the train images: train is None."""
+    from .index import split_samples
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist")
+    train = None
     if train_list is not None:
-        train = _read_list(root, Path(train_list), None, check_files=with_train)
+        train_list = Path(train_list)
+        if with_train:
+            if not train_list.is_file():
+                raise DataError(f"list file {str(train_list)!r} does not exist")
+            train = split_samples(root, "train", classes=None, list_file=train_list, jobs=jobs, rebuild=rebuild)
+        else:
+            train = read_list(root, train_list, None, check_files=False)
         classes = [str(label) for label in range(int(train.labels.max()) + 1)]
     else:
-        classes = _class_folders(root / "train")
-        train = _scan_split(root / "train", {name: index for index, name in enumerate(classes)}) if with_train else None
+        classes = class_folders(root / "train")
+        if with_train:
+            train = split_samples(root, "train", classes=classes, jobs=jobs, rebuild=rebuild)
     if val_list is not None:
-        val = _read_list(root, Path(val_list), len(classes))
+        val_list = Path(val_list)
+        if not val_list.is_file():
+            raise DataError(f"list file {str(val_list)!r} does not exist")
+        val = split_samples(root, "val", classes=classes, list_file=val_list, num_classes=len(classes), jobs=jobs,
+                            rebuild=rebuild)
     else:
-        val = _scan_split(root / "val", {name: index for index, name in enumerate(classes)})
+        class_folders(root / "val")  # a missing val folder is named as such
+        val = split_samples(root, "val", classes=classes, jobs=jobs, rebuild=rebuild)
     return classes, train if with_train else None, val

@@ -24,7 +24,6 @@ number and size of batches on every rank, the same resumed epoch, each good val 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -61,6 +60,46 @@ class Box(NamedTuple):
     flip: bool = False
 
 
+class Boxes(NamedTuple):
+    """Many Boxes as int64 arrays (flip: bool), one entry per sample."""
+    left: np.ndarray
+    top: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    flip: np.ndarray
+
+    def __getitem__(self, i):  # a Box for an int, Boxes for a slice or index array
+        if isinstance(i, (int, np.integer)):
+            return Box(int(self.left[i]), int(self.top[i]), int(self.width[i]), int(self.height[i]), bool(self.flip[i]))
+        return Boxes(*(field[i] for field in self))
+
+
+_MASK = (1 << 64) - 1
+_TRIES = 10  # torchvision's RandomResizedCrop draws up to 10 windows before falling back
+_DRAWS = 2 * _TRIES + 3  # (area, aspect) per try, then left, top, mirror
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele et al. 2014): a bijection of uint64 that scrambles
+    every input bit into every output bit, so consecutive keys give independent-looking outputs."""
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, indices: np.ndarray, draws: int) -> np.ndarray:
+    """len(indices)×draws uniforms in [0, 1), a pure function of (seed, epoch, sample index, draw
+    number): a counter-based generator, so any subset of samples gets the same numbers in one
+    vectorised call, in any process, in any order."""
+    key = _splitmix64(np.array([seed & _MASK], dtype=np.uint64)) ^ np.uint64(epoch & _MASK)
+    key = _splitmix64(_splitmix64(key) ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+    with np.errstate(over="ignore"):
+        counters = key[:, None] + np.arange(1, draws + 1, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+    return (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """Where to crop each sample.
@@ -71,6 +110,9 @@ class CropPlan:
     RandomResizedCrop) — then a mirror with probability 1/2. Val: resize the shorter side to
     val_resize and take the centre image_size square, which is the centred square of side
     image_size·min(W, H)/val_resize in source pixels; both back-ends crop that window directly.
+
+    The random numbers come from `sample_uniforms`, keyed by (seed, epoch, sample index), so a
+    whole epoch's windows are one vectorised call (`boxes`) and one sample's is the same numbers.
     """
 
     image_size: int
@@ -79,30 +121,59 @@ class CropPlan:
     min_crop_scale: float = 0.08
     hflip: bool = True
 
-    def sample_rng(self, epoch: int, index: int) -> random.Random:
-        # a string seed is hashed with SHA-512: the same stream in every process and on every run
-        return random.Random(f"{self.seed}/{epoch}/{index}")
+    def train_boxes(self, epoch: int, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> Boxes:
+        """The train windows of samples `indices` whose images are widths×heights, all at once
+        (in chunks, to bound the N×23 temporaries on a 1.28M-sample epoch)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        widths, heights = (np.asarray(a, dtype=np.int64) for a in (widths, heights))
+        chunks = [self._train_chunk(epoch, indices[i:i + 65536], widths[i:i + 65536], heights[i:i + 65536])
+                  for i in range(0, max(len(indices), 1), 65536)]
+        return Boxes(*(np.concatenate(field) for field in zip(*chunks)))
 
-    def train_box(self, epoch: int, index: int, width: int, height: int) -> Box:
-        rng = self.sample_rng(epoch, index)
-        area = width * height
+    def _train_chunk(self, epoch, indices, widths, heights) -> Boxes:
+        u = sample_uniforms(self.seed, epoch, indices, _DRAWS)
+        W, H = widths[:, None].astype(np.float64), heights[:, None].astype(np.float64)
+        target = W * H * (self.min_crop_scale + (1.0 - self.min_crop_scale) * u[:, 0:2 * _TRIES:2])
         log_low, log_high = math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])
-        for _ in range(10):
-            target = area * rng.uniform(self.min_crop_scale, 1.0)
-            aspect = math.exp(rng.uniform(log_low, log_high))
-            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-                return Box(left, top, w, h, self.hflip and rng.random() < 0.5)
-        aspect = min(max(width / height, ASPECT_RANGE[0]), ASPECT_RANGE[1])
-        w, h = (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
-        w, h = min(w, width), min(h, height)
-        return Box((width - w) // 2, (height - h) // 2, w, h, self.hflip and rng.random() < 0.5)
+        aspect = np.exp(log_low + (log_high - log_low) * u[:, 1:2 * _TRIES:2])
+        w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint: half to even, as Python's round
+        h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+        fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+        first = fits.argmax(axis=1)  # the first try that fits
+        rows = np.arange(len(indices))
+        w, h, found = w[rows, first], h[rows, first], fits[rows, first]
+        # no try fits: the largest centred window whose aspect is W/H clamped to the range
+        ratio = widths / heights
+        clamped = np.clip(ratio, *ASPECT_RANGE)
+        tall = ratio < clamped
+        w_fallback = np.where(tall, widths, np.rint(heights * clamped).astype(np.int64))
+        h_fallback = np.where(tall, np.rint(widths / clamped).astype(np.int64), heights)
+        w = np.where(found, w, np.minimum(w_fallback, widths))
+        h = np.where(found, h, np.minimum(h_fallback, heights))
+        # a fitting window's corner: uniform over the (W − w + 1)·(H − h + 1) positions
+        left = np.where(found, np.floor(u[:, -3] * (widths - w + 1)).astype(np.int64), (widths - w) // 2)
+        top = np.where(found, np.floor(u[:, -2] * (heights - h + 1)).astype(np.int64), (heights - h) // 2)
+        flip = (u[:, -1] < 0.5) & self.hflip
+        return Boxes(left, top, w, h, flip)
 
-    def val_box(self, width: int, height: int) -> Box:
-        side = min(round(self.image_size * min(width, height) / self.val_resize), width, height)
-        return Box((width - side) // 2, (height - side) // 2, side, side)
+    def val_boxes(self, widths: np.ndarray, heights: np.ndarray) -> Boxes:
+        widths, heights = (np.asarray(a, dtype=np.int64) for a in (widths, heights))
+        side = np.rint(self.image_size * np.minimum(widths, heights) / self.val_resize).astype(np.int64)
+        side = np.minimum(side, np.minimum(widths, heights))
+        return Boxes((widths - side) // 2, (heights - side) // 2, side, side, np.zeros(len(side), dtype=bool))
+
+    def boxes(self, epoch: int | None, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> Boxes:
+        """Train windows for an epoch number, val windows for epoch None."""
+        if epoch is None:
+            return self.val_boxes(widths, heights)
+        return self.train_boxes(epoch, indices, widths, heights)
 
     def box(self, epoch: int | None, index: int, width: int, height: int) -> Box:
-        """Train crop for an epoch number, the val crop for epoch None."""
-        return self.val_box(width, height) if epoch is None else self.train_box(epoch, index, width, height)
+        """One sample's window: the same numbers as its entry in `boxes`."""
+        return self.boxes(epoch, np.array([index]), np.array([width]), np.array([height]))[0]
+
+    def train_box(self, epoch: int, index: int, width: int, height: int) -> Box:
+        return self.box(epoch, index, width, height)
+
+    def val_box(self, width: int, height: int) -> Box:
+        return self.box(None, 0, width, height)

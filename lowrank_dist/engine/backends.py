@@ -5,8 +5,10 @@ never asks which one it runs.
     with engine.micro_batch(boundary):          # forward and backward of one micro-batch
         loss = criterion(engine.forward(x), y)
         engine.backward(loss / group_size)
-    if boundary: engine.step()                   # optimizer step, zero the gradients, lr schedule
-    # or engine.skip_step() when the step's loss was not finite: no update, the schedule moves on
+    if boundary: skipped = engine.step()         # optimizer step, zero the gradients, lr schedule
+    # skipped: a 0-dim device tensor, 1 where a non-finite gradient made every rank keep its
+    # weights and momentum (the lr schedule moves on); nobody reads it until the next sync point
+    engine.save(checkpoints, payload, step, dist_ctx)    # every rank; the engine knows what is sharded
 
 * `DDPEngine` — one process alone, or torch DistributedDataParallel (NCCL on GPUs, gloo on CPUs):
   gradients are averaged across ranks in backward; between accumulation boundaries `no_sync` skips
@@ -17,18 +19,21 @@ never asks which one it runs.
   accumulation boundaries are kept, so both engines follow the same optimisation step by step.
 
 What each rank must save is `engine.state_dict()`: the whole optimizer state for DDP (the same on
-every rank, rank 0 saves it), this rank's ZeRO partition for DeepSpeed (every rank saves its own).
+every rank, rank 0 saves it), this rank's ZeRO partition for DeepSpeed (every rank saves its own);
+`engine.save` and `engine.load` do that, so the trainer never asks which.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..config import Config
+from .checkpoint import CheckpointManager
 from .distributed import DistContext
 from .optim import build_optimizer, build_scheduler
 
@@ -43,19 +48,55 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written on some rank (`error` is this rank's OSError, or None when
+    another rank's write failed); every rank raises it together, the previous checkpoint intact."""
+
+    def __init__(self, error: OSError | None):
+        super().__init__(str(error) if error is not None else "it failed on another rank")
+        self.error = error
+
+
 class Engine:
-    """What the trainer uses: `forward`, `micro_batch`, `backward`, `step`, `skip_step`, `lr`,
-    `state_dict`/`load_state_dict`, and the `optimizer` and `scheduler` they drive."""
+    """What the trainer uses: `forward`, `micro_batch`, `backward`, `step`, `lr`, `save`/`load`
+    (and `state_dict`/`load_state_dict` under them), and the `optimizer` and `scheduler` they drive."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer_sharded: bool  # each rank holds only its part of the optimizer state
 
-    def skip_step(self) -> None:
-        """End a step without an update (a non-finite loss): drop its gradients; the lr schedule
-        moves on. Under DeepSpeed only with accumulate 1 (checked in the config): off the boundary
-        its own micro-step counter would have advanced for batches we never ran."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+    def save(self, checkpoints: CheckpointManager, payload: dict, step: int, dist_ctx: DistContext,
+             is_best: bool = False) -> Path | None:
+        """Write the checkpoint of `step`: `payload` (model, counters, config: the same on every
+        rank) with this engine's state. Every rank calls it. Sharded: every rank writes its part
+        first, then rank 0 commits the step file; otherwise rank 0 writes it all. A write that fails
+        on any rank raises CheckpointWriteFailed on every rank. Returns the step file (rank 0)."""
+        error = None
+        if self.optimizer_sharded:
+            try:
+                checkpoints.save_shard({"engine": self.state_dict()}, step, dist_ctx.rank, dist_ctx.world_size)
+            except OSError as failure:
+                error = failure
+            if dist_ctx.any(error is not None):  # also the barrier before rank 0 commits
+                raise CheckpointWriteFailed(error)
+        path = None
+        if dist_ctx.is_main:
+            try:
+                path = checkpoints.save(dict(payload, engine=None if self.optimizer_sharded else self.state_dict()),
+                                        step, is_best)
+            except OSError as failure:
+                error = failure
+        if dist_ctx.any(error is not None):  # also the barrier: nobody runs ahead (or exits) before the checkpoint exists
+            raise CheckpointWriteFailed(error)
+        return path
+
+    def load(self, checkpoints: CheckpointManager, path: Path, checkpoint: dict, dist_ctx: DistContext) -> None:
+        """This rank's optimizer, schedule and scaler state from the checkpoint at `path` (already
+        loaded as `checkpoint`; sharded: this rank's shard file beside it)."""
+        state = checkpoint["engine"]
+        if self.optimizer_sharded:
+            state = checkpoints.load_shard(path, dist_ctx.rank, dist_ctx.world_size, self.device)["engine"]
+        self.load_state_dict(state)
 
 
 class DDPEngine(Engine):
@@ -74,9 +115,20 @@ class DDPEngine(Engine):
         if dist_ctx.distributed:
             # BN buffers are averaged across ranks before evaluating and saving (DistContext.average_buffers),
             # not broadcast from rank 0 at every forward.
+            # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy in and
+            # out, less memory). static_graph only with accumulate 1: under no_sync torch's reducer
+            # fails an internal assert (torch 2.14). Both leave the numerics bitwise as they were
+            # (tests/test_distributed.py).
+            options = cfg.distributed
             self._ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+                gradient_as_bucket_view=True, bucket_cap_mb=options.bucket_cap_mb,
+                static_graph=options.static_graph and cfg.optim.accumulate == 1,
             )
+            if options.grad_compression == "bf16":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                self._ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         wrapped = self._ddp or model
         self.forward = torch.compile(wrapped) if cfg.precision.compile else wrapped
 
@@ -90,11 +142,14 @@ class DDPEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> None:
-        self.scaler.step(self.optimizer)
+    def step(self) -> torch.Tensor:
+        """Optimizer step (skipped on the device if a gradient is not finite), zero the gradients,
+        move the lr schedule on. Returns the device flag: 1.0 if the update was skipped."""
+        self.scaler.step(self.optimizer)  # fp16: unscale, and also skip an overflowing step
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return self.optimizer.skipped
 
     @property
     def lr(self) -> float:
@@ -117,9 +172,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulate,
         "train_batch_size": cfg.data.batch_size * cfg.optim.accumulate * world_size,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        # ZeRO 1/2: reduce gradients while backward goes on, into one contiguous buffer (less fragmentation)
+        "zero_optimization": {"stage": cfg.distributed.zero_stage} | (
+            {"overlap_comm": True, "contiguous_gradients": True} if cfg.distributed.zero_stage > 0 else {}),
         "zero_allow_untested_optimizer": True,  # our SGD: ZeRO 1/2 only partition its state
-        "bf16": {"enabled": cfg.precision.amp == "bf16"},
+        "bf16": {"enabled": cfg.precision.amp == "bf16"},  # its check_grad_overflow (default on) skips NaN steps
         "fp16": {"enabled": cfg.precision.amp == "fp16"},
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,  # we log ourselves
@@ -177,9 +234,16 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss, scale_wrt_gas=False)  # the caller divided by the group size
 
-    def step(self) -> None:
-        self._engine.step()  # optimizer step and zero_grad (DeepSpeed skips it on fp16 overflow)
+    def step(self) -> torch.Tensor:
+        """DeepSpeed's step: at ZeRO 1/2 it checks the gradients itself (a non-finite gradient norm
+        is an overflow: no update on any rank, it agrees by its own all-reduce) and calls our SGD
+        only when they are finite; at ZeRO 0 our SGD gets the all-reduced gradients and skips on
+        the device. Either way the flag says whether the update was skipped."""
+        self._base_optimizer.skipped = None
+        self._engine.step()
         self.scheduler.step()
+        skipped = self._base_optimizer.skipped
+        return torch.ones((), device=self.device) if skipped is None else skipped  # None: DeepSpeed skipped it
 
     @property
     def lr(self) -> float:

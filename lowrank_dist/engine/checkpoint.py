@@ -14,14 +14,23 @@ step removes its shards with it.
 
 A process killed mid-write leaves its temporary file; `remove_temporaries` deletes those when the
 next run starts. A write that fails (a full disk) raises OSError, with the previous files intact.
+
+Nothing we load can run code. A checkpoint holds tensors and plain types only (the RNG states and
+the config too), and every file is read with `torch.load(weights_only=True)`; DeepSpeed's ZeRO
+shards also hold three small DeepSpeed types, allowed for those files alone. A file that needs any
+other Python object is refused with a CheckpointError naming it and what it asked for, before any
+of it runs. Checkpoints of lowrank-dist before this format pickled NumPy's RNG state:
+`python -m lowrank_dist.upgrade_checkpoint` rewrites them once (see `LEGACY_GLOBALS`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +42,13 @@ TEMPORARY_FILE = re.compile(r"^\..+\.tmp-\d+$")  # atomic_save's, left behind by
 
 
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain types (what weights_only loading reads back).
+    NumPy's legacy state is ('MT19937', 624 uint32 keys, pos, has_gauss, cached_gaussian); its keys
+    are kept as int64, which holds every uint32 exactly."""
+    _, keys, pos, has_gauss, gaussian = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached_gaussian": float(gaussian)}
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -41,7 +56,9 @@ def rng_states() -> dict:
 
 def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -72,15 +89,63 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, unreadable, or for another model)."""
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+# What the checkpoints of lowrank-dist before the weights-only format need beyond tensors and plain
+# types: NumPy's RNG state, an ndarray (NumPy 1 and 2 spell its module differently).
+LEGACY_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                  "numpy.dtype", "numpy.dtypes.UInt32DType"}
+UPGRADE_COMMAND = "python -m lowrank_dist.upgrade_checkpoint"
+
+
+def zero_state_types() -> list[type]:
+    """The DeepSpeed types in a ZeRO optimizer's state_dict (our per-rank shards): its loss scaler,
+    the stage enum and the parameter-slice records. Plain data holders; nothing else is allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def globals_needed(path: Path, error: Exception | None = None) -> list[str]:
+    """The Python objects (module.name) a file's pickle asks for beyond what weights_only loading
+    allows, read from its opcodes without running them; from `error`'s text if the file is not in
+    torch's zip format."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: torch's own message names the first one
+        return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error or ""))))
+
+
+def load_checkpoint(path: Path, map_location="cpu", allowed: list[type] = ()) -> dict:
+    """A checkpoint, export or state_dict, read with torch.load(weights_only=True): tensors and plain
+    types, plus the `allowed` types. A file that needs anything else is refused, nothing of it run."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        # our checkpoints hold numpy RNG state and the config, so not weights_only
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. on a plain pickle's protocol: the error says what matters
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(refusal(path, error)) from None
         reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (damaged, or not a checkpoint): {reason}") from None
+    except Exception as error:  # noqa: BLE001 - any other failure to read means the same to the user
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+    raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (damaged, or not a checkpoint): {reason}")
+
+
+def refusal(path: Path, error: Exception) -> str:
+    """Why a file was not loaded, in one line, and what to do."""
+    needed = globals_needed(path, error)
+    if needed and set(needed) <= LEGACY_GLOBALS:
+        return (f"checkpoint {str(path)!r} was written by an older lowrank-dist (its RNG state is a pickled NumPy array)"
+                f" and was not loaded: if you trust where it came from, convert it once with"
+                f" `{UPGRADE_COMMAND} {path}`")
+    if not needed:  # not torch's zip format: the unpickler's own words
+        needed = [line.strip() for line in str(error).splitlines() if "nsupported" in line][-1:] or ["see torch.load"]
+    return (f"checkpoint {str(path)!r} was not loaded: it needs Python objects beyond tensors and plain types"
+            f" ({', '.join(needed)}), which could run code; only weights-only files are read")
 
 
 class CheckpointManager:
@@ -130,7 +195,7 @@ class CheckpointManager:
                 + (f" (found {', '.join(written)}: it was written by another number of processes; resume with"
                    " that many)" if written else "")
             )
-        return load_checkpoint(path, map_location)
+        return load_checkpoint(path, map_location, allowed=zero_state_types())
 
     def save(self, payload: dict, step: int, is_best: bool = False) -> Path:
         path = self.path_for(step)

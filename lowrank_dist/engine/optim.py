@@ -15,9 +15,56 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_batch if cfg.lr_scaling == "linear" else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.SGD:
-    """SGD (momentum, optional Nesterov) at scaled_lr(cfg, global_batch) (cfg.lr if no batch is
-    given). Weight decay applies to conv and linear weights only: decaying BN scales/shifts and
+class SkippingSGD(torch.optim.SGD):
+    """torch's fused SGD that leaves the weights and the momentum as they were, on the device,
+    when any of its gradients is not finite — the way torch.amp.GradScaler skips an overflowing
+    step, without the host ever reading the flag.
+
+    Under DDP the gradients are the same on every rank after the all-reduce, so every rank takes
+    the same decision without talking. `found_inf` (1.0 if the last update was skipped, a 0-dim
+    device tensor) is what the trainer reads at its next sync point; a flag GradScaler set (fp16
+    overflow) is honoured too. Fused SGD computes the same update as torch's default SGD to within
+    rounding (it fuses multiply-adds: ~1 ulp per step), and is deterministic, so resumes stay exact."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, fused=True, **options)
+        self.skipped: torch.Tensor | None = None  # found_inf of the last step() call
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return super().step(closure)
+        device = params[0].grad.device
+        found = torch.zeros((), device=device)
+        # found ← 1 if any gradient holds an inf or NaN; the gradients are multiplied by 1 (unchanged)
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, torch.ones((), device=device))
+        scaler_found = getattr(self, "found_inf", None)  # set by GradScaler around this call (fp16)
+        if scaler_found is not None:
+            found = torch.maximum(found, scaler_found.to(device))
+        for group in self.param_groups:
+            if group["momentum"] == 0:
+                continue
+            for p in group["params"]:
+                # torch's fused first step allocates its momentum buffers uninitialised and, when that
+                # step is skipped, leaves them so: start them at zero (m·0 + g = g, the same first step)
+                state = self.state[p]
+                if state.get("momentum_buffer") is None and p.grad is not None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.found_inf = found
+        try:
+            return super().step(closure)
+        finally:
+            if scaler_found is None:
+                del self.found_inf
+            else:
+                self.found_inf = scaler_found
+            self.skipped = found
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> SkippingSGD:
+    """SGD (momentum, optional Nesterov; skipping non-finite updates on the device) at
+    scaled_lr(cfg, global_batch) (cfg.lr if no batch is given). Weight decay applies to conv and linear weights only: decaying BN scales/shifts and
     biases only fights the normalisation (Goyal et al. 2017)."""
     lr = cfg.lr if global_batch is None else scaled_lr(cfg, global_batch)
     decay, no_decay = [], []
@@ -28,7 +75,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None
             is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
             (no_decay if is_norm or name == "bias" else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return SkippingSGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:

@@ -1,8 +1,12 @@
-"""The training loop: one model, one data set, SGD, evaluation, checkpoints, TensorBoard.
+"""Training, in torchvision's shape: one model, one data set, SGD, evaluation, checkpoints, TensorBoard.
 
-Reads top to bottom: `build_model_for` (the three low-rank modes), `fit` (set-up, resume, the
-epoch loop, the end-of-run export and summary). The loop does not know how it was launched: a
-DistContext says which rank it is.
+    run, checkpoint = set_up(cfg, dist_ctx, resume, stop)   # device, logs, data, model, engine
+    state = resume_state(run, checkpoint)                    # TrainState: step, epoch, batch, best, skipped
+    for each epoch: train_one_epoch (loop.py) → validate → save_checkpoint
+    finish(run, state, metrics)                              # projection, export, speed report, summary
+
+`build_model_for` holds the three low-rank modes. The trainer does not know how it was launched
+(a DistContext says which rank it is) nor which engine it drives (DDP or DeepSpeed: backends.py).
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import json
 import math
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,26 +30,14 @@ from ..layers import LowRankConv2d
 from ..models import build_model, choose_ranks, decompose, lowrank_policy, model_spec
 from ..report.execution import ExecutionPlan, plan_for_run
 from .backends import build_engine, global_batch
-from .checkpoint import (
-    CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states, rng_states,
-)
+from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
 from .distributed import DistContext, select_device
 from .evaluate import evaluate
+from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
 from .optim import scaled_lr
 from .projection import Projector
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept."""
-
-
-class Preempted(RuntimeError):
-    """A stop was requested (SLURM's preemption or time-limit signal): a checkpoint of the current
-    step was written, and running the same config again continues from it."""
-
-    def __init__(self, checkpoint: Path | None, step: int):
-        super().__init__(f"stopped on request at step {step}; checkpoint: {checkpoint}")
-        self.checkpoint, self.step = checkpoint, step
+__all__ = ["fit", "Preempted", "TrainingError", "loaders_for", "build_model_for"]
 
 
 @dataclass
@@ -58,10 +49,14 @@ class ModelSetup:
 
 
 def _dense_state_dict(path: Path, model_name: str) -> dict:
-    """A dense model's weights from one of our checkpoints or a plain state_dict file."""
+    """A dense model's weights from one of our checkpoints or a plain state_dict file (torchvision's
+    .pth), read weights-only: often someone else's file, it must not be able to run code."""
     if not path.is_file():
         raise CheckpointError(f"model.lowrank.dense_checkpoint: file {str(path)!r} does not exist")
-    payload = load_checkpoint(path)
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"model.lowrank.dense_checkpoint: {error}") from None
     if isinstance(payload, dict) and "model" in payload and "config" in payload:
         trained = payload["config"]["model"]["name"]
         if trained != model_name:
@@ -272,15 +267,10 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
     return report
 
 
-def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None = None,
-        stop: threading.Event | None = None) -> TrainResult:
-    """Train as configured; resume from `resume` or, if the run folder has checkpoints, from the latest.
-
-    `stop` (set from a signal handler, e.g. SLURM's USR2 before preemption or the time limit) ends
-    the run after the current optimizer step, on every rank together, with a checkpoint of that
-    step: `Preempted` is raised."""
-    folder = cfg.run.folder
-    folder.mkdir(parents=True, exist_ok=True)
+def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: threading.Event | None) -> tuple[Run, dict | None]:
+    """Device, logs, data, model, engine; with the checkpoint to resume from (the run folder's latest
+    if `resume` is None), whose weights the model already holds, or None for a fresh start."""
+    cfg.run.folder.mkdir(parents=True, exist_ok=True)
     try:
         device = select_device(cfg.run.device, dist_ctx)
     except ValueError as error:
@@ -288,14 +278,53 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     if cfg.precision.amp == "fp16" and device.type != "cuda":
         raise ConfigError("precision.amp: 'fp16' needs a CUDA GPU (use 'bf16' or 'none' on the CPU)")
     torch.manual_seed(cfg.run.seed)
-    log = RunLog(folder, dist_ctx.is_main)
-
+    log = RunLog(cfg.run.folder, dist_ctx.is_main)
     loaders = loaders_for(cfg, dist_ctx, device)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(loaders.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(loaders.classes)} classes of"
                           f" {cfg.data.root}; set at least {len(loaders.classes)}, or leave it out to use the data's count")
+    setup = model_setup_or_config_error(cfg, len(loaders.classes))
+    model = setup.model.to(device)
+    if cfg.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The one place to change the model on its device before the engine wraps it.
+    plan = plan_for_run(cfg, model, device, dist_ctx, log)  # each factorised layer runs factorised or composed
+
+    checkpoints = CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last)
+    if dist_ctx.is_main:  # no rank saves before rank 0 has joined the first step's collectives
+        for stale in checkpoints.remove_temporaries():
+            log.print(f"removed {stale.name}, left half-written by a process killed while saving")
+    resume = resume or checkpoints.latest()
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(Path(resume), map_location=device)
+        check_resumable(checkpoint, Path(resume), cfg, dist_ctx)
+        checkpoint["path"] = Path(resume)
+        model.load_state_dict(checkpoint["model"])  # before the engine: DeepSpeed copies the weights it starts from
     try:
-        setup = build_model_for(cfg, len(loaders.classes))
+        engine = build_engine(model, cfg, dist_ctx, device, math.ceil(len(loaders.train) / cfg.optim.accumulate))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    progress = tqdm(desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
+    run = Run(cfg, dist_ctx, engine, engine.module,  # SyncBatchNorm conversion may have replaced BN layers
+              loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress, plan=plan)
+    batch = global_batch(cfg, dist_ctx)
+    log.print(f"{dist_ctx.world_size} process(es) × batch {cfg.data.batch_size} × accumulate {cfg.optim.accumulate}"
+              f" = global batch {batch}; peak lr {scaled_lr(cfg.optim, batch):g}"
+              + (f" (lr {cfg.optim.lr:g} × {batch}/{cfg.optim.lr_batch}, linear scaling)"
+                 if cfg.optim.lr_scaling == "linear" else ""))
+    if checkpoint is None:
+        log.text("config", "```yaml\n" + yaml.safe_dump(cfg.resolved(), sort_keys=False) + "```")
+        if dist_ctx.is_main:
+            (cfg.run.folder / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        log.scalars(0, {f"ranks/{name}": rank for name, rank in setup.ranks.items()})
+        log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
+    return run, checkpoint
+
+
+def model_setup_or_config_error(cfg: Config, num_classes: int) -> ModelSetup:
+    try:
+        setup = build_model_for(cfg, num_classes)
     except CheckpointError:
         raise
     except ValueError as error:  # a rank or option this model cannot take
@@ -307,235 +336,118 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     if setup.projector is not None and cfg.distributed.engine == "deepspeed":
         raise ConfigError("model.lowrank.mode 'projected' needs distributed.engine 'ddp': DeepSpeed keeps its own"
                           " fp32 copy of the weights, which a projection of the model's kernels would not reach")
-    model = setup.model.to(device)
-    if cfg.precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    plan = plan_for_run(cfg, model, device, dist_ctx, log)  # each factorised layer runs factorised or composed
+    return setup
 
-    accumulate = cfg.optim.accumulate
-    micro_batches = len(loaders.train)
-    steps_per_epoch = math.ceil(micro_batches / accumulate)
-    checkpoints = CheckpointManager(folder / "checkpoints", cfg.run.keep_last)
-    if dist_ctx.is_main:  # no rank saves before rank 0 has joined the first step's collectives
-        for stale in checkpoints.remove_temporaries():
-            log.print(f"removed {stale.name}, left half-written by a process killed while saving")
 
-    step, epoch, start_batch, best_top1, skipped = 0, 0, 0, -1.0, 0
-    resume = resume or checkpoints.latest()
-    state = None
-    if resume is not None:
-        state = load_checkpoint(Path(resume), map_location=device)
-        check_resumable(state, Path(resume), cfg, dist_ctx)
-        model.load_state_dict(state["model"])  # before the engine: DeepSpeed copies the weights it starts from
-    try:
-        engine = build_engine(model, cfg, dist_ctx, device, steps_per_epoch)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    model = engine.module  # SyncBatchNorm conversion may have replaced BN layers
-    batch = global_batch(cfg, dist_ctx)
-    log.print(f"{dist_ctx.world_size} process(es) × batch {cfg.data.batch_size} × accumulate {cfg.optim.accumulate}"
-              f" = global batch {batch}; peak lr {scaled_lr(cfg.optim, batch):g}"
-              + (f" (lr {cfg.optim.lr:g} × {batch}/{cfg.optim.lr_batch}, linear scaling)"
-                 if cfg.optim.lr_scaling == "linear" else ""))
-    if state is not None:
-        engine_state = state["engine"]
-        if engine.optimizer_sharded:
-            engine_state = checkpoints.load_shard(Path(resume), dist_ctx.rank, dist_ctx.world_size, device)["engine"]
-        engine.load_state_dict(engine_state)
-        step, epoch, start_batch, best_top1 = state["step"], state["epoch"], state["batch"], state["best_top1"]
-        skipped = state.get("skipped_nonfinite", 0)
-        restore_rng_states(state["rng"])
-        log.print(f"resumed from {resume}: step {step}, epoch {epoch}, batch {start_batch}")
-        if state.get("world_size", 1) != dist_ctx.world_size:  # at an epoch boundary (check_resumable)
-            lr = rebase_schedule(engine, cfg, epoch * steps_per_epoch, batch)
-            log.print(f"written by {state.get('world_size', 1)} process(es), resumed by {dist_ctx.world_size}: from epoch"
-                      f" {epoch + 1} on each epoch is sharded over {dist_ctx.world_size} in {steps_per_epoch} steps of"
-                      f" global batch {batch}; the schedule goes on at lr {lr:g}")
-        if epoch >= cfg.optim.epochs:
-            log.print(f"the run is complete ({cfg.optim.epochs} epochs): evaluating its final weights only")
-    else:
-        log.text("config", "```yaml\n" + yaml.safe_dump(cfg.resolved(), sort_keys=False) + "```")
-        if dist_ctx.is_main:
-            (folder / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-        log.scalars(0, {f"ranks/{name}": rank for name, rank in setup.ranks.items()})
-        log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
-
-    def save(is_best: bool = False) -> Path | None:
-        """Every rank takes part: BN statistics are averaged, ZeRO shards written, then rank 0 commits.
-        A write that fails (a full disk) stops every rank together, the previous checkpoint intact."""
-        dist_ctx.average_buffers(model)
-        path, error = None, None
-        if engine.optimizer_sharded:
-            try:
-                checkpoints.save_shard({"engine": engine.state_dict()}, step, dist_ctx.rank, dist_ctx.world_size)
-            except OSError as failure:
-                error = failure
-            if dist_ctx.any(error is not None):  # also the barrier before rank 0 commits
-                raise write_failed(error)
-        if dist_ctx.is_main:
-            payload = {
-                "model": model.state_dict(), "engine": None if engine.optimizer_sharded else engine.state_dict(),
-                "step": step, "epoch": epoch, "batch": batch_index, "best_top1": best_top1, "rng": rng_states(),
-                "config": cfg.resolved(), "ranks": setup.ranks, "world_size": dist_ctx.world_size,
-                "skipped_nonfinite": skipped,
-            }
-            try:
-                path = checkpoints.save(payload, step, is_best)
-            except OSError as failure:
-                error = failure
-        if dist_ctx.any(error is not None):  # also the barrier: nobody runs ahead (or exits) before the checkpoint exists
-            raise write_failed(error)
-        return path
-
-    def write_failed(error: OSError | None) -> TrainingError:
-        why = str(error) if error is not None else "it failed on another rank"
-        return TrainingError(
-            f"could not write the checkpoint of step {step} to {checkpoints.folder}: {why}; the last complete"
-            f" checkpoint, {checkpoints.latest() or 'none yet'}, is kept: make room and run the same command to resume"
-        )
-
-    def validate() -> dict[str, float]:
-        dist_ctx.average_buffers(model)  # every rank evaluates the same BN statistics
-        return evaluate(model, loaders.val, dist_ctx, autocast, engine.forward)
-
-    def project(tag_step: int) -> None:
-        residuals = setup.projector.project()
-        dist_ctx.broadcast_parameters(model)  # rank 0's projection everywhere: eigensolvers may differ by an ulp
-        log.scalars(tag_step, {f"projection/residual/{name}": r for name, r in residuals.items()})
-
-    autocast = engine.autocast
+def loss_function(cfg: Config):
+    """Cross-entropy (with the configured label smoothing); a model that returns auxiliary heads in
+    training (GoogLeNet: logits, aux2, aux1) adds each head's loss with its spec's weight."""
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    aux_weight = model_spec(cfg.model.name).aux_loss_weight
+
+    def loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, tuple):
+            return criterion(outputs[0], labels) + aux_weight * sum(criterion(aux, labels) for aux in outputs[1:])
+        return criterion(outputs, labels)
+
+    return loss
+
+
+def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
+    """The TrainState to go on from (engine state, counters and RNG restored from `checkpoint`), and
+    the step the run ends at (`run.last_step`)."""
+    cfg, log, dist_ctx = run.cfg, run.log, run.dist_ctx
+    steps_per_epoch = math.ceil(run.micro_batches / cfg.optim.accumulate)
+    state = TrainState()
+    if checkpoint is not None:
+        run.engine.load(run.checkpoints, checkpoint["path"], checkpoint, dist_ctx)
+        state.load_state_dict(checkpoint)
+        restore_rng_states(checkpoint["rng"])
+        log.print(f"resumed from {checkpoint['path']}: step {state.step}, epoch {state.epoch}, batch {state.batch}")
+        written_by = checkpoint.get("world_size", 1)
+        if written_by != dist_ctx.world_size:  # at an epoch boundary (check_resumable)
+            lr = rebase_schedule(run.engine, cfg, state.epoch * steps_per_epoch, global_batch(cfg, dist_ctx))
+            log.print(f"written by {written_by} process(es), resumed by {dist_ctx.world_size}: from epoch"
+                      f" {state.epoch + 1} on each epoch is sharded over {dist_ctx.world_size} in {steps_per_epoch} steps"
+                      f" of global batch {global_batch(cfg, dist_ctx)}; the schedule goes on at lr {lr:g}")
+        if state.epoch >= cfg.optim.epochs:
+            log.print(f"the run is complete ({cfg.optim.epochs} epochs): evaluating its final weights only")
     # Steps are counted over the whole run; a resume at another world size changes the steps per
     # epoch, so the steps taken before it are an offset to the schedule (0 otherwise).
-    offset = step - (epoch * steps_per_epoch + math.ceil(start_batch / accumulate))
-    total_steps = offset + cfg.optim.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.run.max_steps or total_steps)
+    offset = state.step - (state.epoch * steps_per_epoch + math.ceil(state.batch / cfg.optim.accumulate))
+    run.total_steps = offset + cfg.optim.epochs * steps_per_epoch
+    run.last_step = min(run.total_steps, cfg.run.max_steps or run.total_steps)
+    run.progress.reset(total=run.last_step)
+    run.progress.update(state.step)
+    return state
+
+
+def validate(run: Run, state: TrainState) -> dict[str, float]:
+    """Val top-1/top-5/loss of the current weights (every rank: the same averaged BN statistics),
+    logged; returns them, and whether they are the best so far (`best`)."""
+    run.dist_ctx.average_buffers(run.model)
+    metrics = evaluate(run.model, run.loaders.val, run.dist_ctx, run.engine.autocast, run.engine.forward)
+    run.log.scalars(state.step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
+    metrics["best"] = metrics["top1"] > state.best_top1
+    state.best_top1 = max(state.best_top1, metrics["top1"])
+    return metrics
+
+
+def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None = None,
+        stop: threading.Event | None = None) -> TrainResult:
+    """Train as configured; resume from `resume` or, if the run folder has checkpoints, from the latest.
+
+    `stop` (set from a signal handler, e.g. SLURM's USR2 before preemption or the time limit) ends
+    the run at the next stop check (`run.stop_check_every` steps at most), on every rank together,
+    with a checkpoint of that step: `Preempted` is raised."""
+    run, checkpoint = set_up(cfg, dist_ctx, resume, stop)
+    state = resume_state(run, checkpoint)
     metrics: dict[str, float] = {}
-    batch_index = start_batch
-    poisoned = False  # a micro-batch of the current step had a non-finite loss on some rank
-    progress = tqdm(total=last_step, initial=step, desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
-    window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
-
-    while epoch < cfg.optim.epochs and step < last_step:
-        model.train()
-        batches = iter(loaders.train.epoch(epoch, start_batch))
-        batch_index = start_batch
-        while step < last_step:
-            waited = time.perf_counter()
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                break
-            window["wait"] += time.perf_counter() - waited
-            group_start = batch_index // accumulate * accumulate
-            group_size = min(accumulate, micro_batches - group_start)
-            boundary = batch_index + 1 - group_start == group_size
-            window["images"] += images.shape[0]
-            if cfg.optim.skip_nonfinite_steps and batch_index == group_start:
-                kept = [b.clone() for b in model.buffers()]  # BN statistics before the step, in case it is skipped
-            if not poisoned:  # the rest of a step whose update is skipped is not computed
-                with engine.micro_batch(boundary):
-                    with autocast:
-                        outputs = engine.forward(images)
-                        if isinstance(outputs, tuple):  # GoogLeNet's auxiliary heads weigh 0.3 each
-                            loss = criterion(outputs[0], labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
-                        else:
-                            loss = criterion(outputs, labels)
-                    # every rank decides together, so none waits for the others in a collective
-                    poisoned = dist_ctx.any(not torch.isfinite(loss))
-                    if poisoned and skipped >= cfg.optim.skip_nonfinite_steps:
-                        limit = (f" (already skipped {skipped}, the optim.skip_nonfinite_steps limit)" if skipped else
-                                 "; optim.skip_nonfinite_steps N would skip up to N such steps")
-                        raise TrainingError(
-                            f"the loss became {loss.item()} in step {step + 1} (epoch {epoch}, batch {batch_index}) on"
-                            f" some rank; last good checkpoint: {checkpoints.latest() or 'none yet'}. Lower optim.lr or"
-                            f" add warm-up{limit}"
-                        )
-                    if poisoned:  # no backward on any rank; the step's BN statistics are undone
-                        for buffer, value in zip(model.buffers(), kept):
-                            buffer.copy_(value)
-                    else:
-                        engine.backward(loss / group_size)
-                        window["loss"] += loss.item() * images.shape[0]
-                        window["count"] += images.shape[0]
-            batch_index += 1
-            if not boundary:
-                continue  # accumulate more micro-batches
-            if poisoned:  # this step's gradients are dropped; the lr schedule moves on as after any step
-                engine.skip_step()
-                skipped, poisoned = skipped + 1, False
-                log.print(f"step {step + 1}: non-finite loss on some rank, update skipped ({skipped} of at most"
-                          f" {cfg.optim.skip_nonfinite_steps}, optim.skip_nonfinite_steps)")
-            else:
-                engine.step()
-            step += 1
-            progress.update()
-            if setup.projector is not None and step % cfg.model.lowrank.project_every == 0:
-                project(step)
-            if step % cfg.run.log_every == 0 or step == last_step:
-                elapsed = time.perf_counter() - window["start"]
-                log.scalars(step, {
-                    "train/loss": window["loss"] / max(1, window["count"]),
-                    "train/lr": engine.lr,
-                    "train/images_per_s": window["images"] * dist_ctx.world_size / elapsed,
-                    "train/data_wait_fraction": window["wait"] / elapsed,
-                    "data/skipped_images": loaders.train.skipped.count,  # data.on_bad_image: skip (this rank's)
-                    "train/skipped_nonfinite": skipped,  # optim.skip_nonfinite_steps: steps whose update was skipped
-                })
-                progress.set_postfix(loss=f"{window['loss'] / max(1, window['count']):.3f}")
-                window = {"loss": 0.0, "count": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                save()
-            if stop is not None and dist_ctx.any(stop.is_set()):
-                progress.close()
-                path = save()
-                log.print(f"stop requested: saved step {step} to {path}; run the same config again to continue")
-                log.close()
-                raise Preempted(path, step)
-        if batch_index < micro_batches:  # stopped early (max_steps): keep where we are
-            break
-        epoch, start_batch, batch_index = epoch + 1, 0, 0
-        if epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs:
-            metrics = validate()
-            log.scalars(step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
-            log.print(f"epoch {epoch}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
-            is_best = metrics["top1"] > best_top1
-            best_top1 = max(best_top1, metrics["top1"])
-            save(is_best)
+    meter = Meter()
+    while state.epoch < cfg.optim.epochs and state.step < run.last_step:
+        if not train_one_epoch(run, state, meter):
+            break  # stopped mid-epoch (run.max_steps): the checkpoint keeps where we are
+        state.epoch, state.batch = state.epoch + 1, 0
+        if state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs:
+            metrics = validate(run, state)
+            run.log.print(f"epoch {state.epoch}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
+                          f"  loss {metrics['loss']:.4f}")
+            save_checkpoint(run, state, metrics["best"])
         else:
-            save()
-    progress.close()
+            save_checkpoint(run, state)
+    run.progress.close()
+    return finish(run, state, metrics)
 
-    exported = None
-    stopped_mid_epoch = batch_index > 0
-    if setup.projector is not None:
-        project(step)  # the final weights are exactly rank K
-    if not metrics or stopped_mid_epoch or setup.projector is not None:
-        # the last evaluation (if any) does not describe the final weights
-        metrics = validate()
-        log.scalars(step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
-        is_best = metrics["top1"] > best_top1
-        best_top1 = max(best_top1, metrics["top1"])
-        save(is_best)
-    lowrank = model
-    if setup.projector is not None and dist_ctx.is_main:
+
+def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResult:
+    """The end of a run: project (projected mode), evaluate the final weights if the last
+    evaluation does not describe them, export, time the layers, print where everything is."""
+    cfg, folder = run.cfg, run.cfg.run.folder
+    if run.projector is not None:
+        project(run, state.step)  # the final weights are exactly rank K
+    if not metrics or state.batch > 0 or run.projector is not None:
+        metrics = validate(run, state)  # the last evaluation (if any) does not describe the final weights
+        save_checkpoint(run, state, metrics["best"])
+    lowrank, exported = run.model, None
+    if run.projector is not None and run.dist_ctx.is_main:
         exported = folder / "exported_lowrank.pt"
-        lowrank = setup.projector.export(model)
-        atomic_save({"model": lowrank.state_dict(), "ranks": setup.ranks, "factorised": True, "config": cfg.resolved()},
+        lowrank = run.projector.export(run.model)
+        atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorised": True, "config": cfg.resolved()},
                     exported)
     speed = None
-    finished = step >= total_steps  # a run cut short by run.max_steps is a test or a debug session
-    if setup.ranks and cfg.run.speed_report and dist_ctx.is_main and finished:
+    finished = state.step >= run.total_steps  # a run cut short by run.max_steps is a test or a debug session
+    if run.ranks and cfg.run.speed_report and run.dist_ctx.is_main and finished:
         try:
-            speed = measured_speed(cfg, lowrank, len(loaders.classes), device, folder / "speed", log, plan)
+            speed = measured_speed(cfg, lowrank, len(run.loaders.classes), run.engine.device, folder / "speed", run.log,
+                                   run.plan)
         except OSError as error:  # the weights are safe by now; a report that cannot be written is not fatal
             print(f"warning: could not write the speed report to {folder / 'speed'} ({error})", file=sys.stderr)
-    log.print(
+    run.log.print(
         f"final: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['count']} images)\n"
-        f"checkpoints: {checkpoints.folder}\n"
+        f"checkpoints: {run.checkpoints.folder}\n"
         + (f"exported factorised model: {exported}\n" if exported else "")
         + (f"speed report: {speed.files['md']}\n" if speed else "")
         + f"TensorBoard: tensorboard --logdir {folder / 'tensorboard'}"
     )
-    log.close()
-    return TrainResult(metrics["top1"], metrics["top5"], metrics["loss"], step, folder, exported)
+    run.log.close()
+    return TrainResult(metrics["top1"], metrics["top5"], metrics["loss"], state.step, folder, exported)

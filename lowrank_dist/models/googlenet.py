@@ -7,7 +7,8 @@ from torchvision.models import googlenet as tv_googlenet
 from .registry import register_model
 
 
-@register_model("googlenet", options={"aux_logits": False})
+# Szegedy et al. 2015: each auxiliary classifier's loss is added with weight 0.3 in training
+@register_model("googlenet", options={"aux_logits": False}, aux_loss_weight=0.3)
 def googlenet(num_classes: int = 1000, batch_norm: bool = True, aux_logits: bool = False) -> nn.Module:
     if not batch_norm:
         raise ValueError("googlenet: torchvision's GoogLeNet always has BatchNorm; batch_norm must be true")

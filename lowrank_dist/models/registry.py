@@ -16,6 +16,7 @@ class ModelSpec:
     input_size: (C, H, W) the model is meant for (costs and the speed report use it)
     presets: named rank lists, one rank per factorisable (kh·kw > 1) conv in module order
     options: extra keyword options `build` accepts (e.g. GoogLeNet's aux_logits), with defaults
+    aux_loss_weight: weight of each auxiliary head's loss when the model returns (logits, aux...) in training
     """
 
     name: str
@@ -24,14 +25,17 @@ class ModelSpec:
     num_classes: int
     presets: dict[str, list[int]] = field(default_factory=dict)
     options: dict[str, object] = field(default_factory=dict)
+    aux_loss_weight: float = 0.0
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, input_size=(3, 224, 224), num_classes=1000, presets=None, options=None):
+def register_model(name: str, *, input_size=(3, 224, 224), num_classes=1000, presets=None, options=None,
+                   aux_loss_weight: float = 0.0):
     def wrap(build):
-        MODELS[name] = ModelSpec(name, build, tuple(input_size), num_classes, presets or {}, options or {})
+        MODELS[name] = ModelSpec(name, build, tuple(input_size), num_classes, presets or {}, options or {},
+                                 aux_loss_weight)
         return build
 
     return wrap

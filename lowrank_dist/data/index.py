@@ -1,0 +1,263 @@
+"""The data index: every image of a split with its label, byte size, width, height and whether its
+bytes pass the header/end-marker check — built once, read by every later run.
+
+    python -m lowrank_dist.data.index ROOT [--train-list FILE] [--val-list FILE] [--jobs N]
+
+Why. Without it, every rank of every (re)start lists the split's folders and stats each file (1.28M
+files in 1,000 folders for ImageNet, times 32 ranks for 4 nodes, often on a network file system),
+and learns each image's size only by reading the file when it is batched — so crop windows could
+only be drawn one sample at a time, on the thread that fed the loader. With the index a rank reads
+one file, and the crop windows of a whole epoch are one vectorised call (`sampling.CropPlan.boxes`).
+
+Where. ROOT/.lowrank_index/<split>.npz (a split given by a list file: list-<name>-<hash>.npz);
+when ROOT is not writable, ~/.cache/lowrank_dist/index/<hash of ROOT>/ instead. Paths are stored
+relative to ROOT, so the data set can move with its index.
+
+When. The first run builds what is missing (the command above does it ahead of time), reading each
+file's head and tail (`check.inspect_file`) in one process per CPU core. One process builds, under
+an exclusive lock on the index file's .lock; the others wait on the lock and then read what it wrote.
+
+Stale. An index remembers the modification time of the split folder and of every folder holding
+its images (a list file: the list itself and the folders of the files it lists). Adding, removing
+or renaming a file changes its folder's time, so a start-up check costs one stat per folder
+(~1,000), not one per file; an index found stale is rebuilt, with a line saying why. A file
+rewritten in place with a new size leaves its folder's time alone: the loaders compare the bytes
+they read with the size the index holds and stop with a DataError naming the file. (Folder times
+have the file system's resolution: a change in the same few ms as the index was built can be missed.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .check import inspect_file
+from .integrity import BadImage
+from .samples import DataError, Samples, class_folders, read_list, scan_split
+
+VERSION = 1
+FOLDER = ".lowrank_index"
+
+
+def index_folder(root: Path) -> Path:
+    """ROOT/.lowrank_index if it can be written there, else a per-root folder in the user's cache."""
+    folder = root / FOLDER
+    if folder.is_dir() and os.access(folder, os.W_OK) or not folder.exists() and os.access(root, os.W_OK):
+        return folder
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lowrank_dist" / "index" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+def index_path(root: Path, split: str, list_file: Path | None) -> Path:
+    if list_file is None:
+        return index_folder(root) / f"{split}.npz"
+    digest = hashlib.sha1(str(Path(list_file).resolve()).encode()).hexdigest()[:12]
+    return index_folder(root) / f"list-{Path(list_file).stem}-{digest}.npz"
+
+
+# -- what the index must match ---------------------------------------------------------------------
+
+
+def _mtime(path: Path | str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1  # gone: differs from any time recorded
+
+
+def fingerprint(root: Path, split: str, list_file: Path | None, folders: list[str] | None = None) -> dict:
+    """What a change to the split would change, one stat per folder. `folders` (relative to root):
+    those holding the listed images, for a list file; for a folder split they are its subfolders."""
+    if list_file is None:
+        split_dir = root / split
+        with os.scandir(split_dir) as entries:
+            names = sorted(entry.name for entry in entries if entry.is_dir())
+        folders = [f"{split}/{name}" for name in names]
+        return {"split": _mtime(split_dir), "folders": {f: _mtime(root / f) for f in folders}}
+    stat = os.stat(list_file)
+    return {"list": [stat.st_size, stat.st_mtime_ns], "folders": {f: _mtime(root / f) for f in folders or []}}
+
+
+def stale_because(meta: dict, root: Path, split: str, list_file: Path | None, classes: list[str] | None) -> str | None:
+    """Why an index no longer describes the split, or None if it still does."""
+    if meta.get("version") != VERSION:
+        return f"written by index format {meta.get('version')}, this is {VERSION}"
+    if classes is not None and meta["classes"] != classes:
+        return "the train class folders changed (labels would shift)"
+    try:
+        now = fingerprint(root, split, list_file, list(meta["fingerprint"]["folders"]))
+    except OSError as error:
+        return f"cannot stat the split: {error}"
+    then = meta["fingerprint"]
+    if now.get("list") != then.get("list") or now.get("split") != then.get("split"):
+        return f"{list_file or root / split} changed"
+    changed = [f for f in set(now["folders"]) | set(then["folders"]) if now["folders"].get(f) != then["folders"].get(f)]
+    if changed:
+        return f"folder {str(root / sorted(changed)[0])!r} changed" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+    return None
+
+
+# -- building --------------------------------------------------------------------------------------
+
+
+def _inspect_chunk(paths: list[str]) -> list[tuple[int, int, int, str | None]]:
+    """(size, width, height, why it is bad or None) per file."""
+    out = []
+    for path in paths:
+        try:
+            size, info = inspect_file(path)
+            out.append((size, info.width, info.height, None))
+        except BadImage as bad:
+            out.append((0, 0, 0, str(bad)))
+        except OSError as error:
+            out.append((0, 0, 0, f"cannot be read: {error.strerror or error}"))
+    return out
+
+
+def inspect_all(paths: list[str], jobs: int) -> list[tuple[int, int, int, str | None]]:
+    if jobs <= 1 or len(paths) < 512:
+        return _inspect_chunk(paths)
+    size = max(64, min(2048, len(paths) // (jobs * 8)))
+    chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return [entry for chunk in pool.map(_inspect_chunk, chunks) for entry in chunk]
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build(root: Path, split: str, list_file: Path | None, classes: list[str] | None, num_classes: int | None,
+          jobs: int) -> tuple[Samples, dict]:
+    """List the split (raising DataError on layout problems, as samples does) and inspect every image."""
+    if list_file is None:
+        class_folders(root / split)  # a missing or empty split is a DataError naming it
+        before = fingerprint(root, split, None)  # taken before listing: a change while we list shows next time
+        listed = scan_split(root / split, {name: i for i, name in enumerate(classes)})
+    else:
+        listed = read_list(root, list_file, num_classes)
+        prefix = str(root) + os.sep
+        folders = sorted({os.path.dirname(p[len(prefix):] if p.startswith(prefix) else p) for p in listed.paths})
+        before = fingerprint(root, split, list_file, folders)
+    entries = inspect_all(listed.paths, jobs)
+    sizes, widths, heights, why = zip(*entries) if entries else ((), (), (), ())
+    samples = Samples(listed.paths, listed.labels, sizes=np.asarray(sizes, dtype=np.int64),
+                      widths=np.asarray(widths, dtype=np.int64), heights=np.asarray(heights, dtype=np.int64),
+                      bad={i: w for i, w in enumerate(why) if w is not None})
+    return samples, {"version": VERSION, "classes": classes, "fingerprint": before}
+
+
+def _blob(strings: list[str]) -> np.ndarray:
+    return np.frombuffer("\0".join(strings).encode(), dtype=np.uint8)
+
+
+def _strings(blob: np.ndarray) -> list[str]:
+    return blob.tobytes().decode().split("\0") if len(blob) else []
+
+
+def save(path: Path, root: Path, samples: Samples, meta: dict) -> None:
+    prefix = str(root) + os.sep
+    relative = [p[len(prefix):] if p.startswith(prefix) else p for p in samples.paths]
+    bad = sorted(samples.bad)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(partial, "wb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, meta=_blob([json.dumps(meta)]), paths=_blob(relative), labels=samples.labels,
+                 sizes=samples.sizes, widths=samples.widths, heights=samples.heights,
+                 bad_index=np.asarray(bad, dtype=np.int64), bad_why=_blob([samples.bad[i] for i in bad]))
+    os.replace(partial, path)  # readers see the old index or the new one, never half of one
+
+
+def load(path: Path, root: Path) -> tuple[Samples, dict] | None:
+    """The index at `path`, or None if there is none or it cannot be read (it is then rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes().decode())
+            prefix = str(root) + os.sep
+            paths = [p if p.startswith(os.sep) else prefix + p for p in _strings(data["paths"])]
+            bad = dict(zip(data["bad_index"].tolist(), _strings(data["bad_why"])))
+            samples = Samples(paths, data["labels"], sizes=data["sizes"], widths=data["widths"],
+                              heights=data["heights"], bad=bad)
+    except (OSError, ValueError, KeyError):
+        return None
+    return samples, meta
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to build the data index {path}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def split_samples(root: Path, split: str, *, classes: list[str] | None, list_file: Path | None = None,
+                  num_classes: int | None = None, jobs: int | None = None, rebuild: bool = False,
+                  quiet: bool = False) -> Samples:
+    """The split's samples from its index, building or rebuilding the index first if it is missing
+    or stale. `classes`: the train class names (folder splits, to number the labels)."""
+    root = Path(root)
+    path = index_path(root, split, list_file)
+    found = None if rebuild else load(path, root)
+    if found is not None and stale_because(found[1], root, split, list_file, classes) is None:
+        return found[0]
+    with _locked(path):
+        found = None if rebuild else load(path, root)  # another process may have built it while we waited
+        why = None if found is None else stale_because(found[1], root, split, list_file, classes)
+        if found is not None and why is None:
+            return found[0]
+        started = time.perf_counter()
+        samples, meta = build(root, split, list_file, classes, num_classes, jobs or default_jobs())
+        save(path, root, samples, meta)
+        if not quiet:
+            print(f"data index {path}: {len(samples)} images, {len(samples.bad)} bad,"
+                  f" built in {time.perf_counter() - started:.1f} s" + (f" ({why}: rebuilt)" if why else ""), flush=True)
+        return samples
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lowrank_dist.data.index", description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="data set folder holding train/<class>/*.JPEG and val/<class>/*.JPEG")
+    parser.add_argument("--train-list", type=Path, metavar="FILE", help="the train split as a list file (data.train_list)")
+    parser.add_argument("--val-list", type=Path, metavar="FILE", help="the val split as a list file (data.val_list)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="processes (default: the CPU cores this process may use)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild even if the index is up to date")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from .samples import load_samples
+
+    args = parse_args(argv)
+    try:
+        classes, train, val = load_samples(args.root, args.train_list, args.val_list, jobs=args.jobs, rebuild=args.rebuild)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, samples, list_file in (("train", train, args.train_list), ("val", val, args.val_list)):
+        line = f"{name}: {len(samples)} images, {len(samples.bad)} bad"
+        if samples.bad:
+            line += f" (python -m lowrank_dist.data.check {args.root} says why)"
+        print(f"{line}; index {index_path(args.root, name, list_file)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
