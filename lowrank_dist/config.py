@@ -42,6 +42,11 @@ class LowRankConfig(Section):
     bn_between: bool = False
     dense_checkpoint: Path | None = None  # decomposed mode: the trained dense model to start from
     project_every: int = Field(default=100, ge=1)  # projected mode: optimizer steps between projections
+    # How each factorised layer runs — the same parameters and function either way: as its two thin
+    # convs, as one dense conv of its composed kernel, or whichever is measured faster per layer at
+    # start-up (report/execution.py). Not part of the model: a checkpoint resumes under any of them.
+    # null: auto on a GPU, factorized on the CPU (measured slower composed there, see CPU_DEFAULT).
+    execution: Literal["auto", "factorized", "composed"] | None = None
 
     @model_validator(mode="after")
     def _one_policy(self):
@@ -53,6 +58,9 @@ class LowRankConfig(Section):
             raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
         if self.mode == "decomposed" and self.dense_checkpoint is None:
             raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
+        if self.execution == "composed" and self.bn_between:
+            raise ValueError("execution 'composed' is impossible with bn_between: BatchNorm between V and H normalises"
+                             " the intermediate by batch statistics, so the pair is not one kernel; use 'auto' or 'factorized'")
         if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be >= 1 (or null for a dense layer), got {self.ranks}")
         if isinstance(self.ranks, dict) and any(r is not None and r < 1 for r in self.ranks.values()):

@@ -6,6 +6,15 @@ takes the width part and the bias. With no nonlinearity between them the pair is
 whose kernel is Ŵ[n,c,i,j] = Σ_k V[k,c,i]·H[n,k,j] (`dense_weight`), so a forward pass equals the
 dense conv with Ŵ, and `reproject` can re-impose rank K exactly. An optional BatchNorm between the
 two convs (off by default; the authors put BN after the horizontal conv) breaks that equivalence.
+
+The same function runs in one of two forms (`execution`), with the same parameters V and H:
+- "factorized": the two thin convs, K·(C·kh + N·kw) MACs per output pixel, but the K-channel
+  intermediate is written to memory and read back;
+- "composed": Ŵ is built from V and H at every call (N·C·kh·kw·K MACs, whatever the batch and
+  image size) and applied as one dense conv. Autograd carries the gradient through the composition,
+  so only V and H (and the bias) receive gradients and the rank-K constraint holds exactly.
+Which is faster depends on the layer, the device, dtype and batch (report/execution.py times both).
+The form is not part of the state dict: a checkpoint loads, trains and evaluates under either.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .decompose import Decomposition, decompose_kernel, recompose
@@ -63,7 +73,10 @@ class LowRankConv2d(nn.Module):
     `rank` is the number of vertical filters, the total over the groups as in the authors'
     prototxts (CaffeNet's conv2 "40" is 20 per group); a grouped conv keeps its groups in both
     factors, so each group has rank/groups of them.
+    `execution` says which form the forward runs (module docstring); "factorized" unless set.
     """
+
+    EXECUTIONS = ("factorized", "composed")
 
     def __init__(
         self,
@@ -101,12 +114,37 @@ class LowRankConv2d(nn.Module):
             rank, out_channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
             groups=groups, bias=bias, **factory,
         )
+        self._execution = "factorized"
+
+    @property
+    def execution(self) -> str:
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in self.EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(self.EXECUTIONS)}, got {value!r}")
+        if value == "composed" and self.between is not None:
+            raise ValueError(
+                "execution 'composed' is impossible with BatchNorm between the vertical and horizontal convs:"
+                " in training BN normalises the intermediate by its batch statistics, so the pair is not one kernel"
+            )
+        self._execution = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._composed(x) if self._execution == "composed" else self._factorized(x)
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
         x = self.vertical(x)
         if self.between is not None:
             x = self.between(x)
         return self.horizontal(x)
+
+    def _composed(self, x: torch.Tensor) -> torch.Tensor:
+        """conv2d(x, Ŵ) + b with Ŵ = Σ_k V_k ⊗ H_k: vertical's height stride/padding/dilation and
+        horizontal's width ones make exactly the dense conv's (sh, sw), (ph, pw), (dh, dw)."""
+        return F.conv2d(x, self.dense_weight(), self.horizontal.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
     # -- construction from a dense conv ----------------------------------------------------------
 

@@ -311,15 +311,21 @@ def test_cli_speed_aware_writes_a_config_that_builds(tmp_path, capsys):
 
 def test_cli_reads_a_training_config(tmp_path, capsys):
     """--config: model, batch and image size, bf16 and channels_last come from the config (here
-    the flags override batch, size and dtype; channels_last stays the config's)."""
+    the flags override batch and size; channels_last stays the config's; the config's bf16 becomes
+    fp32 on the CPU, where bf16 convolutions say nothing about a GPU run). The config's
+    model.lowrank.execution is the report's plan."""
     out = tmp_path / "from_config"
     argv = ["--config", str(REPO / "configs/alexnet_lr.yaml"), "--set", "model.num_classes=10", "--device", "cpu",
-            "--dtype", "fp32", "--batch", "2", "--image-size", "64", "--repeats", "1", "--warmup", "0",
-            "--layers-only", "--out", str(out)]
+            "--set", "model.lowrank.execution=composed", "--batch", "2", "--image-size", "64", "--repeats", "1",
+            "--warmup", "0", "--layers-only", "--out", str(out)]
     assert main(argv) == 0
     assert "alexnet, low-rank (preset=tai2016): measured speed" in capsys.readouterr().out
-    meta = json.loads((out / "speed.json").read_text())["meta"]
+    saved = json.loads((out / "speed.json").read_text())
+    meta = saved["meta"]
     assert meta["channels_last"] is True and meta["input_shape"] == [2, 3, 64, 64] and meta["dtype"] == "fp32"
+    assert meta["plan"] == "--execution composed"
+    assert [row["execution"] for row in saved["layers"]] == ["dense" if row["rank"] is None else "composed"
+                                                             for row in saved["layers"]]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -370,12 +376,20 @@ def test_gpu_benchmark_smoke_runs_without_scipy_yaml_or_pydantic(tmp_path):
         assert result_["errors"] == []
         variants = result_["variants"]
         expected = {"alexnet": {"authors", "speedup2"}, "vgg16": {"authors"}, "googlenet": {"speedup2"}}[name]
-        assert set(variants) == expected | {"speed-aware"}
+        assert set(variants) == expected | {"speed-aware", "auto"}
         assert all(v["eager"]["images_per_s"] > 0 and v["eager"]["dense_images_per_s"] > 0 for v in variants.values())
         assert variants["speed-aware"]["compiled"]["speedup"] > 0
         assert variants["speed-aware"]["ranks"] == {k: v for k, v in result_["speed_aware"]["ranks"].items() if v is not None}
-    assert len(saved["vgg16_layers"]["layers"]) == 13
+        # auto: the default ranks, each layer run in the form its timing chose; per layer in its table
+        plan = {layer["name"]: layer["execution"] for layer in result_["plan"]["layers"]}
+        assert set(plan) == set(variants["auto"]["ranks"]) and set(plan.values()) <= {"factorized", "composed"}
+        layers = saved["layers"][name]["layers"]
+        assert {row["name"]: row["execution"] for row in layers if row["execution"] != "dense"} == plan
+        assert all(row["composed_train"]["median_s"] > 0 for row in layers if row["execution"] != "dense")
+    assert saved["models"]["alexnet"]["variants"]["auto"]["compiled"]["speedup"] > 0
+    assert saved["layers"]["vgg16"] == saved["vgg16_layers"] and len(saved["vgg16_layers"]["layers"]) == 13
     by_hand = saved["vgg16_layers_by_hand"]  # every layer, dense and factorised, timed again by hand
     assert by_hand["total"] == 26 == len(by_hand["rows"]) and all(row["hand_ms"] > 0 for row in by_hand["rows"])
-    assert "| vgg16 | speed-aware |" in saved["summary"]
-    assert (out / f"{path.stem}_vgg16_layers" / "speed.png").is_file()
+    assert "| vgg16 | speed-aware |" in saved["summary"] and "| vgg16 | auto |" in saved["summary"]
+    assert "Targets, auto" in saved["summary"] and "vgg16 layers:" in saved["summary"]
+    assert all((out / f"{path.stem}_{name}_layers" / "speed.png").is_file() for name in ("alexnet", "vgg16", "googlenet"))

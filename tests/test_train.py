@@ -264,6 +264,7 @@ def test_tensorboard_has_the_expected_tags(tmp_path, synthetic):
     assert any(t.startswith("projection/residual/") for t in scalars)
     assert any(t.startswith("ranks/") for t in scalars)
     assert "config/text_summary" in events.Tags()["tensors"]
+    assert "execution/plan/text_summary" not in events.Tags()["tensors"]  # projected mode: dense kernels, no plan
     # the end-of-run speed report: one row per factorised layer, measured beside the dense twin
     assert "speed/table/text_summary" in events.Tags()["tensors"]
     for name in result_ranks(result):
@@ -282,6 +283,16 @@ def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_doe
     timed = {row["name"]: row for row in report["layers"]}
     assert set(result_ranks(finished)) <= set(timed) and len(timed) == 4  # tiny_vgg's four convs
     assert report["meta"]["input_shape"] == [16, 3, 32, 32]  # the training batch and crop
+    # the run's execution plan (on the CPU by default every layer factorised) is the report's plan
+    assert report["meta"]["plan"] == "the run's plan, model.lowrank.execution factorized"
+    assert {row["execution"] for row in timed.values() if row["rank"] is not None} == {"factorized"}
+    assert all(row["composed_train"]["median_s"] > 0 for row in timed.values() if row["rank"] is not None)
+    assert (finished.folder / "execution_plan.md").read_text().startswith("### execution plan (factorized;")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished.folder / "tensorboard"))
+    events.Reload()
+    assert "execution/plan/text_summary" in events.Tags()["tensors"]
     assert all((finished.folder / "speed" / f"speed.{kind}").is_file() for kind in ("md", "csv", "png"))
     cut = fit(load_config(config(tmp_path / "b", synthetic, optim={"epochs": 1}, run={"max_steps": 2})))
     assert not (cut.folder / "speed").exists()

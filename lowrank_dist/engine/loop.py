@@ -104,6 +104,7 @@ class Run:
     progress: Any  # tqdm
     last_step: int = 0  # set by the resume: run.max_steps or the end of the schedule
     total_steps: int = 0  # the end of the schedule
+    plan: Any = None  # report.execution.ExecutionPlan the factorised layers run under (None: none factorised)
 
     @property
     def micro_batches(self) -> int:

@@ -28,6 +28,7 @@ from ..config import Config, ConfigError
 from ..data import build_loaders
 from ..layers import LowRankConv2d
 from ..models import build_model, choose_ranks, decompose, lowrank_policy, model_spec
+from ..report.execution import ExecutionPlan, plan_for_run
 from .backends import build_engine, global_batch
 from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
 from .distributed import DistContext, select_device
@@ -191,11 +192,19 @@ def _differences(a: dict, b: dict, prefix: str = "") -> tuple[str, str]:
     return ", ".join(there), ", ".join(here)
 
 
+def _model_identity(section):
+    """The model section of a config without how its layers run (lowrank.execution): a checkpoint
+    is the same model under any execution plan."""
+    if not isinstance(section, dict) or not isinstance(section.get("lowrank"), dict):
+        return section
+    return section | {"lowrank": {k: v for k, v in section["lowrank"].items() if k != "execution"}}
+
+
 def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext) -> None:
     """Refuse, with the reason, a checkpoint this run cannot continue from."""
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"--resume {str(path)!r} is not a checkpoint of this trainer (no config in it)")
-    written_for, this = state["config"].get("model"), cfg.resolved()["model"]
+    written_for, this = _model_identity(state["config"].get("model")), _model_identity(cfg.resolved()["model"])
     if written_for != this:
         there, here = _differences(written_for if isinstance(written_for, dict) else {}, this)
         raise CheckpointError(f"--resume {str(path)!r} was written for model {there}, not this config's {here}:"
@@ -233,19 +242,28 @@ def rebase_schedule(engine, cfg: Config, position: int, batch: int) -> float:
     return scheduler._last_lr[0]
 
 
-def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog):
+def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog,
+                   plan: ExecutionPlan | None = None):
     """The end-of-run speed report: every factorised layer timed against its dense twin (same
-    shapes, fresh weights: time does not depend on their values) at the training batch, image size,
-    dtype and memory format, on the training device. Printed, and written to out_dir and TensorBoard."""
+    shapes, fresh weights: time does not depend on their values), factorised and composed, at the
+    training batch, image size and memory format, on the training device, in the run's dtype on a
+    GPU and in fp32 on the CPU (CPUs have no fast bf16 convolutions: bf16 times there say nothing
+    about a GPU run). The run's execution plan is the report's plan when it was made in the same
+    dtype; otherwise the report picks each layer's faster form itself. Printed, and written to
+    out_dir and TensorBoard."""
     from ..report.speed import speed_report
 
     build = cfg.model.build_dict(num_classes)
     build.pop("lowrank")
     dense = build_model(build)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp, torch.float32)
+    run_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp, torch.float32)
+    dtype = run_dtype if device.type == "cuda" else torch.float32
     shape = (cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+    same = plan is not None and dtype == run_dtype
     report = speed_report(dense, lowrank, shape, device, dtype, out_dir, writer=log.writer,
-                          channels_last=cfg.precision.channels_last, title=f"{cfg.model.name} (run {cfg.run.name})")
+                          channels_last=cfg.precision.channels_last, title=f"{cfg.model.name} (run {cfg.run.name})",
+                          plan=plan.executions if same else None,
+                          plan_source=f"the run's plan, model.lowrank.execution {plan.mode}" if same else None)
     log.print(report.to_markdown())
     return report
 
@@ -271,6 +289,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The one place to change the model on its device before the engine wraps it.
+    plan = plan_for_run(cfg, model, device, dist_ctx, log)  # each factorised layer runs factorised or composed
 
     checkpoints = CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last)
     if dist_ctx.is_main:  # no rank saves before rank 0 has joined the first step's collectives
@@ -289,7 +308,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         raise ConfigError(str(error)) from None
     progress = tqdm(desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
     run = Run(cfg, dist_ctx, engine, engine.module,  # SyncBatchNorm conversion may have replaced BN layers
-              loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress)
+              loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress, plan=plan)
     batch = global_batch(cfg, dist_ctx)
     log.print(f"{dist_ctx.world_size} process(es) × batch {cfg.data.batch_size} × accumulate {cfg.optim.accumulate}"
               f" = global batch {batch}; peak lr {scaled_lr(cfg.optim, batch):g}"
@@ -420,7 +439,8 @@ def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResul
     finished = state.step >= run.total_steps  # a run cut short by run.max_steps is a test or a debug session
     if run.ranks and cfg.run.speed_report and run.dist_ctx.is_main and finished:
         try:
-            speed = measured_speed(cfg, lowrank, len(run.loaders.classes), run.engine.device, folder / "speed", run.log)
+            speed = measured_speed(cfg, lowrank, len(run.loaders.classes), run.engine.device, folder / "speed", run.log,
+                                   run.plan)
         except OSError as error:  # the weights are safe by now; a report that cannot be written is not fatal
             print(f"warning: could not write the speed report to {folder / 'speed'} ({error})", file=sys.stderr)
     run.log.print(

@@ -1,6 +1,6 @@
 """Measured speed of a low-rank model beside its dense twin, per conv layer and whole model.
 
-    python -m lowrank_dist.report --config configs/vgg16_lr.yaml [--device cuda] [--dtype bf16] [--batch 64]
+    python -m lowrank_dist.report --config configs/vgg16_lr.yaml [--device cuda] [--dtype bf16] [--batch 64] [--execution auto]
     python -m lowrank_dist.report --model vgg16 --preset tai2016 --device cpu --batch 2 --image-size 64
     python -m lowrank_dist.report --model vgg16 --speed-aware --search 2,3,4 --write-config vgg16_fast.yaml
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .costs import DEFAULT_LOWRANK
+from .execution import lowrank_layers
 from .speed import DTYPES, resolve_device, speed_report
 
 
@@ -40,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--speedup", type=float, help="with --model: per-layer theoretical speedup target")
     parser.add_argument("--batch-norm", action="store_true", help="with --model: the BN variant")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 if the config's precision.amp is, else fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"],
+                        help="default: on cuda bf16 if the config's precision.amp is, else fp32; on the CPU fp32 (CPUs have"
+                             " no fast bf16 convolutions, so bf16 times there say nothing about a GPU run)")
+    parser.add_argument("--execution", choices=["auto", "factorized", "composed"],
+                        help="the plan column: each layer's faster form measured here (auto), or one form for all;"
+                             " default: the config's model.lowrank.execution, else auto")
     parser.add_argument("--channels-last", action="store_true", default=None,
                         help="default: the config's precision.channels_last")
     parser.add_argument("--batch", type=int,
@@ -85,6 +91,7 @@ def _model_setup(args) -> tuple[dict, dict | None, dict]:
     defaults = {
         "batch": cfg.data.batch_size, "image_size": cfg.data.image_size,
         "dtype": "bf16" if cfg.precision.amp == "bf16" else "fp32", "channels_last": cfg.precision.channels_last,
+        "execution": cfg.model.lowrank.execution,
     }
     return build, tree, defaults
 
@@ -96,7 +103,8 @@ def run(args) -> int:
     build, tree, defaults = _model_setup(args)
     spec = model_spec(build["name"])
     device = resolve_device(args.device)
-    dtype_key = args.dtype or defaults.get("dtype", "fp32")
+    dtype_key = args.dtype or (defaults.get("dtype", "fp32") if device.type == "cuda" else "fp32")
+    execution = args.execution or defaults.get("execution") or "auto"
     channels_last = args.channels_last if args.channels_last is not None else defaults.get("channels_last", False)
     batch = args.batch if args.batch is not None else defaults.get("batch", 64 if device.type == "cuda" else 4)
     size = args.image_size if args.image_size is not None else defaults.get("image_size", spec.input_size[1])
@@ -136,8 +144,10 @@ def run(args) -> int:
     else:
         policy = ", ".join(f"{k}={v}" for k, v in build["lowrank"].items() if v not in (None, False))
         title = f"{spec.name}, low-rank ({policy})"
+    fixed = None if execution == "auto" else {name: execution for name, _ in lowrank_layers(lowrank_model)}
     report = speed_report(
-        dense, lowrank_model, input_shape, out_dir=out, whole_model=not args.layers_only, title=title, **timing
+        dense, lowrank_model, input_shape, out_dir=out, whole_model=not args.layers_only, title=title, plan=fixed,
+        plan_source=None if fixed is None else f"--execution {execution}", **timing
     )
     print(report.to_markdown())
     print(f"\nwrote {', '.join(str(p) for p in report.files.values())} and {out / 'tensorboard'}")

@@ -1,8 +1,8 @@
 """A SpeedReport as a markdown table, CSV, JSON, a PNG chart and TensorBoard entries.
 
 Times in the table are medians per batch in milliseconds; a speedup is dense time / low-rank time
-(above 1: the factorised layer is faster). CSV and JSON keep the quartiles (the run's own spread)
-and, in JSON, every sample.
+(above 1: the low-rank layer is faster), for the factorised form, the composed one and the plan's.
+CSV and JSON keep the quartiles (the run's own spread) and, in JSON, every sample.
 """
 
 from __future__ import annotations
@@ -36,56 +36,80 @@ def heading(report: SpeedReport) -> str:
     )
 
 
+def _total(rows, key: str) -> float:
+    return sum(getattr(row, key).median for row in rows)
+
+
+def _all_composed(row) -> Timing:
+    """The row's time with every layer that has a composed form composed (the others as they are)."""
+    return row.composed_train if row.composed_train is not None else row.lowrank_train
+
+
 def markdown(report: SpeedReport) -> str:
     """The per-layer table, a totals line and the whole-model images/s."""
     meta = report.meta
     lines = [
         f"### {heading(report)}",
         "",
-        f"Median of {meta['repeats']} samples after {meta['warmup']} warm-up calls, dense and low-rank alternated;"
-        " times in ms per batch. *theory*: dense MACs / low-rank MACs; *measured*: dense time / low-rank time."
-        " Layers kept dense are one module in both models: timed once, ratio 1.",
+        f"Median of {meta['repeats']} samples after {meta['warmup']} warm-up calls, the forms of a layer alternated;"
+        " times in ms per batch. *theory*: dense MACs / factorised MACs; *×*: dense time / that form's time."
+        " *composed*: one dense conv of the composed kernel Σ_k V_k ⊗ H_k (same parameters). *plan*: the form"
+        f" each layer runs ({meta.get('plan', 'given')}). Layers kept dense are one module in both models:"
+        " timed once, ratio 1.",
         "",
         "| layer | kernel N×C×kh×kw | rank | input | MMACs/img dense → low-rank | theory"
-        " | fwd dense | fwd low-rank | fwd measured | fwd+bwd dense | fwd+bwd low-rank | fwd+bwd measured |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | fwd dense | fwd factorised | fwd composed | fwd+bwd dense | fwd+bwd factorised | fwd+bwd composed"
+        " | factorised fwd+bwd × | plan | plan fwd × | plan fwd+bwd × |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for row in report.rows:
         cost = row.cost
         kernel = _shape(cost.kernel) + (f" /{cost.groups}g" if cost.groups > 1 else "")
+        composed = [_ms(t.median) if t is not None else "—" for t in (row.composed_forward, row.composed_train)]
         lines.append(
             f"| {row.name} | {kernel} | {cost.rank if cost.rank is not None else 'dense'} | {_shape(row.input_shape)}"
             f" | {cost.dense_macs / 1e6:,.1f} → {cost.lowrank_macs / 1e6:,.1f} | {row.theoretical:.2f}×"
-            f" | {_ms(row.dense_forward.median)} | {_ms(row.lowrank_forward.median)} | {row.forward_speedup:.2f}×"
-            f" | {_ms(row.dense_train.median)} | {_ms(row.lowrank_train.median)} | {row.train_speedup:.2f}× |"
+            f" | {_ms(row.dense_forward.median)} | {_ms(row.lowrank_forward.median)} | {composed[0]}"
+            f" | {_ms(row.dense_train.median)} | {_ms(row.lowrank_train.median)} | {composed[1]}"
+            f" | {row.train_speedup:.2f}× | {row.execution} | {row.planned_forward_speedup:.2f}×"
+            f" | {row.planned_train_speedup:.2f}× |"
         )
     if report.rows:
-        total = {key: sum(getattr(row, key).median for row in report.rows)
-                 for key in ("dense_forward", "lowrank_forward", "dense_train", "lowrank_train")}
-        dense_macs = sum(row.cost.dense_macs for row in report.rows)
-        lowrank_macs = sum(row.cost.lowrank_macs for row in report.rows)
-        factorised = sum(row.cost.rank is not None for row in report.rows)
+        rows = report.rows
+        dense_macs = sum(row.cost.dense_macs for row in rows)
+        lowrank_macs = sum(row.cost.lowrank_macs for row in rows)
+        factorised = sum(row.cost.rank is not None for row in rows)
+        composed = sum(row.execution == "composed" for row in rows)
+        composed_forward = sum((row.composed_forward or row.lowrank_forward).median for row in rows)
+        composed_train = sum(_all_composed(row).median for row in rows)
         lines.append(
-            f"| **all {len(report.rows)} convs ({factorised} factorised)** | | | | **{dense_macs / 1e6:,.1f} →"
+            f"| **all {len(rows)} convs ({factorised} factorised)** | | | | **{dense_macs / 1e6:,.1f} →"
             f" {lowrank_macs / 1e6:,.1f}** | **{dense_macs / lowrank_macs:.2f}×**"
-            f" | **{_ms(total['dense_forward'])}** | **{_ms(total['lowrank_forward'])}**"
-            f" | **{total['dense_forward'] / total['lowrank_forward']:.2f}×**"
-            f" | **{_ms(total['dense_train'])}** | **{_ms(total['lowrank_train'])}**"
-            f" | **{total['dense_train'] / total['lowrank_train']:.2f}×** |"
+            f" | **{_ms(_total(rows, 'dense_forward'))}** | **{_ms(_total(rows, 'lowrank_forward'))}**"
+            f" | **{_ms(composed_forward)}** | **{_ms(_total(rows, 'dense_train'))}**"
+            f" | **{_ms(_total(rows, 'lowrank_train'))}** | **{_ms(composed_train)}**"
+            f" | **{_total(rows, 'dense_train') / _total(rows, 'lowrank_train'):.2f}×** | **{composed} composed**"
+            f" | **{_total(rows, 'dense_forward') / _total(rows, 'planned_forward'):.2f}×**"
+            f" | **{_total(rows, 'dense_train') / _total(rows, 'planned_train'):.2f}×** |"
         )
     model = report.model
     if model is not None:
+        rate = model.images_per_s
         lines += [
             "",
-            f"Whole model, batch {model.batch}: forward {model.images_per_s(model.dense_forward):,.1f} →"
-            f" {model.images_per_s(model.lowrank_forward):,.1f} images/s ({model.forward_speedup:.2f}×);"
-            f" train step (forward, backward, SGD update) {model.images_per_s(model.dense_train):,.1f} →"
-            f" {model.images_per_s(model.lowrank_train):,.1f} images/s ({model.train_speedup:.2f}×), dense → low-rank.",
+            f"Whole model, batch {model.batch}, images/s — train step (forward, backward, SGD update): dense"
+            f" {rate(model.dense_train):,.1f}, all factorised {rate(model.lowrank_train):,.1f}"
+            f" ({model.train_speedup:.2f}×), plan {rate(model.planned_train):,.1f} ({model.planned_train_speedup:.2f}×);"
+            f" forward: dense {rate(model.dense_forward):,.1f}, all factorised {rate(model.lowrank_forward):,.1f}"
+            f" ({model.forward_speedup:.2f}×), plan {rate(model.planned_forward):,.1f}"
+            f" ({model.planned_forward_speedup:.2f}×).",
         ]
     return "\n".join(lines)
 
 
-def _timing_columns(prefix: str, timing: Timing) -> dict:
+def _timing_columns(prefix: str, timing: Timing | None) -> dict:
+    if timing is None:
+        return {f"{prefix}_ms": "", f"{prefix}_q1_ms": "", f"{prefix}_q3_ms": ""}
     q1, q3 = timing.quartiles
     return {f"{prefix}_ms": timing.median * 1e3, f"{prefix}_q1_ms": q1 * 1e3, f"{prefix}_q3_ms": q3 * 1e3}
 
@@ -101,17 +125,22 @@ def csv_rows(report: SpeedReport) -> list[dict]:
             "theoretical_speedup": row.theoretical,
             **_timing_columns("dense_forward", row.dense_forward),
             **_timing_columns("lowrank_forward", row.lowrank_forward),
+            **_timing_columns("composed_forward", row.composed_forward),
             "forward_speedup": row.forward_speedup,
             **_timing_columns("dense_train", row.dense_train),
             **_timing_columns("lowrank_train", row.lowrank_train),
+            **_timing_columns("composed_train", row.composed_train),
             "train_speedup": row.train_speedup,
+            "execution": row.execution,
+            "planned_forward_speedup": row.planned_forward_speedup,
+            "planned_train_speedup": row.planned_train_speedup,
         })
     return rows
 
 
 def chart(report: SpeedReport, path: Path) -> None:
-    """Grouped bars per factorised layer: theoretical, measured forward, measured forward+backward
-    speedup, with the break-even line at 1 (every layer if none is factorised)."""
+    """Grouped bars per factorised layer: theoretical, measured factorised forward and
+    forward+backward, and composed forward+backward speedup, with the break-even line at 1 (every layer if none is factorised)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,15 +153,16 @@ def chart(report: SpeedReport, path: Path) -> None:
 
 
 def _figure(report: SpeedReport, rows, plt):
-    width = 0.27
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2.0), 4.5), layout="constrained")
+    width = 0.2
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2.0), 4.5), layout="constrained")
     positions = range(len(rows))
     series = (
         ("theoretical (MACs)", [row.theoretical for row in rows], "#999999"),
-        ("measured forward", [row.forward_speedup for row in rows], "#4c72b0"),
-        ("measured forward+backward", [row.train_speedup for row in rows], "#dd8452"),
+        ("factorised forward", [row.forward_speedup for row in rows], "#4c72b0"),
+        ("factorised forward+backward", [row.train_speedup for row in rows], "#dd8452"),
+        ("composed forward+backward", [row.dense_train.median / _all_composed(row).median for row in rows], "#55a868"),
     )
-    for offset, (label, values, color) in zip((-width, 0.0, width), series):
+    for offset, (label, values, color) in zip((-1.5 * width, -0.5 * width, 0.5 * width, 1.5 * width), series):
         axes.bar([p + offset for p in positions], values, width, label=label, color=color)
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_xticks(list(positions), [row.name for row in rows], rotation=60, ha="right", fontsize=8)
@@ -168,6 +198,10 @@ def log_tensorboard(report: SpeedReport, writer, step: int = 0, prefix: str = "s
         writer.add_scalar(f"{prefix}/layer/{row.name}/theoretical", row.theoretical, step)
         writer.add_scalar(f"{prefix}/layer/{row.name}/forward", row.forward_speedup, step)
         writer.add_scalar(f"{prefix}/layer/{row.name}/train", row.train_speedup, step)
+        writer.add_scalar(f"{prefix}/layer/{row.name}/planned_train", row.planned_train_speedup, step)
+        if row.composed_train is not None:
+            writer.add_scalar(f"{prefix}/layer/{row.name}/composed_train",
+                              row.dense_train.median / row.composed_train.median, step)
     model = report.model
     if model is not None:
         for key, value in model.as_dict().items():

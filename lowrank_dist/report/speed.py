@@ -8,6 +8,11 @@ writes and reads back its K-channel intermediate (DESIGN.md §2). The report put
     report = speed_report(dense, lowrank, (64, 3, 224, 224), "cuda", torch.bfloat16, "runs/x/speed")
     print(report.to_markdown())
 
+Each factorised layer is also timed composed (one dense conv of its composed kernel, the same
+function and parameters; report/execution.py), and the report says which form the execution plan
+runs: a run's plan, or by default the faster forward+backward measured here. The whole model is
+timed dense, all-factorised and under that plan.
+
 Layers that the low-rank model keeps dense (1×1 convs, usually the first conv) are the same module
 in both models, so they are timed once and their measured ratio is 1 by construction; they are in
 the table so that the layer times add up to the whole network's conv time.
@@ -17,31 +22,31 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from .costs import LayerCost, conv_costs
-from .timing import Timing, capture_inputs, layer_functions, measure, model_functions, timed_layers
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {value: key for key, value in DTYPES.items()}[dtype]
-
+from .execution import set_execution
+from .timing import (  # noqa: F401  (DTYPES, device_description, dtype_name, resolve_device: imported from here too)
+    DTYPES, Timing, capture_inputs, device_description, dtype_name, layer_functions, measure, model_functions,
+    resolve_device, timed_layers,
+)
 
 class DenseVsLowRank:
-    """Four timings of the same work, dense and low-rank, forward and train; speedup = dense / low-rank."""
+    """Timings of the same work, dense and low-rank, forward and train; speedup = dense / low-rank.
+    "lowrank" is the factorised form; "planned" the execution plan's (report/execution.py): per
+    layer factorised or composed, whichever the plan chose."""
 
     dense_forward: Timing
     lowrank_forward: Timing
     dense_train: Timing
     lowrank_train: Timing
+    planned_forward: Timing
+    planned_train: Timing
 
     @property
     def forward_speedup(self) -> float:
@@ -51,10 +56,20 @@ class DenseVsLowRank:
     def train_speedup(self) -> float:
         return self.dense_train.median / self.lowrank_train.median
 
+    @property
+    def planned_forward_speedup(self) -> float:
+        return self.dense_forward.median / self.planned_forward.median
+
+    @property
+    def planned_train_speedup(self) -> float:
+        return self.dense_train.median / self.planned_train.median
+
     def timings_dict(self) -> dict:
         return {
             "forward_speedup": self.forward_speedup,
             "train_speedup": self.train_speedup,
+            "planned_forward_speedup": self.planned_forward_speedup,
+            "planned_train_speedup": self.planned_train_speedup,
             "dense_forward": self.dense_forward.as_dict(),
             "lowrank_forward": self.lowrank_forward.as_dict(),
             "dense_train": self.dense_train.as_dict(),
@@ -64,7 +79,8 @@ class DenseVsLowRank:
 
 @dataclass
 class LayerSpeed(DenseVsLowRank):
-    """One conv layer: its theoretical cost and its measured times (seconds per call, per batch)."""
+    """One conv layer: its theoretical cost and its measured times (seconds per call, per batch):
+    dense, factorised ("lowrank") and composed, and which of the low-rank forms the plan runs."""
 
     cost: LayerCost
     input_shape: tuple[int, ...]
@@ -72,6 +88,9 @@ class LayerSpeed(DenseVsLowRank):
     lowrank_forward: Timing
     dense_train: Timing  # forward + backward
     lowrank_train: Timing
+    composed_forward: Timing | None = None  # None: a layer kept dense, or BatchNorm between V and H
+    composed_train: Timing | None = None
+    execution: str = "dense"  # the plan's: "factorized" | "composed"; "dense" for a layer kept dense
 
     @property
     def name(self) -> str:
@@ -81,22 +100,36 @@ class LayerSpeed(DenseVsLowRank):
     def theoretical(self) -> float:
         return self.cost.speedup
 
+    @property
+    def planned_forward(self) -> Timing:
+        return self.composed_forward if self.execution == "composed" else self.lowrank_forward
+
+    @property
+    def planned_train(self) -> Timing:
+        return self.composed_train if self.execution == "composed" else self.lowrank_train
+
     def as_dict(self) -> dict:
+        composed = {key: getattr(self, key).as_dict() if getattr(self, key) is not None else None
+                    for key in ("composed_forward", "composed_train")}
         return asdict(self.cost) | {
             "input_shape": list(self.input_shape),
             "theoretical_speedup": self.theoretical,
-        } | self.timings_dict()
+            "execution": self.execution,
+        } | self.timings_dict() | composed
 
 
 @dataclass
 class ModelSpeed(DenseVsLowRank):
-    """Whole-model seconds per batch: inference forward and one training step."""
+    """Whole-model seconds per batch, inference forward and one training step: dense, every layer
+    factorised ("lowrank"), and the execution plan ("planned")."""
 
     batch: int
     dense_forward: Timing
     lowrank_forward: Timing
     dense_train: Timing
     lowrank_train: Timing
+    planned_forward: Timing
+    planned_train: Timing
 
     def images_per_s(self, timing: Timing) -> float:
         return self.batch / timing.median
@@ -106,9 +139,12 @@ class ModelSpeed(DenseVsLowRank):
             "batch": self.batch,
             "dense_forward_images_per_s": self.images_per_s(self.dense_forward),
             "lowrank_forward_images_per_s": self.images_per_s(self.lowrank_forward),
+            "planned_forward_images_per_s": self.images_per_s(self.planned_forward),
             "dense_train_images_per_s": self.images_per_s(self.dense_train),
             "lowrank_train_images_per_s": self.images_per_s(self.lowrank_train),
-        } | self.timings_dict()
+            "planned_train_images_per_s": self.images_per_s(self.planned_train),
+        } | self.timings_dict() | {"planned_forward": self.planned_forward.as_dict(),
+                                   "planned_train": self.planned_train.as_dict()}
 
 
 @dataclass
@@ -145,24 +181,12 @@ class SpeedReport:
         log_tensorboard(self, writer, step, prefix)
 
 
-def device_description(device: torch.device) -> str:
-    """The card's name, or the CPU with its cores and torch's threads (CPU times depend on both)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+def _switched(model: nn.Module, executions, fn):
+    def run():
+        set_execution(model, executions)
+        return fn()
 
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The device asked for, by default cuda if there is one; one that cannot run is a ValueError."""
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"not a device: {device!r} ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
-    return device
+    return run
 
 
 def speed_report(
@@ -180,9 +204,18 @@ def speed_report(
     whole_model: bool = True,
     title: str | None = None,
     step: int = 0,
+    plan: Mapping[str, str] | None = None,
+    plan_source: str | None = None,
 ) -> SpeedReport:
     """Time every conv layer of `lowrank_model` against the same-named layer of `dense_model`, and
     both whole models, at `input_shape` = (B, C, H, W) on `device` in `dtype`.
+
+    Each factorised layer is timed three ways, alternated: dense, factorised and composed (one
+    dense conv of its composed kernel, report/execution.py). `plan` (layer name → "factorized" or
+    "composed", e.g. a run's ExecutionPlan.executions; `plan_source` says where it came from)
+    picks one per layer; by default each layer takes the form with the faster forward+backward
+    measured here, the rule of `model.lowrank.execution: auto`. The whole model is timed dense,
+    with every layer factorised, and under the plan.
 
     The models are not touched: each is copied to the device. Layers run in `dtype` itself; the
     whole models run with fp32 weights under autocast to `dtype`, as the trainer does. Files go to
@@ -193,11 +226,14 @@ def speed_report(
         raise ValueError(f"input_shape must be (B, C, H, W) with positive sizes, got {tuple(input_shape)}")
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} as torch dtypes, got {dtype}")
+    if plan is not None and set(plan.values()) - {"factorized", "composed"}:
+        raise ValueError(f"a plan maps layers to 'factorized' or 'composed', got {sorted(set(plan.values()))}")
     device = resolve_device(device)
     batch = int(input_shape[0])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     dense = copy.deepcopy(dense_model).to(device).to(memory_format=memory_format)
     lowrank = copy.deepcopy(lowrank_model).to(device).to(memory_format=memory_format)
+    set_execution(lowrank, "factorized")  # the "low-rank" columns are the factorised form, whatever the model ran
     example = torch.randn(tuple(input_shape), device=device).contiguous(memory_format=memory_format)
     timing_options = {"repeats": repeats, "warmup": warmup, "min_sample_s": min_sample_s}
 
@@ -217,19 +253,41 @@ def speed_report(
             rows.append(LayerSpeed(costs[name], inputs[name].shape, timings["forward"], timings["forward"],
                                    timings["train"], timings["train"]))
             continue
-        lowrank_forward, lowrank_train = layer_functions(layer, inputs[name], device, dtype, channels_last)
-        forward = measure({"dense": dense_forward, "lowrank": lowrank_forward}, device, **timing_options)
-        train = measure({"dense": dense_train, "lowrank": lowrank_train}, device, **timing_options)
-        rows.append(LayerSpeed(costs[name], inputs[name].shape, forward["dense"], forward["lowrank"],
-                               train["dense"], train["lowrank"]))
+        forward = {"dense": dense_forward}
+        train = {"dense": dense_train}
+        forward["factorized"], train["factorized"] = layer_functions(layer, inputs[name], device, dtype, channels_last)
+        if layer.between is None:  # with BatchNorm between V and H there is no composed form
+            composed = copy.deepcopy(layer)
+            composed.execution = "composed"
+            forward["composed"], train["composed"] = layer_functions(composed, inputs[name], device, dtype, channels_last)
+        forward, train = measure(forward, device, **timing_options), measure(train, device, **timing_options)
+        if plan is not None:
+            execution = plan.get(name, "factorized")
+            if execution == "composed" and "composed" not in train:
+                raise ValueError(f"the plan composes {name}, which has BatchNorm between V and H (no composed form)")
+        elif "composed" in train and train["composed"].median < train["factorized"].median:
+            execution = "composed"
+        else:
+            execution = "factorized"
+        rows.append(LayerSpeed(costs[name], inputs[name].shape, forward["dense"], forward["factorized"],
+                               train["dense"], train["factorized"], forward.get("composed"), train.get("composed"),
+                               execution))
+    executions = {row.name: row.execution for row in rows if row.execution != "dense"}
 
     model_speed = None
     if whole_model:
-        dense_fns = model_functions(dense, example, dtype)
-        lowrank_fns = model_functions(lowrank, example, dtype)
-        forward = measure({"dense": dense_fns[0], "lowrank": lowrank_fns[0]}, device, **timing_options)
-        train = measure({"dense": dense_fns[1], "lowrank": lowrank_fns[1]}, device, **timing_options)
-        model_speed = ModelSpeed(batch, forward["dense"], forward["lowrank"], train["dense"], train["lowrank"])
+        fns = {"dense": model_functions(dense, example, dtype), "factorized": model_functions(lowrank, example, dtype)}
+        planned = plan if plan is not None else executions
+        if "composed" in planned.values():
+            # the plan is the same model with some layers switched: one copy, switched before each call
+            fns["planned"] = tuple(_switched(lowrank, planned, fn) for fn in fns["factorized"])
+            fns["factorized"] = tuple(_switched(lowrank, "factorized", fn) for fn in fns["factorized"])
+        forward = measure({key: pair[0] for key, pair in fns.items()}, device, **timing_options)
+        train = measure({key: pair[1] for key, pair in fns.items()}, device, **timing_options)
+        for timings in (forward, train):  # a plan that composes nothing is the all-factorised model
+            timings.setdefault("planned", timings["factorized"])
+        model_speed = ModelSpeed(batch, forward["dense"], forward["factorized"], train["dense"], train["factorized"],
+                                 forward["planned"], train["planned"])
 
     meta = {
         "device": str(device),
@@ -243,6 +301,7 @@ def speed_report(
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "plan": plan_source or ("given" if plan is not None else "per layer, the faster forward+backward measured here"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     report = SpeedReport(title or type(lowrank_model).__name__, meta, rows, model_speed)
