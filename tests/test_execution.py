@@ -32,13 +32,13 @@ from lowrank_dist.report.speed import speed_report
 
 from .helpers import write_config
 
-# (C, N, kernel, stride, padding, dilation, groups, rank, input H×W)
+# (C, N, kernel, stride, padding, dilation, groups, rank (the total over the groups), input H×W)
 GEOMETRIES = [
     (6, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 4, (13, 11)),
     (6, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, 5, (13, 11)),  # stride 2 (GoogLeNet's stem)
     (3, 16, (11, 11), (4, 4), (2, 2), (1, 1), 1, 5, (35, 31)),  # stride 4, AlexNet's conv1
-    (8, 12, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3, (9, 10)),  # groups (CaffeNet's grouped convs)
-    (8, 12, (5, 5), (1, 1), (2, 2), (1, 1), 4, 2, (9, 10)),  # more groups, 5×5
+    (8, 12, (3, 3), (1, 1), (1, 1), (1, 1), 2, 6, (9, 10)),  # groups (CaffeNet's grouped convs), 3 per group
+    (8, 12, (5, 5), (1, 1), (2, 2), (1, 1), 4, 8, (9, 10)),  # more groups, 5×5, 2 per group
     (5, 7, (5, 3), (2, 1), (2, 0), (1, 1), 1, 4, (15, 12)),  # kh ≠ kw, stride and padding per axis
     (5, 7, (3, 5), (1, 2), (0, 2), (2, 1), 1, 3, (15, 12)),  # kw > kh, dilation
 ]
@@ -110,9 +110,10 @@ def test_composed_trains_only_v_and_h_and_keeps_the_rank():
     from lowrank_dist.decompose import unfold
 
     kernel = layer.dense_weight().detach().double()  # composed in fp32: singular values beyond K are rounding
+    per_group = layer.rank // layer.groups
     for group in kernel.chunk(layer.groups, dim=0):
         singular = torch.linalg.svdvals(unfold(group))
-        assert singular[layer.rank - 1] > 1e-3 * singular[0] and singular[layer.rank] < 1e-6 * singular[0]
+        assert singular[per_group - 1] > 1e-3 * singular[0] and singular[per_group] < 1e-6 * singular[0]
 
 
 def test_the_state_dict_is_the_same_under_any_plan():
