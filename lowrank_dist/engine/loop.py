@@ -22,7 +22,6 @@ last checkpoint is always one written before the bad step — logs, checkpoints,
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
