@@ -34,11 +34,11 @@ def child(method: str) -> None:
     import numpy as np
     import torch
 
-    from lowrank_dist.decompose import decompose_kernel, unfold
-    from lowrank_dist.models import build_model, factorisable_convs
+    from lowrank_dist.svd import decompose_kernel, unfold
+    from lowrank_dist.models import build_model, factorizable_convs
 
     torch.manual_seed(0)
-    weights = [conv.weight.detach().clone() for _, conv in factorisable_convs(build_model({"name": "vgg16"}))]
+    weights = [conv.weight.detach().clone() for _, conv in factorizable_convs(build_model({"name": "vgg16"}))]
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     if method == "lowrank_dist":
         run = lambda: [decompose_kernel(w, k) for w, k in zip(weights, TAI2016_VGG16_RANKS)]  # noqa: E731

@@ -1,13 +1,13 @@
-"""CPU: does running each factorised layer in its faster form (factorised or composed) make a
-low-rank VGG-16 train faster? Dense, all factorised, all composed and the `auto` plan, side by side.
+"""CPU: does running each factorized layer in its faster form (factorized or composed) make a
+low-rank VGG-16 train faster? Dense, all factorized, all composed and the `auto` plan, side by side.
 
     python bench/execution_cpu.py                                # VGG-16, authors' ranks, fp32, batch 8, 112×112
     python bench/execution_cpu.py --batch 4 --image-size 64 --repeats 3 --out results.json
 
-First the plan: every factorised layer timed forward+backward both ways (report.execution, the
+First the plan: every factorized layer timed forward+backward both ways (report.execution, the
 same code as `model.lowrank.execution: auto`), printed as a table. Then the train step (forward,
 cross-entropy, backward, SGD update) of the dense model and of the low-rank model run all
-factorised, all composed and under the plan, timed in alternation by the project's harness
+factorized, all composed and under the plan, timed in alternation by the project's harness
 (report.timing.measure: warm-up, calibrated calls per sample, median of repeats, order reversed
 every other round), so that a neighbour's load weighs on all four alike. The three low-rank
 variants are one model whose layers are switched between calls (the same parameters: only
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return lowrank_step()
         return step
 
-    fns = {"dense": dense_step, "all factorised": variant("factorized"), "all composed": variant("composed"),
+    fns = {"dense": dense_step, "all factorized": variant("factorized"), "all composed": variant("composed"),
            "auto": variant(plan.executions)}
     timings = measure(fns, device, repeats=args.repeats, warmup=args.warmup)
     lines = ["| variant | train img/s | × dense | q1–q3 ms per step |", "|---|---:|---:|---|"]

@@ -1,14 +1,14 @@
-"""One-shot GPU benchmark: does factorising make AlexNet, VGG-16 and GoogLeNet train faster here?
+"""One-shot GPU benchmark: does factorizing make AlexNet, VGG-16 and GoogLeNet train faster here?
 
 For each model, dense against four low-rank variants: the authors' ranks (where published), a 2×
 per-layer theoretical target, speed-aware ranks (lowrank_dist.report.speed_aware: the default
-policy's ranks and those of 2/3/4× targets, each layer kept factorised only where it is measured
+policy's ranks and those of 2/3/4× targets, each layer kept factorized only where it is measured
 faster on this card), and `auto`: the default policy's ranks (the authors' for AlexNet and VGG-16,
-2× for GoogLeNet) with each layer run factorised or composed, whichever its forward+backward is
+2× for GoogLeNet) with each layer run factorized or composed, whichever its forward+backward is
 measured faster here (lowrank_dist.report.execution, as `model.lowrank.execution: auto` does at a
 run's start; the plan is printed). Measured: train-step images/s (forward, backward, SGD update)
 in eager mode and under torch.compile, bf16 autocast, channels_last, each variant alternated with
-dense; then per model the layer table of the auto variant — dense, factorised and composed per
+dense; then per model the layer table of the auto variant — dense, factorized and composed per
 layer, the plan's choice, theoretical vs measured — with VGG-16's forward times also checked by
 hand (bench/report_vs_hand.py). Targets printed at the end: auto at least as fast as dense for
 every layer and whole model, VGG-16 auto ≥ 1.4× dense compiled. Prints a short table headed by
@@ -206,7 +206,7 @@ class Bench:
             self.free()
 
     def layers(self, name: str, result: dict) -> dict:
-        """The auto variant per layer: dense, factorised and composed, and the plan's choice (the
+        """The auto variant per layer: dense, factorized and composed, and the plan's choice (the
         whole-model numbers are in the summary already). VGG-16's forward times also by hand."""
         auto = self.kept[(name, "auto")]
         plan = {layer["name"]: layer["execution"] for layer in result["plan"]["layers"]}
@@ -219,15 +219,15 @@ class Bench:
         assert all(isinstance(row.dense_train, Timing) and row.dense_train.median > 0 for row in report.rows)
         slow = [f"{row.name} {row.planned_train_speedup:.2f}×" for row in report.rows
                 if row.execution != "dense" and row.planned_train_speedup < TARGETS["layer"]]
-        result["layer_verdict"] = {"below": slow, "factorised": sum(row.execution != "dense" for row in report.rows)}
+        result["layer_verdict"] = {"below": slow, "factorized": sum(row.execution != "dense" for row in report.rows)}
         table = {"report": report, "markdown": report.to_markdown()}
         if name == "vgg16":
             assert len(report.rows) == 13, f"VGG-16 has 13 convs, the report has {len(report.rows)} rows"
             # the report agrees with a timing of each layer by hand (bench/report_vs_hand.py); the
-            # report's low-rank forward column is the factorised form, so the hand check times that
-            factorised = copy.deepcopy(auto)
-            set_execution(factorised, "factorized")
-            table["hand"] = hand_check(report, self.dense_model(name), factorised, self.device, self.settings["dtype"],
+            # report's low-rank forward column is the factorized form, so the hand check times that
+            factorized = copy.deepcopy(auto)
+            set_execution(factorized, "factorized")
+            table["hand"] = hand_check(report, self.dense_model(name), factorized, self.device, self.settings["dtype"],
                                        channels_last=True, repeats=self.settings["layer_repeats"])
             table["markdown"] += "\n\nBy hand:\n" + table["hand"]["markdown"]
         return table
@@ -286,11 +286,11 @@ def summary(results: dict, header: str) -> str:
         verdict = result.get("layer_verdict")
         if verdict is not None:
             below = verdict["below"]
-            auto.append(f"{name} layers: {verdict['factorised'] - len(below)} of {verdict['factorised']} ≥"
+            auto.append(f"{name} layers: {verdict['factorized'] - len(below)} of {verdict['factorized']} ≥"
                         f" {TARGETS['layer']:g}× fwd+bwd" + (f" (below: {', '.join(below)})" if below else " (yes)"))
     lines += ["", "× dense: against dense in the same alternated run (the dense row shows its first run).",
               "Target, speed-aware trains at least as fast as dense: " + ("; ".join(verdicts) or "no data"),
-              "Targets, auto (each layer factorised or composed, whichever is faster) at least as fast as dense per"
+              "Targets, auto (each layer factorized or composed, whichever is faster) at least as fast as dense per"
               " layer and whole model, VGG-16 ≥ 1.4× compiled: " + ("; ".join(auto) or "no data")]
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
     python bench/loop_syncs.py [--old COMMIT] [--steps 60] [--rounds 3] [--batch 8]
 
 The old loop is checked out into a temporary git worktree (default: the parent of the commit that
-moved the loop to engine/loop.py); both train the same tiny low-rank CNN on the same synthetic
+moved the loop to training/loop.py); both train the same tiny low-rank CNN on the same synthetic
 JPEGs, 2 gloo processes on the CPU, in alternating rounds so that drift on a shared machine hits
 both. In each process every host read of a tensor (.item, .tolist, .cpu, .numpy, bool, float, int,
 printing; the data feed's own excluded, as in tests/test_host_syncs.py) and every
@@ -52,16 +52,16 @@ def wrap(owner, name, kind):
     setattr(owner, name, counted)
 
 from lowrank_dist.config import load_config
-from lowrank_dist.engine import backends
-from lowrank_dist.engine.distributed import process_group, rendezvous
-from lowrank_dist.engine.trainer import fit
+from lowrank_dist.training import engines
+from lowrank_dist.training.distributed import process_group, rendezvous
+from lowrank_dist.training.trainer import fit
 
-real_step = backends.DDPEngine.step
+real_step = engines.DDPEngine.step
 def step(self):
     result = real_step(self)
     times.append((time.perf_counter(), events.count("read"), events.count("collective")))
     return result
-backends.DDPEngine.step = step
+engines.DDPEngine.step = step
 
 cfg = load_config(sys.argv[1])
 with process_group(rendezvous(), "cpu", 120) as ctx:

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
 
 
 def latest_checkpoint(cfg):
-    from lowrank_dist.engine.checkpoint import CheckpointManager
+    from lowrank_dist.training.checkpoint import CheckpointManager
 
     return CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last).latest()
 

@@ -1,6 +1,6 @@
 """lowrank-dist: training low-rank-constrained CNNs (Tai et al., ICLR 2016) at scale."""
 
-from .decompose import Decomposition, decompose_kernel, max_rank
+from .svd import Decomposition, decompose_kernel, max_rank
 from .layers import LowRankConv2d
 
 __version__ = "0.1.0"

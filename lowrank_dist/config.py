@@ -8,6 +8,7 @@ it into a one-line message and exit code 2.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,15 +39,26 @@ class LowRankConfig(Section):
     ranks: list[int | None] | dict[str, int | None] | None = None
     speedup: float | None = Field(default=None, gt=1.0)
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
-    factorise_first: bool | None = None
+    factorize_first: bool | None = None
     bn_between: bool = False
     dense_checkpoint: Path | None = None  # decomposed mode: the trained dense model to start from
     project_every: int = Field(default=100, ge=1)  # projected mode: optimizer steps between projections
-    # How each factorised layer runs — the same parameters and function either way: as its two thin
+    # How each factorized layer runs — the same parameters and function either way: as its two thin
     # convs, as one dense conv of its composed kernel, or whichever is measured faster per layer at
     # start-up (report/execution.py). Not part of the model: a checkpoint resumes under any of them.
     # null: auto on a GPU, factorized on the CPU (measured slower composed there, see CPU_DEFAULT).
     execution: Literal["auto", "factorized", "composed"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spelling(cls, tree: Any) -> Any:
+        if isinstance(tree, dict) and "factorise_first" in tree:
+            if "factorize_first" in tree:
+                raise ValueError("give factorize_first once (factorise_first is its old spelling)")
+            print("note: model.lowrank.factorise_first is now spelled factorize_first; the old spelling"
+                  " still works for now", file=sys.stderr)
+            tree = {("factorize_first" if k == "factorise_first" else k): v for k, v in tree.items()}
+        return tree
 
     @model_validator(mode="after")
     def _one_policy(self):
@@ -69,7 +81,7 @@ class LowRankConfig(Section):
 
     def policy_dict(self) -> dict:
         """The `lowrank` dict that models.build_model accepts (policy only, no training mode)."""
-        keys = ("preset", "ranks", "speedup", "energy", "factorise_first")
+        keys = ("preset", "ranks", "speedup", "energy", "factorize_first")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None} | {"bn_between": self.bn_between}
 
 

@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def checkpoint_in(path: Path) -> Path:
     """`path` itself, or for a run folder its best.pt, else its latest step checkpoint."""
-    from .engine.checkpoint import CheckpointError, CheckpointManager
+    from .training.checkpoint import CheckpointError, CheckpointManager
 
     if path.is_file():
         return path
@@ -53,14 +53,14 @@ def checkpoint_in(path: Path) -> Path:
 def model_for_checkpoint(cfg, payload: dict, num_classes: int):
     """The module whose state_dict the checkpoint holds, built from the config (weights not loaded).
 
-    Factorised layers get the ranks the checkpoint records: those of a decomposed or energy-policy
+    Factorized layers get the ranks the checkpoint records: those of a decomposed or energy-policy
     run came from a spectrum, not from the config alone. A projected run's own checkpoints hold its
     dense kernels; its export holds their plain V·H factors."""
     from .models import build_model, convert
 
     build = cfg.model.build_dict(num_classes)
     lowrank = cfg.model.lowrank
-    exported = payload.get("factorised", "step" not in payload and "ranks" in payload)
+    exported = payload.get("factorized", "step" not in payload and "ranks" in payload)
     if lowrank is None:
         return build_model(build)
     build.pop("lowrank")
@@ -68,18 +68,18 @@ def model_for_checkpoint(cfg, payload: dict, num_classes: int):
     if lowrank.mode == "projected" and not exported:
         return dense
     bn_between = lowrank.bn_between and not exported
-    return convert(dense, {"ranks": payload.get("ranks") or {}}, factorise_first=True, bn_between=bn_between, inplace=True)
+    return convert(dense, {"ranks": payload.get("ranks") or {}}, factorize_first=True, bn_between=bn_between, inplace=True)
 
 
 def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=(), rdv=None) -> dict:
     """Load, rebuild, evaluate; every rank returns the same global numbers."""
     import torch
 
-    from .engine.backends import autocast_context
-    from .engine.checkpoint import CheckpointError, load_checkpoint
-    from .engine.distributed import device_type_for, process_group, rendezvous, select_device
-    from .engine.evaluate import evaluate
-    from .engine.trainer import loaders_for
+    from .training.engines import autocast_context
+    from .training.checkpoint import CheckpointError, load_checkpoint
+    from .training.distributed import device_type_for, process_group, rendezvous, select_device
+    from .training.evaluate import evaluate
+    from .training.trainer import loaders_for
 
     path = checkpoint_in(checkpoint)
     payload = load_checkpoint(path)
@@ -118,8 +118,8 @@ def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .data import DataError
-    from .engine.checkpoint import CheckpointError
-    from .engine.distributed import rendezvous
+    from .training.checkpoint import CheckpointError
+    from .training.distributed import rendezvous
 
     rdv = rendezvous()
     try:

@@ -84,8 +84,8 @@ class TrainJob:
 
     def __call__(self) -> dict:
         from .config import load_config
-        from .engine.distributed import rendezvous
-        from .engine.trainer import Preempted
+        from .training.distributed import rendezvous
+        from .training.trainer import Preempted
         from .train import StopSignals, run
 
         cfg = load_config(self.config, self.overrides)

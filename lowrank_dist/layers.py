@@ -1,4 +1,4 @@
-"""LowRankConv2d: a kh×kw convolution factorised into a vertical kh×1 conv (C→K) followed by a
+"""LowRankConv2d: a kh×kw convolution factorized into a vertical kh×1 conv (C→K) followed by a
 horizontal 1×kw conv (K→N), as in Tai et al. (ICLR 2016).
 
 The vertical conv takes the height part of the stride, padding and dilation; the horizontal conv
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decompose import Decomposition, decompose_kernel, recompose
+from .svd import Decomposition, decompose_kernel, recompose
 
 
 def _pair(value) -> tuple[int, int]:
@@ -99,7 +99,7 @@ class LowRankConv2d(nn.Module):
         dh, dw = _pair(dilation)
         ph, pw = _resolve_padding(padding, (kh, kw), (sh, sw), (dh, dw))
         if kh * kw == 1:
-            raise ValueError("a 1×1 convolution cannot be factorised into vertical and horizontal parts")
+            raise ValueError("a 1×1 convolution cannot be factorized into vertical and horizontal parts")
         check_rank(rank, in_channels, out_channels, (kh, kw), groups)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = (kh, kw), (sh, sw), (ph, pw), (dh, dw)
@@ -179,7 +179,7 @@ class LowRankConv2d(nn.Module):
 
     @classmethod
     def from_scratch_like(cls, conv: nn.Conv2d, rank: int, bn_between: bool = False) -> "LowRankConv2d":
-        """A freshly initialised factorised twin of `conv`, for training from scratch.
+        """A freshly initialised factorized twin of `conv`, for training from scratch.
 
         The factors are drawn so that the composed map has the same gain as the dense layer's own
         initialisation (whatever scheme the model used): V ~ N(0, 1/(C·kh)) preserves the input's

@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(cfg, resume: Path | None = None, rdv=None, stop=None):
     """Join the job's process group (none for one process) and train; what launchers call.
     `stop`: a threading.Event that ends the run with a checkpoint at the next stop check."""
-    from .engine.distributed import device_type_for, process_group, rendezvous
-    from .engine.trainer import fit
+    from .training.distributed import device_type_for, process_group, rendezvous
+    from .training.trainer import fit
 
     rdv = rdv or rendezvous()
     with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
@@ -76,9 +76,9 @@ def run(cfg, resume: Path | None = None, rdv=None, stop=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .data import DataError
-    from .engine.checkpoint import CheckpointError
-    from .engine.distributed import rendezvous
-    from .engine.trainer import Preempted, TrainingError
+    from .training.checkpoint import CheckpointError
+    from .training.distributed import rendezvous
+    from .training.trainer import Preempted, TrainingError
 
     rdv = rendezvous()
     stop = StopSignals()
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         return 1
     except Exception as error:  # a peer that died, a collective that timed out: say which rank saw it
         if rdv.world_size > 1 and cfg is not None and lost_contact(error):
-            from .engine.checkpoint import CheckpointManager
+            from .training.checkpoint import CheckpointManager
 
             latest = CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last).latest()
             print(f"error{who}: lost contact with another process ({str(error).splitlines()[0][:300]}): a rank died, was"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine.checkpoint import (
+from .training.checkpoint import (
     LEGACY_GLOBALS, SHARD_FILE, CheckpointError, atomic_save, globals_needed, load_checkpoint,
 )
 

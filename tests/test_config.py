@@ -126,3 +126,14 @@ def test_energy_policy_needs_trained_weights(tmp_path, mode):
     tree["model"]["lowrank"] |= {"mode": "decomposed", "dense_checkpoint": str(tmp_path / "dense.pt")}
     path.write_text(yaml.safe_dump(tree))
     assert load_config(path).model.lowrank.energy == 0.9  # decomposed: the dense model's spectrum
+
+
+def test_the_old_spelling_factorise_first_still_loads_with_a_note(tmp_path, capsys):
+    tree = base(tmp_path)
+    tree["model"]["lowrank"]["factorise_first"] = True
+    cfg = load_config(write(tmp_path, tree))
+    assert cfg.model.lowrank.factorize_first is True
+    assert "factorise_first is now spelled factorize_first" in capsys.readouterr().err
+    tree["model"]["lowrank"]["factorize_first"] = False
+    with pytest.raises(ConfigError, match="factorize_first once"):
+        load_config(write(tmp_path, tree))

@@ -16,9 +16,9 @@ from torch import nn
 
 from lowrank_dist.config import Config
 from lowrank_dist.data import build_loaders
-from lowrank_dist.engine.backends import deepspeed_config
-from lowrank_dist.engine.distributed import DistContext, Rendezvous, _first_host, process_group, rendezvous
-from lowrank_dist.engine.evaluate import evaluate
+from lowrank_dist.training.engines import deepspeed_config
+from lowrank_dist.training.distributed import DistContext, Rendezvous, _first_host, process_group, rendezvous
+from lowrank_dist.training.evaluate import evaluate
 
 from .helpers import read_codes, write_jpeg_folder
 
@@ -172,7 +172,7 @@ def _ddp_variants_rank(rank: int, port: int, out: str) -> None:
     """Each variant trains the same tiny_vgg 4 optimizer steps of `accumulate` micro-batches (the
     first ones through no_sync), each rank on its own fixed batches; returns the final weights."""
     from lowrank_dist.config import config_from_dict
-    from lowrank_dist.engine.backends import DDPEngine
+    from lowrank_dist.training.engines import DDPEngine
     from lowrank_dist.models import build_model
 
     results = {}

@@ -14,8 +14,8 @@ import torch
 
 from lowrank_dist.config import load_config
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.engine.checkpoint import CheckpointManager
-from lowrank_dist.engine.trainer import fit
+from lowrank_dist.training.checkpoint import CheckpointManager
+from lowrank_dist.training.trainer import fit
 from lowrank_dist.evaluate import main
 
 from .helpers import write_config

@@ -1,5 +1,5 @@
-"""Execution plans: a factorised layer run composed (one dense conv of Σ_k V_k ⊗ H_k) against a
-float64 reference of the factorised layer, forward and backward; `auto` choosing the faster form;
+"""Execution plans: a factorized layer run composed (one dense conv of Σ_k V_k ⊗ H_k) against a
+float64 reference of the factorized layer, forward and backward; `auto` choosing the faster form;
 the plan cache; rank 0's plan on every rank; checkpoints that do not depend on the plan.
 
 Timing is noisy on this shared machine, so the test of `auto` makes one form slower by a margin
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_dist.config import ConfigError, config_from_dict, load_config
-from lowrank_dist.engine.checkpoint import CheckpointManager, load_checkpoint
-from lowrank_dist.engine.distributed import DistContext, Rendezvous, process_group
-from lowrank_dist.engine.trainer import fit
+from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
+from lowrank_dist.training.distributed import DistContext, Rendezvous, process_group
+from lowrank_dist.training.trainer import fit
 from lowrank_dist.layers import LowRankConv2d
 from lowrank_dist.models import build_model
 from lowrank_dist.report import execution
@@ -65,9 +65,9 @@ def outputs_and_gradients(layer: LowRankConv2d, x: torch.Tensor, grad_out: torch
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[2]}s{g[3]}p{g[4]}d{g[5]}g{g[6]}")
-def test_both_forms_equal_a_float64_reference_of_the_factorised_layer(geometry):
+def test_both_forms_equal_a_float64_reference_of_the_factorized_layer(geometry):
     """Output and the gradients of the input, V, H and the bias. In float64 composed equals
-    factorised to 1e-12 (the same function, summed in another order); in float32 both are within
+    factorized to 1e-12 (the same function, summed in another order); in float32 both are within
     2e-6 of the float64 reference, relative to the largest value: a few hundred fp32 roundings of
     2^-24 each, while a wrong stride, padding or group shows as an O(1) error."""
     layer = layer_for(geometry)
@@ -107,7 +107,7 @@ def test_composed_trains_only_v_and_h_and_keeps_the_rank():
     assert [name for name, _ in layer.named_parameters()] == names == ["vertical.weight", "horizontal.weight",
                                                                          "horizontal.bias"]
     assert all(not torch.equal(before[name], p) for name, p in layer.named_parameters())
-    from lowrank_dist.decompose import unfold
+    from lowrank_dist.svd import unfold
 
     kernel = layer.dense_weight().detach().double()  # composed in fp32: singular values beyond K are rounding
     per_group = layer.rank // layer.groups
@@ -123,7 +123,7 @@ def test_the_state_dict_is_the_same_under_any_plan():
     set_execution(model, "composed")
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    twin = build_model({"name": "tiny_vgg", "lowrank": {"speedup": 2.0}})  # factorised, other weights
+    twin = build_model({"name": "tiny_vgg", "lowrank": {"speedup": 2.0}})  # factorized, other weights
     twin.load_state_dict(after)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_batch_norm_between_has_no_composed_form(tmp_path):
     model = build_model({"name": "tiny_vgg", "lowrank": {"speedup": 2.0, "bn_between": True}})
     with pytest.raises(ValueError, match=r"'composed' is impossible for 4, 8, 11: BatchNorm sits between"):
         plan_execution(model, (2, 3, 16, 16), "composed", "cpu")
-    plan = plan_execution(model, (2, 3, 16, 16), "auto", "cpu")  # auto keeps such layers factorised, untimed
+    plan = plan_execution(model, (2, 3, 16, 16), "auto", "cpu")  # auto keeps such layers factorized, untimed
     assert set(plan.executions.values()) == {"factorized"} and all(layer.factorized_s is None for layer in plan.layers)
     tree = {"model": {"name": "tiny_vgg", "lowrank": {"speedup": 2.0, "bn_between": True, "execution": "composed"}},
             "data": {"root": str(tmp_path)}}
@@ -354,15 +354,15 @@ def test_the_cpu_default_is_the_measured_choice_and_a_dense_model_has_no_plan(fa
 
 
 def _plan_rank(rank: int, port: int, out: str) -> None:
-    """Rank 0's made-up timings favour composed, rank 1's factorised: rank 1 must not time at all
+    """Rank 0's made-up timings favour composed, rank 1's factorized: rank 1 must not time at all
     and must run rank 0's plan."""
     times = FakeTimes()
 
-    def favour_factorised(layer, given, *args, **kwargs):
+    def favour_factorized(layer, given, *args, **kwargs):
         times.calls.append(layer.in_channels)
         return {"factorized_s": 1e-3, "composed_s": 2e-3}
 
-    execution._time_layer = times if rank == 0 else favour_factorised
+    execution._time_layer = times if rank == 0 else favour_factorized
     cfg = config_from_dict(run_config(Path(out)), "cfg.yaml", check_paths=False)
     with process_group(Rendezvous(rank, 0, 2, "127.0.0.1", port, "test"), "cpu", timeout_s=60) as ctx:
         model = tiny()
@@ -395,7 +395,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 def test_a_resume_under_another_plan_takes_the_same_step(tmp_path, synthetic):
-    """Step 1 factorised, then step 2 twice from its checkpoint: factorised (the original run) and
+    """Step 1 factorized, then step 2 twice from its checkpoint: factorized (the original run) and
     composed (a resume with model.lowrank.execution changed, which check_resumable must accept).
 
     Tolerance: the two step-2 updates w2 − w1 agree to 1e-3 of the largest update of that tensor,
@@ -443,7 +443,7 @@ def test_a_resume_under_another_plan_takes_the_same_step(tmp_path, synthetic):
 def test_the_speed_report_times_three_forms_and_follows_a_given_plan():
     torch.manual_seed(0)
     dense, lowrank = build_model({"name": "tiny_vgg"}), build_model({"name": "tiny_vgg", "lowrank": {"speedup": 2.0}})
-    set_execution(lowrank, "composed")  # the report's factorised columns are factorised whatever the model ran
+    set_execution(lowrank, "composed")  # the report's factorized columns are factorized whatever the model ran
     quick = {"repeats": 2, "warmup": 1, "min_sample_s": 0.0}
     report = speed_report(dense, lowrank, (2, 3, 16, 16), "cpu", **quick)
     for row in report.rows[1:]:

@@ -29,9 +29,9 @@ import torch.multiprocessing as mp
 
 from lowrank_dist.config import load_config
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.engine import loop as loop_module
-from lowrank_dist.engine import trainer as trainer_module
-from lowrank_dist.engine.distributed import Rendezvous, process_group
+from lowrank_dist.training import loop as loop_module
+from lowrank_dist.training import trainer as trainer_module
+from lowrank_dist.training.distributed import Rendezvous, process_group
 
 from . import helpers
 from .test_distributed import free_port

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.engine.checkpoint import CheckpointManager, load_checkpoint
+from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
 
 from . import helpers
 from .slurm_helpers import require_slurm

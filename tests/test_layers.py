@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_dist.decompose import decompose_kernel, recompose
+from lowrank_dist.svd import decompose_kernel, recompose
 from lowrank_dist.layers import LowRankConv2d
-from lowrank_dist.models import build_model, factorisable_convs
+from lowrank_dist.models import build_model, factorizable_convs
 
 
 def conv_geometries():
-    """Every (kernel, stride, padding, dilation, groups) of a factorisable conv in the models."""
+    """Every (kernel, stride, padding, dilation, groups) of a factorizable conv in the models."""
     seen = set()
     for name in ("alexnet", "vgg16", "googlenet", "nin"):
-        for _, conv in factorisable_convs(build_model({"name": name})):
+        for _, conv in factorizable_convs(build_model({"name": name})):
             seen.add((conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups))
     return sorted(seen)
 
@@ -108,7 +108,7 @@ def test_from_scratch_init_matches_the_dense_layers_gain():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(in_channels=4, out_channels=6, kernel_size=1, rank=1), "1×1 convolution cannot be factorised"),
+        (dict(in_channels=4, out_channels=6, kernel_size=1, rank=1), "1×1 convolution cannot be factorized"),
         (dict(in_channels=4, out_channels=6, kernel_size=3, rank=0), r"rank 0 is out of range .* allowed 1\.\.12"),
         (dict(in_channels=4, out_channels=6, kernel_size=3, rank=13), r"allowed 1\.\.12"),
         (dict(in_channels=4, out_channels=6, kernel_size=4, rank=2, padding="same"), "pads asymmetrically"),

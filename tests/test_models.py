@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_dist.decompose import max_rank, singular_values
+from lowrank_dist.svd import max_rank, singular_values
 from lowrank_dist.layers import LowRankConv2d
-from lowrank_dist.models import build_model, convert, decompose, factorisable_convs
+from lowrank_dist.models import build_model, convert, decompose_model, factorizable_convs
 from lowrank_dist.report.costs import conv_costs
 
 # VGG-16 convs: (C, N) and the authors' ranks (Tai et al.; DESIGN.md §1).
@@ -21,12 +21,12 @@ def test_vgg16_with_the_authors_ranks_costs_what_the_paper_says():
     assert [r.rank for r in rows] == TAI2016_RANKS
     dense = sum(r.dense_macs for r in rows)
     lowrank = sum(r.lowrank_macs for r in rows)
-    # by hand: dense N·C·9·H·W, factorised K·(3C + 3N)·H·W, summed over the 13 convs
+    # by hand: dense N·C·9·H·W, factorized K·(3C + 3N)·H·W, summed over the 13 convs
     assert dense == sum(n * c * 9 * s * s for (c, n), s in zip(VGG16_CHANNELS, VGG16_SIZES)) == 15_346_630_656
     assert lowrank == sum(k * (3 * c + 3 * n) * s * s for (c, n), k, s in zip(VGG16_CHANNELS, TAI2016_RANKS, VGG16_SIZES))
     assert round(dense / 1e9, 2) == 15.35 and round(lowrank / 1e9, 2) == 4.94
     assert round(dense / lowrank, 2) == 3.10
-    # parameters by hand: dense 9·C·N + N; factorised K·(3C + 3N) + N (the bias moves to conv_h)
+    # parameters by hand: dense 9·C·N + N; factorized K·(3C + 3N) + N (the bias moves to conv_h)
     assert rows[0].lowrank_params == 5 * (3 * 3 + 3 * 64) + 64 == 1069
     assert rows[-1].lowrank_params == 320 * (3 * 512 + 3 * 512) + 512 == 983_552
     assert sum(r.dense_params for r in rows) == 14_714_688
@@ -47,7 +47,7 @@ def test_every_model_builds_dense_and_low_rank(name, size):
     torch.manual_seed(0)
     dense = build_model({"name": name})
     lowrank = build_model({"name": name, "lowrank": {"speedup": 2.0}})
-    convs = list(factorisable_convs(dense))
+    convs = list(factorizable_convs(dense))
     lowrank_layers = [m for m in lowrank.modules() if isinstance(m, LowRankConv2d)]
     assert len(lowrank_layers) == len(convs) - 1  # the first conv stays dense by default
     assert isinstance(lowrank.get_submodule(convs[0][0]), nn.Conv2d)
@@ -77,8 +77,8 @@ def test_decompose_at_full_rank_reproduces_the_dense_model():
     torch.manual_seed(1)
     dense = build_model({"name": "nin"}).double().eval()
     full = [min(conv.in_channels * conv.kernel_size[0], conv.kernel_size[1] * conv.out_channels)
-            for _, conv in factorisable_convs(dense)]
-    lowrank, errors = decompose(dense, {"ranks": full})
+            for _, conv in factorizable_convs(dense)]
+    lowrank, errors = decompose_model(dense, {"ranks": full})
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(lowrank.eval()(x), dense(x), rtol=1e-10, atol=1e-10)
     assert [e.rank for e in errors] == full and all(e.relative_error < 1e-12 for e in errors)
@@ -88,8 +88,8 @@ def test_decompose_at_full_rank_reproduces_the_dense_model():
 def test_decompose_reports_each_layers_error():
     torch.manual_seed(2)
     dense = build_model({"name": "alexnet"})
-    lowrank, errors = decompose(dense, {"ranks": [8, 40, 60, 100, 200]})
-    assert [e.name for e in errors] == [n for n, _ in factorisable_convs(dense)]
+    lowrank, errors = decompose_model(dense, {"ranks": [8, 40, 60, 100, 200]})
+    assert [e.name for e in errors] == [n for n, _ in factorizable_convs(dense)]
     for e in errors:
         original = dense.get_submodule(e.name).weight
         recomposed = lowrank.get_submodule(e.name).dense_weight()
@@ -99,7 +99,7 @@ def test_decompose_reports_each_layers_error():
 
 def test_convert_by_layer_name_and_keep_dense():
     model = build_model({"name": "nin"})
-    names = [n for n, _ in factorisable_convs(model)]
+    names = [n for n, _ in factorizable_convs(model)]
     converted = convert(model, {"ranks": {names[1]: 30}})
     assert isinstance(converted.get_submodule(names[1]), LowRankConv2d)
     assert converted.get_submodule(names[1]).rank == 30
@@ -115,8 +115,8 @@ def test_convert_by_layer_name_and_keep_dense():
         ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016', 'tai2016_2.4x', 'tai2016_4.0x'\]"),
         ({"name": "tiny_vgg", "lowrank": {"preset": "tai2016"}}, r"tiny_vgg has no preset 'tai2016'; available: none"),
         ({"name": "vgg16", "lowrank": {"rank": 3}}, r"unknown key\(s\) \['rank'\]"),
-        ({"name": "vgg16", "lowrank": {"ranks": [5, 6]}}, r"one entry per factorisable conv: the model has 13, the list has 2"),
-        ({"name": "vgg16", "lowrank": {"ranks": {"features.1": 4}}}, r"does not have .*\['features.1'\]; factorisable layers: \['features.0', 'features.2'"),
+        ({"name": "vgg16", "lowrank": {"ranks": [5, 6]}}, r"one entry per factorizable conv: the model has 13, the list has 2"),
+        ({"name": "vgg16", "lowrank": {"ranks": {"features.1": 4}}}, r"does not have .*\['features.1'\]; factorizable layers: \['features.0', 'features.2'"),
         ({"name": "vgg16", "lowrank": {"ranks": [5000] + [8] * 12}}, r"rank 5000 is out of range .* allowed 1\.\.9"),
         ({"name": "alexnet", "lowrank": {"preset": "tai2016", "speedup": 2}}, "not both"),
         ({"name": "googlenet", "batch_norm": False}, "always has BatchNorm"),
@@ -135,7 +135,7 @@ def test_cost_table_command_prints_a_row_per_conv_and_totals(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| features.")]
     assert len(rows) == 9  # NIN: 3 k×k convs and 6 1×1 convs
     assert sum("| dense |" in row for row in rows) == 7  # 1×1s and the first conv stay dense
-    assert "**all 9 convs (2 factorised)**" in out
+    assert "**all 9 convs (2 factorized)**" in out
 
 
 def test_cost_table_command_rejects_a_bad_preset(capsys):
@@ -168,7 +168,7 @@ def test_caffenet_at_the_authors_ranks_counts_ranks_over_groups():
 def test_caffenet_decomposes_group_by_group():
     torch.manual_seed(0)
     dense = build_model({"name": "caffenet", "batch_norm": False, "num_classes": 10}).double().eval()
-    lowrank, errors = decompose(dense, {"ranks": [8, 40, 60, 100, 200]})
+    lowrank, errors = decompose_model(dense, {"ranks": [8, 40, 60, 100, 200]})
     for e in errors:
         conv = dense.get_submodule(e.name)
         per_group = e.rank // conv.groups
@@ -177,8 +177,8 @@ def test_caffenet_decomposes_group_by_group():
         assert e.error == pytest.approx(discarded, rel=1e-9)
         recomposed = lowrank.get_submodule(e.name).dense_weight()
         assert float((recomposed - conv.weight).detach().norm()) == pytest.approx(e.error, rel=1e-9)
-    full = [c.groups * max_rank(c.weight, c.groups) for _, c in factorisable_convs(dense)]
-    exact, _ = decompose(dense, {"ranks": full})
+    full = [c.groups * max_rank(c.weight, c.groups) for _, c in factorizable_convs(dense)]
+    exact, _ = decompose_model(dense, {"ranks": full})
     x = torch.randn(1, 3, 99, 99, dtype=torch.float64)
     torch.testing.assert_close(exact.eval()(x), dense(x), rtol=1e-9, atol=1e-9)
 

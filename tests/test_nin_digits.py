@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lowrank_dist.config import load_config
-from lowrank_dist.engine.trainer import fit
+from lowrank_dist.training.trainer import fit
 
 from .helpers import write_config, write_digits_cifar
 

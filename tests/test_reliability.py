@@ -42,10 +42,10 @@ import yaml
 
 from lowrank_dist.config import load_config
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.engine import checkpoint as checkpoint_module
-from lowrank_dist.engine import trainer as trainer_module
-from lowrank_dist.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from lowrank_dist.engine.optim import lr_factor, scaled_lr
+from lowrank_dist.training import checkpoint as checkpoint_module
+from lowrank_dist.training import trainer as trainer_module
+from lowrank_dist.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from lowrank_dist.training.optim import lr_factor, scaled_lr
 from lowrank_dist.train import main
 
 from . import helpers
@@ -273,7 +273,7 @@ BAD_INPUTS = [  # (case, argv builder, what stderr must say)
     ("rank above a layer's max rank", edit(model__lowrank={"ranks": [None, 1000, 4, 4]}),
      r"^error: model\.lowrank\.ranks: layer \S+: rank 1000 is out of range for a 3×3 conv 32→64 .*: allowed 1\.\.96$"),
     ("rank list of the wrong length", edit(model__lowrank={"ranks": [4, 4]}),
-     r"model\.lowrank\.ranks: a rank list needs one entry per factorisable conv: the model has 4, the list has 2"),
+     r"model\.lowrank\.ranks: a rank list needs one entry per factorizable conv: the model has 4, the list has 2"),
     ("unknown preset", edit(model__lowrank={"preset": "tai2016"}),
      r"^error: model\.lowrank\.preset: tiny_vgg has no preset 'tai2016'; available: none$"),
     ("unknown model", edit(model__name="resnet50"), r"model\.name: unknown model 'resnet50'; available: alexnet, "),

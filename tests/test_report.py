@@ -23,9 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lowrank_dist.config import load_config
-from lowrank_dist.decompose import TargetSpeedup
+from lowrank_dist.ranks import TargetSpeedup
 from lowrank_dist.layers import LowRankConv2d
-from lowrank_dist.models import build_model, convert, factorisable_convs
+from lowrank_dist.models import build_model, convert, factorizable_convs
 from lowrank_dist.report.__main__ import main
 from lowrank_dist.report.speed import speed_report
 from lowrank_dist.report.speed_aware import speed_aware_ranks
@@ -94,13 +94,13 @@ def test_one_row_per_conv_with_the_models_own_mac_counts(reports, name):
         assert row.train_speedup == row.dense_train.median / row.lowrank_train.median
         if row.cost.rank is None:  # the same layer in both models, timed once
             assert row.dense_train is row.lowrank_train and row.train_speedup == 1.0
-    factorised = [n for n, m in lowrank.named_modules() if isinstance(m, LowRankConv2d)]
-    assert [row.name for row in report.rows if row.cost.rank is not None] == factorised
+    factorized = [n for n, m in lowrank.named_modules() if isinstance(m, LowRankConv2d)]
+    assert [row.name for row in report.rows if row.cost.rank is not None] == factorized
     assert report.model.batch == SHAPE[0] and report.model.images_per_s(report.model.lowrank_train) > 0
 
 
 def test_vgg16_rows_match_the_paper_formula(reports):
-    """Stride-1 layers: dense N·C·9·H·W, factorised K·(3C + 3N)·H·W, with the authors' ranks."""
+    """Stride-1 layers: dense N·C·9·H·W, factorized K·(3C + 3N)·H·W, with the authors' ranks."""
     rows = reports["vgg16"][0].rows
     ranks = [5, 24, 48, 48, 64, 128, 160, 192, 192, 256, 320, 320, 320]
     assert [row.cost.rank for row in rows] == ranks
@@ -223,7 +223,7 @@ def vgg16():
 
 
 def test_speed_aware_keeps_exactly_the_layers_measured_faster(vgg16, tmp_path):
-    names = [name for name, _ in factorisable_convs(vgg16)]
+    names = [name for name, _ in factorizable_convs(vgg16)]
     slower = {names[0], names[3], names[12]}
     tied = {names[7]}  # as fast as dense is not faster
     timer = FakeTimer(lambda name, k: 1.3 if name in slower else 1.0 if name in tied else 0.6)
@@ -234,7 +234,7 @@ def test_speed_aware_keeps_exactly_the_layers_measured_faster(vgg16, tmp_path):
     assert set(timer.seen) == set(names) and timer.seen[names[1]] == ([24], (2, 64, 32, 32))
     reasons = {c.name: c.reason for c in chosen.choices}
     assert "0.77×" in reasons[names[0]] and reasons[names[0]].endswith("no candidate is faster than dense")
-    assert "1.67×" in reasons[names[1]] and "factorise" in reasons[names[1]]
+    assert "1.67×" in reasons[names[1]] and "factorize" in reasons[names[1]]
 
     path = tmp_path / "vgg16_speed.yaml"
     path.write_text(chosen.to_yaml({"name": "vgg16"}))
@@ -251,7 +251,7 @@ def test_speed_aware_search_takes_the_largest_rank_reaching_the_target(vgg16):
     search = (3.0, 4.0, 8.0)
     timer = FakeTimer(lambda name, k: k / 100)
     chosen = speed_aware_ranks(vgg16, (2, 3, 32, 32), {"speedup": 2.0}, search=search, target=1.5, timer=timer)
-    convs = list(factorisable_convs(vgg16))
+    convs = list(factorizable_convs(vgg16))
     first = convs[0][0]
     assert first not in timer.seen and chosen.ranks[first] is None
     assert "base policy keeps it dense" in chosen.choices[0].reason
@@ -388,7 +388,7 @@ def test_gpu_benchmark_smoke_runs_without_scipy_yaml_or_pydantic(tmp_path):
         assert all(row["composed_train"]["median_s"] > 0 for row in layers if row["execution"] != "dense")
     assert saved["models"]["alexnet"]["variants"]["auto"]["compiled"]["speedup"] > 0
     assert saved["layers"]["vgg16"] == saved["vgg16_layers"] and len(saved["vgg16_layers"]["layers"]) == 13
-    by_hand = saved["vgg16_layers_by_hand"]  # every layer, dense and factorised, timed again by hand
+    by_hand = saved["vgg16_layers_by_hand"]  # every layer, dense and factorized, timed again by hand
     assert by_hand["total"] == 26 == len(by_hand["rows"]) and all(row["hand_ms"] > 0 for row in by_hand["rows"])
     assert "| vgg16 | speed-aware |" in saved["summary"] and "| vgg16 | auto |" in saved["summary"]
     assert "Targets, auto" in saved["summary"] and "vgg16 layers:" in saved["summary"]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.engine.checkpoint import CheckpointManager, load_checkpoint, restore_rng_states
+from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint, restore_rng_states
 from lowrank_dist.evaluate import main as evaluate_main
 from lowrank_dist.models import build_model
 from lowrank_dist.train import main as train_main
@@ -86,7 +86,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     """Saved, loaded weights-only and restored, every generator continues exactly where it was."""
     import random
 
-    from lowrank_dist.engine.checkpoint import atomic_save, rng_states
+    from lowrank_dist.training.checkpoint import atomic_save, rng_states
 
     np.random.seed(3), random.seed(3), torch.manual_seed(3)
     np.random.randn()  # leaves a cached Gaussian in NumPy's state: that must survive too

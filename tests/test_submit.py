@@ -24,7 +24,7 @@ import pytest
 
 from lowrank_dist.config import ConfigError, load_config
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.engine.checkpoint import CheckpointManager
+from lowrank_dist.training.checkpoint import CheckpointManager
 from lowrank_dist.launch import Resources, TrainJob, job_ended_badly, job_stuck, make_executor, plan_resources, submit
 from lowrank_dist.slurm import JobStatus, Node, Partition, SlurmError, gpus_in, job_status, minutes_in, query_partition
 

@@ -10,12 +10,12 @@ from torch import nn
 
 from lowrank_dist.config import load_config
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.decompose import unfold
-from lowrank_dist.engine import checkpoint as checkpoint_module
-from lowrank_dist.engine.checkpoint import CheckpointManager, load_checkpoint
-from lowrank_dist.engine.optim import build_optimizer, lr_factor
-from lowrank_dist.engine.projection import Projector
-from lowrank_dist.engine.trainer import fit
+from lowrank_dist.svd import unfold
+from lowrank_dist.training import checkpoint as checkpoint_module
+from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
+from lowrank_dist.training.optim import build_optimizer, lr_factor
+from lowrank_dist.training.projection import Projector
+from lowrank_dist.training.trainer import fit
 from lowrank_dist.layers import LowRankConv2d
 from lowrank_dist.models import build_model, choose_ranks
 from lowrank_dist.train import main
@@ -61,7 +61,7 @@ BACKENDS = ["torchvision"] + (["dali"] if HAS_DALI else [])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_rank_cnn_learns_real_handwritten_digits(tmp_path, digits, backend, capsys):
-    """scikit-learn's 1,797 real 8×8 digits as JPEGs, through the real data path: the factorised
+    """scikit-learn's 1,797 real 8×8 digits as JPEGs, through the real data path: the factorized
     CNN must reach >= 90% val top-1; its dense twin, trained the same way, is reported beside it."""
     results = {}
     for variant, lowrank in (("low-rank", {"speedup": 2.0}), ("dense", None)):
@@ -151,7 +151,7 @@ def test_projection_leaves_every_projected_kernel_at_rank_k():
     assert all(r < 1e-5 for r in projector.project().values())  # projecting again changes nothing
 
 
-def test_projected_training_exports_an_equivalent_factorised_model(tmp_path, synthetic):
+def test_projected_training_exports_an_equivalent_factorized_model(tmp_path, synthetic):
     path = config(tmp_path, synthetic, model={"lowrank": {"mode": "projected", "speedup": 2.0, "project_every": 2}})
     result = fit(load_config(path))
     state = load_checkpoint(CheckpointManager(result.folder / "checkpoints", 3).latest())
@@ -162,7 +162,7 @@ def test_projected_training_exports_an_equivalent_factorised_model(tmp_path, syn
         assert s[k:].max() <= 1e-5 * s[0], name
     exported = torch.load(result.exported, weights_only=True)  # exports are plain tensors and types
     lowrank = build_model({"name": "tiny_vgg", "num_classes": 4, "dropout": 0.2,
-                           "lowrank": {"ranks": exported["ranks"], "factorise_first": True}})
+                           "lowrank": {"ranks": exported["ranks"], "factorize_first": True}})
     lowrank.load_state_dict(exported["model"])
     assert sum(isinstance(m, LowRankConv2d) for m in lowrank.modules()) == len(state["ranks"]) == 3
     x = torch.randn(4, 3, 32, 32)
@@ -265,7 +265,7 @@ def test_tensorboard_has_the_expected_tags(tmp_path, synthetic):
     assert any(t.startswith("ranks/") for t in scalars)
     assert "config/text_summary" in events.Tags()["tensors"]
     assert "execution/plan/text_summary" not in events.Tags()["tensors"]  # projected mode: dense kernels, no plan
-    # the end-of-run speed report: one row per factorised layer, measured beside the dense twin
+    # the end-of-run speed report: one row per factorized layer, measured beside the dense twin
     assert "speed/table/text_summary" in events.Tags()["tensors"]
     for name in result_ranks(result):
         assert f"speed/layer/{name}/forward" in scalars, name
@@ -283,7 +283,7 @@ def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_doe
     timed = {row["name"]: row for row in report["layers"]}
     assert set(result_ranks(finished)) <= set(timed) and len(timed) == 4  # tiny_vgg's four convs
     assert report["meta"]["input_shape"] == [16, 3, 32, 32]  # the training batch and crop
-    # the run's execution plan (on the CPU by default every layer factorised) is the report's plan
+    # the run's execution plan (on the CPU by default every layer factorized) is the report's plan
     assert report["meta"]["plan"] == "the run's plan, model.lowrank.execution factorized"
     assert {row["execution"] for row in timed.values() if row["rank"] is not None} == {"factorized"}
     assert all(row["composed_train"]["median_s"] > 0 for row in timed.values() if row["rank"] is not None)
@@ -303,7 +303,7 @@ def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_doe
 def test_skipping_sgd_is_torch_sgd_and_skips_a_non_finite_update_on_the_device():
     """SkippingSGD (fused) follows torch's default SGD to within rounding, and a NaN gradient leaves
     weights and momentum bitwise as they were, with its found_inf flag set on the device."""
-    from lowrank_dist.engine.optim import SkippingSGD
+    from lowrank_dist.training.optim import SkippingSGD
 
     torch.manual_seed(0)
     reference = [torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64)) for _ in range(3)]

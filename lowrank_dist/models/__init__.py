@@ -5,10 +5,10 @@ built dense or low-rank from a plain dict.
     build_model({"name": "googlenet", "lowrank": {"speedup": 2.0}})
 
 `lowrank` takes exactly one of preset (a named rank list of the model), ranks (a list, one per
-factorisable conv in module order, or a mapping layer name → rank; null keeps a layer dense),
-or speedup (per-layer theoretical target), plus factorise_first (default: only when ranks are
+factorizable conv in module order, or a mapping layer name → rank; null keeps a layer dense),
+or speedup (per-layer theoretical target), plus factorize_first (default: only when ranks are
 explicit) and bn_between (default false). The energy policy (a fraction of singular-value energy)
-needs trained weights, so it goes to `decompose`, not here.
+needs trained weights, so it goes to `decompose_model`, not here.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from typing import Mapping
 from torch import nn
 
 from . import alexnet, caffenet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
-from .convert import LayerError, choose_ranks, convert, decompose, factorisable_convs
+from .convert import LayerError, choose_ranks, convert, decompose_model, factorizable_convs
 from .registry import MODELS, ModelSpec, model_spec, register_model
 
 MODEL_KEYS = {"name", "num_classes", "batch_norm", "dropout", "lowrank"}
-LOWRANK_KEYS = {"preset", "ranks", "speedup", "energy", "factorise_first", "bn_between"}
+LOWRANK_KEYS = {"preset", "ranks", "speedup", "energy", "factorize_first", "bn_between"}
 
 
 def lowrank_policy(spec: ModelSpec, lowrank: Mapping) -> dict:
-    """The rank-policy dict for `convert`/`decompose`: a preset name resolved to its ranks."""
+    """The rank-policy dict for `convert`/`decompose_model`: a preset name resolved to its ranks."""
     unknown = sorted(set(lowrank) - LOWRANK_KEYS)
     if unknown:
         raise ValueError(f"model.lowrank: unknown key(s) {unknown}; allowed: {sorted(LOWRANK_KEYS)}")
@@ -67,7 +67,7 @@ def build_model(cfg: Mapping) -> nn.Module:
         model = convert(
             model,
             lowrank_policy(spec, lowrank),
-            factorise_first=lowrank.get("factorise_first"),
+            factorize_first=lowrank.get("factorize_first"),
             bn_between=bool(lowrank.get("bn_between", False)),
             inplace=True,
         )
@@ -75,6 +75,6 @@ def build_model(cfg: Mapping) -> nn.Module:
 
 
 __all__ = [
-    "MODELS", "ModelSpec", "LayerError", "build_model", "choose_ranks", "convert", "decompose", "factorisable_convs",
+    "MODELS", "ModelSpec", "LayerError", "build_model", "choose_ranks", "convert", "decompose_model", "factorizable_convs",
     "lowrank_policy", "model_spec", "register_model",
 ]

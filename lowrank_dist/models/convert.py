@@ -1,9 +1,9 @@
 """Turn a dense torchvision-style CNN into its low-rank form.
 
-`convert` replaces each factorisable conv (kh·kw > 1, zero padding) by a freshly initialised
-LowRankConv2d — training from scratch, the paper's main recipe. `decompose` replaces it by the
+`convert` replaces each factorizable conv (kh·kw > 1, zero padding) by a freshly initialised
+LowRankConv2d — training from scratch, the paper's main recipe. `decompose_model` replaces it by the
 exact decomposition of its trained kernel — the decompose-and-fine-tune path — and reports each
-layer's approximation error. Both leave 1×1 convs dense (nothing to factorise) and, unless the
+layer's approximation error. Both leave 1×1 convs dense (nothing to factorize) and, unless the
 policy names every layer explicitly, keep the first conv dense (it sees 3 input channels, so it is
 cheap and its rank would be tiny).
 """
@@ -16,12 +16,13 @@ from typing import Iterator, Mapping
 
 from torch import nn
 
-from ..decompose import ExplicitRanks, RankPolicy, decompose_kernel, policy_from_config
+from ..ranks import ExplicitRanks, RankPolicy, policy_from_config
+from ..svd import decompose_kernel
 from ..layers import LowRankConv2d, check_rank
 
 
-def factorisable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
-    """(name, conv) for every dense conv that can be factorised, in module order. The convs inside
+def factorizable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
+    """(name, conv) for every dense conv that can be factorized, in module order. The convs inside
     an existing LowRankConv2d are not visited."""
     inside_lowrank: list[str] = []
     for name, module in model.named_modules():
@@ -43,13 +44,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first: bool | None = None) -> dict[str, int]:
-    """Layer name → rank for every layer the policy factorises (the others stay dense). A grouped
+def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorize_first: bool | None = None) -> dict[str, int]:
+    """Layer name → rank for every layer the policy factorizes (the others stay dense). A grouped
     conv's rank is the total over its groups, as LowRankConv2d takes it."""
     policy = policy_from_config(policy)
-    if factorise_first is None:  # explicit per-layer ranks name the first conv deliberately
-        factorise_first = isinstance(policy, ExplicitRanks)
-    convs = list(factorisable_convs(model))
+    if factorize_first is None:  # explicit per-layer ranks name the first conv deliberately
+        factorize_first = isinstance(policy, ExplicitRanks)
+    convs = list(factorizable_convs(model))
     if isinstance(policy, ExplicitRanks):
         if isinstance(policy.ranks, Mapping):
             known = [name for name, _ in convs]
@@ -57,16 +58,16 @@ def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first
             if unknown:
                 raise ValueError(
                     f"ranks name layers the model does not have (or that are 1×1): {unknown};"
-                    f" factorisable layers: {known}"
+                    f" factorizable layers: {known}"
                 )
         elif len(policy.ranks) != len(convs):
             raise ValueError(
-                f"a rank list needs one entry per factorisable conv: the model has {len(convs)},"
+                f"a rank list needs one entry per factorizable conv: the model has {len(convs)},"
                 f" the list has {len(policy.ranks)}"
             )
     chosen = {}
     for ordinal, (name, conv) in enumerate(convs):
-        if ordinal == 0 and not factorise_first:
+        if ordinal == 0 and not factorize_first:
             continue
         rank = policy.rank_for(name, conv.weight, conv.groups, ordinal=ordinal)
         if rank is None:
@@ -82,14 +83,14 @@ def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorise_first
 def convert(
     model: nn.Module,
     policy: RankPolicy | Mapping,
-    factorise_first: bool | None = None,
+    factorize_first: bool | None = None,
     bn_between: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
-    """Low-rank twin of `model` for training from scratch: factorised layers are freshly initialised
+    """Low-rank twin of `model` for training from scratch: factorized layers are freshly initialised
     with the same gain as the dense layer they replace (see LowRankConv2d.from_scratch_like)."""
     model = model if inplace else copy.deepcopy(model)
-    for name, rank in choose_ranks(model, policy, factorise_first).items():
+    for name, rank in choose_ranks(model, policy, factorize_first).items():
         conv = model.get_submodule(name)
         _replace(model, name, LowRankConv2d.from_scratch_like(conv, rank, bn_between))
     return model
@@ -104,17 +105,17 @@ class LayerError:
     relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
 
 
-def decompose(
+def decompose_model(
     model: nn.Module,
     policy: RankPolicy | Mapping,
-    factorise_first: bool | None = None,
+    factorize_first: bool | None = None,
     bn_between: bool = False,
     inplace: bool = False,
 ) -> tuple[nn.Module, list[LayerError]]:
     """Low-rank model from trained weights by the exact decomposition, with per-layer errors."""
     model = model if inplace else copy.deepcopy(model)
     errors = []
-    for name, rank in choose_ranks(model, policy, factorise_first).items():
+    for name, rank in choose_ranks(model, policy, factorize_first).items():
         conv = model.get_submodule(name)
         decomposition = decompose_kernel(conv.weight, rank // conv.groups, conv.groups)
         _replace(model, name, LowRankConv2d.from_conv(conv, rank, bn_between, decomposition))

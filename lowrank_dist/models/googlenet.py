@@ -1,5 +1,5 @@
 """GoogLeNet (Inception v1), torchvision's architecture; BatchNorm is built in (BasicConv2d is
-conv → BN → ReLU, so a factorised conv gives the authors' conv_v → conv_h → BN → ReLU)."""
+conv → BN → ReLU, so a factorized conv gives the authors' conv_v → conv_h → BN → ReLU)."""
 
 from torch import nn
 from torchvision.models import googlenet as tv_googlenet

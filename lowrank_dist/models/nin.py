@@ -1,7 +1,7 @@
 """Network in Network for CIFAR-10 (Lin et al. 2014), the model of Tai et al.'s CIFAR-10 study:
 three 'mlpconv' blocks (a k×k conv followed by two 1×1 convs), global average pooling.
 
-The authors' low-rank NIN (chengtaipu/lowrankcnn, cifar/models/lowrank_nin_cudnn.lua) factorises
+The authors' low-rank NIN (chengtaipu/lowrankcnn, cifar/models/lowrank_nin_cudnn.lua) factorizes
 conv1 (5×5, 3 → 192) at rank 10 and conv2 (5×5, 96 → 192) at rank 51 and keeps conv3 (3×3) dense:
 the preset `tai2016`. (They apply the 1×5 filters first, then the 5×1; a square kernel costs the
 same either way, and LowRankConv2d's vertical-first order spans the same set of rank-K kernels.)"""

@@ -14,7 +14,7 @@ class ModelSpec:
 
     build(num_classes, **options) — batch_norm and dropout among the options, with the model's defaults → nn.Module
     input_size: (C, H, W) the model is meant for (costs and the speed report use it)
-    presets: named rank lists, one rank per factorisable (kh·kw > 1) conv in module order
+    presets: named rank lists, one rank per factorizable (kh·kw > 1) conv in module order
     options: extra keyword options `build` accepts (e.g. GoogLeNet's aux_logits), with defaults
     aux_loss_weight: weight of each auxiliary head's loss when the model returns (logits, aux...) in training
     """

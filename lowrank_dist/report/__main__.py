@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers-only", action="store_true", help="skip the whole-model images/s")
     parser.add_argument("--out", type=Path, help="output folder")
     aware = parser.add_argument_group("speed-aware ranks")
-    aware.add_argument("--speed-aware", action="store_true", help="factorise only the layers measured faster")
+    aware.add_argument("--speed-aware", action="store_true", help="factorize only the layers measured faster")
     aware.add_argument("--search", help="extra theoretical speedups whose ranks are tried, e.g. 2,3,4")
     aware.add_argument("--target", type=float, default=1.0, help="measured per-layer speedup a rank must reach")
     aware.add_argument("--objective", choices=["train", "forward"], default="train", help="time forward+backward or forward")
@@ -130,7 +130,7 @@ def run(args) -> int:
     if args.speed_aware:
         lowrank = build["lowrank"]
         chosen = speed_aware_ranks(
-            dense, input_shape, lowrank_policy(spec, lowrank), search, args.target, lowrank.get("factorise_first"),
+            dense, input_shape, lowrank_policy(spec, lowrank), search, args.target, lowrank.get("factorize_first"),
             bool(lowrank.get("bn_between", False)), objective=args.objective, model_name=spec.name, **timing,
         )
         print(chosen.to_markdown() + "\n")

@@ -45,7 +45,7 @@ def _params(*modules: nn.Module | None) -> int:
 
 
 def conv_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerCost]:
-    """One row per conv layer (dense or factorised), in module order, for one image of
+    """One row per conv layer (dense or factorized), in module order, for one image of
     `input_size` = (C, H, W)."""
     shapes: dict[nn.Module, torch.Size] = {}
     hooks = [
@@ -103,9 +103,9 @@ def format_table(rows: list[LayerCost], title: str = "") -> str:
         )
     dense, lowrank = sum(r.dense_macs for r in rows), sum(r.lowrank_macs for r in rows)
     dense_p, lowrank_p = sum(r.dense_params for r in rows), sum(r.lowrank_params for r in rows)
-    factorised = sum(r.rank is not None for r in rows)
+    factorized = sum(r.rank is not None for r in rows)
     lines.append(
-        f"| **all {len(rows)} convs ({factorised} factorised)** | | | | **{dense / 1e6:,.1f}** | **{lowrank / 1e6:,.1f}**"
+        f"| **all {len(rows)} convs ({factorized} factorized)** | | | | **{dense / 1e6:,.1f}** | **{lowrank / 1e6:,.1f}**"
         f" | **{dense / lowrank:.2f}×** | **{dense_p:,}** | **{lowrank_p:,}** |"
     )
     return "\n".join(lines)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m lowrank_dist.report.costs",
-        description="Per-layer theoretical cost of each low-rank model (MACs and parameters, dense vs factorised).",
+        description="Per-layer theoretical cost of each low-rank model (MACs and parameters, dense vs factorized).",
     )
     parser.add_argument("--model", action="append", choices=sorted(MODELS), help="model (repeatable; default: all)")
     policy = parser.add_mutually_exclusive_group()

@@ -1,4 +1,4 @@
-"""Execution plans: each factorised layer runs as two thin convs or as one dense conv of its
+"""Execution plans: each factorized layer runs as two thin convs or as one dense conv of its
 composed kernel, whichever is measured faster here — same parameters, same function.
 
 A LowRankConv2d computes y = conv(x, Ŵ) + b with Ŵ[n,c,i,j] = Σ_k H[n,k,0,j]·V[k,c,i,0] (per group).
@@ -23,7 +23,7 @@ A later plan with the same key reuses the decision without timing; change any of
 layer is timed again. The plan never touches parameters: a state dict loads under any plan.
 
 A layer with BatchNorm between V and H has no composed form (in training BN normalises the
-intermediate by its batch statistics): "auto" keeps it factorised, "composed" refuses the model.
+intermediate by its batch statistics): "auto" keeps it factorized, "composed" refuses the model.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ from .timing import (
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..engine.distributed import DistContext
+    from ..training.distributed import DistContext
 
 EXECUTIONS = ("auto", "factorized", "composed")
 # model.lowrank.execution when the config leaves it out. On a GPU: auto. On the CPU: factorized —
 # measured (bench/execution_cpu.py, VGG-16 at the authors' ranks, fp32, batch 8, 112×112, 2 shared
 # cores): CPUs are bound by arithmetic, and composed forward+backward was 1.4–5.5× slower than
-# factorised on 12 of the 13 layers; only conv1_1 (3 input channels, rank 5) was faster composed.
+# factorized on 12 of the 13 layers; only conv1_1 (3 input channels, rank 5) was faster composed.
 # Timing all 13 layers took 46 s there, to gain one small layer.
 CPU_DEFAULT = "factorized"
 CACHE_VERSION = 1
@@ -98,7 +98,7 @@ class LayerPlan:
 
     @property
     def speedup(self) -> float | None:
-        """factorised time / chosen time (≥ 1 by construction when timed)."""
+        """factorized time / chosen time (≥ 1 by construction when timed)."""
         if self.factorized_s is None or self.composed_s is None:
             return None
         return self.factorized_s / (self.composed_s if self.execution == "composed" else self.factorized_s)
@@ -117,7 +117,7 @@ class ExecutionPlan:
     def apply(self, model: nn.Module) -> None:
         missing = sorted(set(self.executions) - {name for name, _ in lowrank_layers(model)})
         if missing:
-            raise ValueError(f"the plan names layers the model does not factorise: {', '.join(missing)}")
+            raise ValueError(f"the plan names layers the model does not factorize: {', '.join(missing)}")
         set_execution(model, self.executions)
 
     def counts(self) -> dict[str, int]:
@@ -132,8 +132,8 @@ class ExecutionPlan:
             + (f"{cached} from the cache {meta['cache']}" if meta.get("cache") else "no cache")
         )
         how += f"; {meta['note']}" if meta.get("note") else ""
-        return (f"execution plan ({self.mode}{how}): {counts['composed']} of {len(self.layers)} factorised layers"
-                f" run composed, {counts['factorized']} factorised")
+        return (f"execution plan ({self.mode}{how}): {counts['composed']} of {len(self.layers)} factorized layers"
+                f" run composed, {counts['factorized']} factorized")
 
     def to_markdown(self) -> str:
         meta = self.meta
@@ -145,7 +145,7 @@ class ExecutionPlan:
             f" torch {meta['torch']}{', cuDNN ' + str(meta['cudnn']) if meta['cudnn'] else ''}); forward+backward"
             " ms per batch, median of alternated samples.",
             "",
-            "| layer | input | factorised ms | composed ms | runs | why |",
+            "| layer | input | factorized ms | composed ms | runs | why |",
             "|---|---|---:|---:|---|---|",
         ]
         for layer in self.layers:
@@ -238,7 +238,7 @@ def _usable(entry) -> bool:
 
 
 def _time_layer(layer: LowRankConv2d, given: LayerInput, device, dtype, channels_last, **timing) -> dict[str, float]:
-    """Forward+backward seconds of the layer as factorised and as composed, alternated."""
+    """Forward+backward seconds of the layer as factorized and as composed, alternated."""
     fns = {}
     for execution in ("factorized", "composed"):
         twin = copy.deepcopy(layer)
@@ -338,7 +338,7 @@ def plan_for_run(cfg: Config, model: nn.Module, device: torch.device, dist_ctx: 
     every rank applies rank 0's plan (a per-rank timing could differ by noise, and DDP needs every
     rank to run the same graph). The plan is printed, written to the run folder
     (execution_plan.md/.json) and TensorBoard (execution/plan). None for a model without
-    factorised layers (dense, or the projected mode)."""
+    factorized layers (dense, or the projected mode)."""
     if cfg.model.lowrank is None or not lowrank_layers(model):
         return None
     from ..models import model_spec

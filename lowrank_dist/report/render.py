@@ -1,7 +1,7 @@
 """A SpeedReport as a markdown table, CSV, JSON, a PNG chart and TensorBoard entries.
 
 Times in the table are medians per batch in milliseconds; a speedup is dense time / low-rank time
-(above 1: the low-rank layer is faster), for the factorised form, the composed one and the plan's.
+(above 1: the low-rank layer is faster), for the factorized form, the composed one and the plan's.
 CSV and JSON keep the quartiles (the run's own spread) and, in JSON, every sample.
 """
 
@@ -52,14 +52,14 @@ def markdown(report: SpeedReport) -> str:
         f"### {heading(report)}",
         "",
         f"Median of {meta['repeats']} samples after {meta['warmup']} warm-up calls, the forms of a layer alternated;"
-        " times in ms per batch. *theory*: dense MACs / factorised MACs; *×*: dense time / that form's time."
+        " times in ms per batch. *theory*: dense MACs / factorized MACs; *×*: dense time / that form's time."
         " *composed*: one dense conv of the composed kernel Σ_k V_k ⊗ H_k (same parameters). *plan*: the form"
         f" each layer runs ({meta.get('plan', 'given')}). Layers kept dense are one module in both models:"
         " timed once, ratio 1.",
         "",
         "| layer | kernel N×C×kh×kw | rank | input | MMACs/img dense → low-rank | theory"
-        " | fwd dense | fwd factorised | fwd composed | fwd+bwd dense | fwd+bwd factorised | fwd+bwd composed"
-        " | factorised fwd+bwd × | plan | plan fwd × | plan fwd+bwd × |",
+        " | fwd dense | fwd factorized | fwd composed | fwd+bwd dense | fwd+bwd factorized | fwd+bwd composed"
+        " | factorized fwd+bwd × | plan | plan fwd × | plan fwd+bwd × |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for row in report.rows:
@@ -78,12 +78,12 @@ def markdown(report: SpeedReport) -> str:
         rows = report.rows
         dense_macs = sum(row.cost.dense_macs for row in rows)
         lowrank_macs = sum(row.cost.lowrank_macs for row in rows)
-        factorised = sum(row.cost.rank is not None for row in rows)
+        factorized = sum(row.cost.rank is not None for row in rows)
         composed = sum(row.execution == "composed" for row in rows)
         composed_forward = sum((row.composed_forward or row.lowrank_forward).median for row in rows)
         composed_train = sum(_all_composed(row).median for row in rows)
         lines.append(
-            f"| **all {len(rows)} convs ({factorised} factorised)** | | | | **{dense_macs / 1e6:,.1f} →"
+            f"| **all {len(rows)} convs ({factorized} factorized)** | | | | **{dense_macs / 1e6:,.1f} →"
             f" {lowrank_macs / 1e6:,.1f}** | **{dense_macs / lowrank_macs:.2f}×**"
             f" | **{_ms(_total(rows, 'dense_forward'))}** | **{_ms(_total(rows, 'lowrank_forward'))}**"
             f" | **{_ms(composed_forward)}** | **{_ms(_total(rows, 'dense_train'))}**"
@@ -98,9 +98,9 @@ def markdown(report: SpeedReport) -> str:
         lines += [
             "",
             f"Whole model, batch {model.batch}, images/s — train step (forward, backward, SGD update): dense"
-            f" {rate(model.dense_train):,.1f}, all factorised {rate(model.lowrank_train):,.1f}"
+            f" {rate(model.dense_train):,.1f}, all factorized {rate(model.lowrank_train):,.1f}"
             f" ({model.train_speedup:.2f}×), plan {rate(model.planned_train):,.1f} ({model.planned_train_speedup:.2f}×);"
-            f" forward: dense {rate(model.dense_forward):,.1f}, all factorised {rate(model.lowrank_forward):,.1f}"
+            f" forward: dense {rate(model.dense_forward):,.1f}, all factorized {rate(model.lowrank_forward):,.1f}"
             f" ({model.forward_speedup:.2f}×), plan {rate(model.planned_forward):,.1f}"
             f" ({model.planned_forward_speedup:.2f}×).",
         ]
@@ -139,8 +139,8 @@ def csv_rows(report: SpeedReport) -> list[dict]:
 
 
 def chart(report: SpeedReport, path: Path) -> None:
-    """Grouped bars per factorised layer: theoretical, measured factorised forward and
-    forward+backward, and composed forward+backward speedup, with the break-even line at 1 (every layer if none is factorised)."""
+    """Grouped bars per factorized layer: theoretical, measured factorized forward and
+    forward+backward, and composed forward+backward speedup, with the break-even line at 1 (every layer if none is factorized)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,8 +158,8 @@ def _figure(report: SpeedReport, rows, plt):
     positions = range(len(rows))
     series = (
         ("theoretical (MACs)", [row.theoretical for row in rows], "#999999"),
-        ("factorised forward", [row.forward_speedup for row in rows], "#4c72b0"),
-        ("factorised forward+backward", [row.train_speedup for row in rows], "#dd8452"),
+        ("factorized forward", [row.forward_speedup for row in rows], "#4c72b0"),
+        ("factorized forward+backward", [row.train_speedup for row in rows], "#dd8452"),
         ("composed forward+backward", [row.dense_train.median / _all_composed(row).median for row in rows], "#55a868"),
     )
     for offset, (label, values, color) in zip((-1.5 * width, -0.5 * width, 0.5 * width, 1.5 * width), series):

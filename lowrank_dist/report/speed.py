@@ -2,16 +2,16 @@
 
 The theoretical speedup of a layer is its MAC ratio (report.costs.conv_costs); the measured one is
 dense time / low-rank time for the same layer on the same input. They differ because FLOPs are not
-time: a layer whose kernels wait on memory gains nothing from fewer MACs, and the factorised layer
+time: a layer whose kernels wait on memory gains nothing from fewer MACs, and the factorized layer
 writes and reads back its K-channel intermediate (DESIGN.md §2). The report puts the two side by side.
 
     report = speed_report(dense, lowrank, (64, 3, 224, 224), "cuda", torch.bfloat16, "runs/x/speed")
     print(report.to_markdown())
 
-Each factorised layer is also timed composed (one dense conv of its composed kernel, the same
+Each factorized layer is also timed composed (one dense conv of its composed kernel, the same
 function and parameters; report/execution.py), and the report says which form the execution plan
 runs: a run's plan, or by default the faster forward+backward measured here. The whole model is
-timed dense, all-factorised and under that plan.
+timed dense, all-factorized and under that plan.
 
 Layers that the low-rank model keeps dense (1×1 convs, usually the first conv) are the same module
 in both models, so they are timed once and their measured ratio is 1 by construction; they are in
@@ -38,8 +38,8 @@ from .timing import (  # noqa: F401  (DTYPES, device_description, dtype_name, re
 
 class DenseVsLowRank:
     """Timings of the same work, dense and low-rank, forward and train; speedup = dense / low-rank.
-    "lowrank" is the factorised form; "planned" the execution plan's (report/execution.py): per
-    layer factorised or composed, whichever the plan chose."""
+    "lowrank" is the factorized form; "planned" the execution plan's (report/execution.py): per
+    layer factorized or composed, whichever the plan chose."""
 
     dense_forward: Timing
     lowrank_forward: Timing
@@ -80,7 +80,7 @@ class DenseVsLowRank:
 @dataclass
 class LayerSpeed(DenseVsLowRank):
     """One conv layer: its theoretical cost and its measured times (seconds per call, per batch):
-    dense, factorised ("lowrank") and composed, and which of the low-rank forms the plan runs."""
+    dense, factorized ("lowrank") and composed, and which of the low-rank forms the plan runs."""
 
     cost: LayerCost
     input_shape: tuple[int, ...]
@@ -121,7 +121,7 @@ class LayerSpeed(DenseVsLowRank):
 @dataclass
 class ModelSpeed(DenseVsLowRank):
     """Whole-model seconds per batch, inference forward and one training step: dense, every layer
-    factorised ("lowrank"), and the execution plan ("planned")."""
+    factorized ("lowrank"), and the execution plan ("planned")."""
 
     batch: int
     dense_forward: Timing
@@ -210,12 +210,12 @@ def speed_report(
     """Time every conv layer of `lowrank_model` against the same-named layer of `dense_model`, and
     both whole models, at `input_shape` = (B, C, H, W) on `device` in `dtype`.
 
-    Each factorised layer is timed three ways, alternated: dense, factorised and composed (one
+    Each factorized layer is timed three ways, alternated: dense, factorized and composed (one
     dense conv of its composed kernel, report/execution.py). `plan` (layer name → "factorized" or
     "composed", e.g. a run's ExecutionPlan.executions; `plan_source` says where it came from)
     picks one per layer; by default each layer takes the form with the faster forward+backward
     measured here, the rule of `model.lowrank.execution: auto`. The whole model is timed dense,
-    with every layer factorised, and under the plan.
+    with every layer factorized, and under the plan.
 
     The models are not touched: each is copied to the device. Layers run in `dtype` itself; the
     whole models run with fp32 weights under autocast to `dtype`, as the trainer does. Files go to
@@ -233,7 +233,7 @@ def speed_report(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     dense = copy.deepcopy(dense_model).to(device).to(memory_format=memory_format)
     lowrank = copy.deepcopy(lowrank_model).to(device).to(memory_format=memory_format)
-    set_execution(lowrank, "factorized")  # the "low-rank" columns are the factorised form, whatever the model ran
+    set_execution(lowrank, "factorized")  # the "low-rank" columns are the factorized form, whatever the model ran
     example = torch.randn(tuple(input_shape), device=device).contiguous(memory_format=memory_format)
     timing_options = {"repeats": repeats, "warmup": warmup, "min_sample_s": min_sample_s}
 
@@ -284,7 +284,7 @@ def speed_report(
             fns["factorized"] = tuple(_switched(lowrank, "factorized", fn) for fn in fns["factorized"])
         forward = measure({key: pair[0] for key, pair in fns.items()}, device, **timing_options)
         train = measure({key: pair[1] for key, pair in fns.items()}, device, **timing_options)
-        for timings in (forward, train):  # a plan that composes nothing is the all-factorised model
+        for timings in (forward, train):  # a plan that composes nothing is the all-factorized model
             timings.setdefault("planned", timings["factorized"])
         model_speed = ModelSpeed(batch, forward["dense"], forward["factorized"], train["dense"], train["factorized"],
                                  forward["planned"], train["planned"])

@@ -1,4 +1,4 @@
-"""Speed-aware ranks: factorise a layer only where the factorised form is measured faster here.
+"""Speed-aware ranks: factorize a layer only where the factorized form is measured faster here.
 
 A base rank policy (the authors' ranks, a theoretical speedup target, ...) proposes layers and a
 rank K0 for each; `search` adds more candidates, the rank K_s = TargetSpeedup(s) for each listed
@@ -27,9 +27,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..decompose import ExplicitRanks, RankPolicy, TargetSpeedup
+from ..ranks import ExplicitRanks, RankPolicy, TargetSpeedup
 from ..layers import LowRankConv2d
-from ..models import choose_ranks, factorisable_convs
+from ..models import choose_ranks, factorizable_convs
 from .costs import conv_costs
 from .speed import DTYPES, resolve_device, device_description, dtype_name
 from .timing import LayerInput, capture_inputs, layer_functions, measure
@@ -37,11 +37,11 @@ from .timing import LayerInput, capture_inputs, layer_functions, measure
 
 @dataclass
 class LayerCase:
-    """What a timer is asked to time: a dense conv and its factorised candidates on one input."""
+    """What a timer is asked to time: a dense conv and its factorized candidates on one input."""
 
     name: str
     dense: nn.Conv2d
-    lowrank: dict[int, LowRankConv2d]  # candidate rank K → a factorised twin at that rank
+    lowrank: dict[int, LowRankConv2d]  # candidate rank K → a factorized twin at that rank
     given: LayerInput
 
 
@@ -106,7 +106,7 @@ class SpeedAwareRanks:
 
     @property
     def ranks(self) -> dict[str, int | None]:
-        """Every factorisable conv → its rank, None where it stays dense."""
+        """Every factorizable conv → its rank, None where it stays dense."""
         return {choice.name: choice.rank for choice in self.choices}
 
     def policy(self) -> RankPolicy:
@@ -122,7 +122,7 @@ class SpeedAwareRanks:
         lines = [
             f"### Speed-aware ranks for {meta['model']} on {meta['device_name']} ({meta['dtype']}, input"
             f" {'×'.join(map(str, meta['input_shape']))}, {meta['objective']}, target ≥ {meta['target']:g}×"
-            f" and faster than dense): {kept} of {len(self.choices)} layers factorised",
+            f" and faster than dense): {kept} of {len(self.choices)} layers factorized",
             "",
             "| layer | kernel | rank | why |",
             "|---|---|---|---|",
@@ -145,7 +145,7 @@ class SpeedAwareRanks:
         tree = copy.deepcopy(dict(base)) if base is not None else {}
         model_section = dict(tree.get("model") or {}) or {k: v for k, v in model.items() if k != "lowrank"}
         lowrank = {k: v for k, v in dict(model_section.get("lowrank") or model.get("lowrank") or {}).items()
-                   if k not in ("preset", "ranks", "speedup", "energy", "factorise_first")}
+                   if k not in ("preset", "ranks", "speedup", "energy", "factorize_first")}
         model_section["lowrank"] = lowrank | {"ranks": self.ranks}
         tree["model"] = model_section
         if isinstance(tree.get("run"), dict):
@@ -162,7 +162,7 @@ class SpeedAwareRanks:
             lines.append(line)
         meta = self.meta
         header = [
-            f"# Speed-aware ranks for {meta['model']}: a layer is factorised only where it measured faster than",
+            f"# Speed-aware ranks for {meta['model']}: a layer is factorized only where it measured faster than",
             f"# dense on {meta['device_name']} ({meta['dtype']}, input {'×'.join(map(str, meta['input_shape']))},"
             f" {meta['objective']}, target {meta['target']:g}×, {meta['date']}). null: dense.",
         ]
@@ -194,7 +194,7 @@ def _decide(choice: RankChoice, target: float) -> tuple[int | None, str]:
         return None, text + f"dense: no candidate is {needed}"
     rank = max(good)
     if len(choice.lowrank_s) == 1:
-        return rank, text + "factorise: faster than dense" + (f" and ≥ {target:g}×" if target > 1.0 else "")
+        return rank, text + "factorize: faster than dense" + (f" and ≥ {target:g}×" if target > 1.0 else "")
     return rank, text + f"K={rank}: the largest rank " + ("faster than dense" if target <= 1.0 else f"≥ {target:g}×")
 
 
@@ -204,7 +204,7 @@ def speed_aware_ranks(
     base: RankPolicy | Mapping,
     search: Sequence[float] = (),
     target: float = 1.0,
-    factorise_first: bool | None = None,
+    factorize_first: bool | None = None,
     bn_between: bool = False,
     timer: LayerTimer | None = None,
     device: torch.device | str | None = None,
@@ -228,10 +228,10 @@ def speed_aware_ranks(
     device = resolve_device(device)
     timer = timer or device_timer(device, dtype, objective, repeats, warmup, min_sample_s, channels_last)
     model = copy.deepcopy(dense_model).to(device)
-    proposed = choose_ranks(model, base, factorise_first)
+    proposed = choose_ranks(model, base, factorize_first)
     inputs = capture_inputs(model, torch.randn(tuple(input_shape), device=device))
     choices = []
-    for name, conv in factorisable_convs(model):
+    for name, conv in factorizable_convs(model):
         kernel = tuple(conv.weight.shape)
         if name not in proposed or name not in inputs:
             why = "the base policy keeps it dense" if name not in proposed else "not on the forward path"

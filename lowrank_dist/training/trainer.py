@@ -6,7 +6,7 @@
     finish(run, state, metrics)                              # projection, export, speed report, summary
 
 `build_model_for` holds the three low-rank modes. The trainer does not know how it was launched
-(a DistContext says which rank it is) nor which engine it drives (DDP or DeepSpeed: backends.py).
+(a DistContext says which rank it is) nor which engine it drives (DDP or DeepSpeed: engines.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from tqdm import tqdm
 from ..config import Config, ConfigError
 from ..data import build_loaders
 from ..layers import LowRankConv2d
-from ..models import build_model, choose_ranks, decompose, lowrank_policy, model_spec
+from ..models import build_model, choose_ranks, decompose_model, lowrank_policy, model_spec
 from ..report.execution import ExecutionPlan, plan_for_run
-from .backends import build_engine, global_batch
+from .engines import build_engine, global_batch
 from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
 from .distributed import DistContext, select_device
 from .evaluate import evaluate
@@ -43,7 +43,7 @@ __all__ = ["fit", "Preempted", "TrainingError", "loaders_for", "build_model_for"
 @dataclass
 class ModelSetup:
     model: nn.Module
-    ranks: dict[str, int] = field(default_factory=dict)  # factorised (or projected) layers → K
+    ranks: dict[str, int] = field(default_factory=dict)  # factorized (or projected) layers → K
     projector: Projector | None = None
     decomposition_errors: dict[str, float] = field(default_factory=dict)  # decomposed mode
 
@@ -107,9 +107,9 @@ def build_model_for(cfg: Config, num_classes: int) -> ModelSetup:
                 f"model.lowrank.dense_checkpoint {str(lowrank.dense_checkpoint)!r} does not fit {cfg.model.name}"
                 f" with {num_classes} classes: {str(error).splitlines()[0]}"
             ) from None
-        model, errors = decompose(dense, policy, lowrank.factorise_first, lowrank.bn_between, inplace=True)
+        model, errors = decompose_model(dense, policy, lowrank.factorize_first, lowrank.bn_between, inplace=True)
         return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
-    ranks = choose_ranks(dense, policy, lowrank.factorise_first)
+    ranks = choose_ranks(dense, policy, lowrank.factorize_first)
     return ModelSetup(dense, ranks, Projector(dense, ranks))
 
 
@@ -244,8 +244,8 @@ def rebase_schedule(engine, cfg: Config, position: int, batch: int) -> float:
 
 def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog,
                    plan: ExecutionPlan | None = None):
-    """The end-of-run speed report: every factorised layer timed against its dense twin (same
-    shapes, fresh weights: time does not depend on their values), factorised and composed, at the
+    """The end-of-run speed report: every factorized layer timed against its dense twin (same
+    shapes, fresh weights: time does not depend on their values), factorized and composed, at the
     training batch, image size and memory format, on the training device, in the run's dtype on a
     GPU and in fp32 on the CPU (CPUs have no fast bf16 convolutions: bf16 times there say nothing
     about a GPU run). The run's execution plan is the report's plan when it was made in the same
@@ -289,7 +289,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The one place to change the model on its device before the engine wraps it.
-    plan = plan_for_run(cfg, model, device, dist_ctx, log)  # each factorised layer runs factorised or composed
+    plan = plan_for_run(cfg, model, device, dist_ctx, log)  # each factorized layer runs factorized or composed
 
     checkpoints = CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last)
     if dist_ctx.is_main:  # no rank saves before rank 0 has joined the first step's collectives
@@ -433,7 +433,7 @@ def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResul
     if run.projector is not None and run.dist_ctx.is_main:
         exported = folder / "exported_lowrank.pt"
         lowrank = run.projector.export(run.model)
-        atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorised": True, "config": cfg.resolved()},
+        atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorized": True, "config": cfg.resolved()},
                     exported)
     speed = None
     finished = state.step >= run.total_steps  # a run cut short by run.max_steps is a test or a debug session
@@ -446,7 +446,7 @@ def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResul
     run.log.print(
         f"final: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['count']} images)\n"
         f"checkpoints: {run.checkpoints.folder}\n"
-        + (f"exported factorised model: {exported}\n" if exported else "")
+        + (f"exported factorized model: {exported}\n" if exported else "")
         + (f"speed report: {speed.files['md']}\n" if speed else "")
         + f"TensorBoard: tensorboard --logdir {folder / 'tensorboard'}"
     )

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .backends import CheckpointWriteFailed, Engine
+from .engines import CheckpointWriteFailed, Engine
 from .checkpoint import CheckpointManager, rng_states
 from .distributed import DistContext
 from .projection import Projector
@@ -103,7 +103,7 @@ class Run:
     progress: Any  # tqdm
     last_step: int = 0  # set by the resume: run.max_steps or the end of the schedule
     total_steps: int = 0  # the end of the schedule
-    plan: Any = None  # report.execution.ExecutionPlan the factorised layers run under (None: none factorised)
+    plan: Any = None  # report.execution.ExecutionPlan the factorized layers run under (None: none factorized)
 
     @property
     def micro_batches(self) -> int:

@@ -3,7 +3,7 @@
 Every `project_every` optimizer steps (and at the end) each chosen kernel W is replaced by its
 best rank-K approximation Ŵ = Σ_k V_k ⊗ H_k (the exact decomposition of Tai et al.). The residual
 ‖W − Ŵ‖_F / ‖W‖_F measured just before projecting tells how far training drifted from rank K.
-At the end the model is exported in factorised form: exact, since every kernel has rank ≤ K.
+At the end the model is exported in factorized form: exact, since every kernel has rank ≤ K.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..decompose import decompose_kernel, recompose
-from ..models import decompose
+from ..svd import decompose_kernel, recompose
+from ..models import decompose_model
 
 
 class Projector:
@@ -32,7 +32,7 @@ class Projector:
         return residuals
 
     def export(self, model: nn.Module) -> nn.Module:
-        """The factorised twin of the (projected) dense model: LowRankConv2d layers holding the exact
+        """The factorized twin of the (projected) dense model: LowRankConv2d layers holding the exact
         factors, so its outputs equal the projected dense model's."""
-        lowrank, _ = decompose(model, {"ranks": self.ranks}, factorise_first=True)
+        lowrank, _ = decompose_model(model, {"ranks": self.ranks}, factorize_first=True)
         return lowrank

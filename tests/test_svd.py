@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_dist.decompose import (
-    EnergyFraction,
-    ExplicitRanks,
-    TargetSpeedup,
-    decompose_kernel,
-    max_rank,
-    policy_from_config,
-    recompose,
-    singular_values,
-)
+from lowrank_dist.ranks import EnergyFraction, ExplicitRanks, TargetSpeedup, policy_from_config
+from lowrank_dist.svd import decompose_kernel, max_rank, recompose, singular_values
 
 SHAPES = [  # N, C, kh, kw — square, wide, tall, kh != kw, single input channel
     (8, 5, 3, 3),

@@ -166,11 +166,10 @@ def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0) -
     if rdv.world_size == 1:
         yield ctx
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(rdv.local_rank)
     dist.init_process_group(
-        backend, init_method=f"tcp://{rdv.master_addr}:{rdv.master_port}", rank=rdv.rank,
+        "nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://{rdv.master_addr}:{rdv.master_port}", rank=rdv.rank,
         world_size=rdv.world_size, timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:

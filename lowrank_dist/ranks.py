@@ -1,0 +1,111 @@
+"""Rank policies: for a layer (name, kernel, optional trained weights), its rank K or None (keep it
+dense); and the multiply-accumulates per output pixel that the speedup policy trades.
+
+K is the layer's rank as LowRankConv2d takes it: the number of vertical filters, the total over the
+groups of a grouped conv (groups × the per-group rank). The cost per output pixel of a dense kernel
+N×C×kh×kw is N·C·kh·kw; of its rank-K factorization K·(C·kh + N·kw) (svd.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+import torch
+
+from .svd import max_rank, singular_values
+
+
+def dense_macs_per_pixel(shape: Sequence[int], groups: int = 1) -> int:
+    """N·(C/groups)·kh·kw for a kernel stored as N×(C/groups)×kh×kw."""
+    n, c, kh, kw = shape
+    return n * c * kh * kw
+
+
+def factorized_macs_per_pixel(shape: Sequence[int], rank: int, groups: int = 1) -> int:
+    """K·(C·kh + N·kw), summed over groups (C and N per group)."""
+    n, c, kh, kw = shape
+    return groups * rank * (c * kh + (n // groups) * kw)
+
+
+class RankPolicy(Protocol):
+    def rank_for(
+        self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None
+    ) -> int | None: ...
+
+
+@dataclass
+class ExplicitRanks:
+    """Ranks given per layer: a mapping layer name → K, or a list of K in the order the model's
+    factorizable convs are visited (None in either keeps that layer dense). Layers not named stay
+    dense. `ordinal` is filled in by the caller for list-style ranks."""
+
+    ranks: Mapping[str, int | None] | Sequence[int | None]
+
+    def rank_for(self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None) -> int | None:
+        if isinstance(self.ranks, Mapping):
+            return self.ranks.get(name)
+        if ordinal is None or ordinal >= len(self.ranks):
+            return None
+        return self.ranks[ordinal]
+
+
+@dataclass
+class TargetSpeedup:
+    """Per layer, the largest K whose theoretical speedup N·C·kh·kw / (K·(C·kh + N·kw)) is at least
+    `speedup` (at least 1, at most the max rank; per group, times the groups)."""
+
+    speedup: float
+
+    def __post_init__(self):
+        if not self.speedup > 1.0:
+            raise ValueError(f"target speedup must be > 1, got {self.speedup}")
+
+    def rank_for(self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None) -> int:
+        per_rank = factorized_macs_per_pixel(weight.shape, 1, groups)
+        k = math.floor(dense_macs_per_pixel(weight.shape, groups) / (self.speedup * per_rank))
+        return groups * max(1, min(k, max_rank(weight, groups)))
+
+
+@dataclass
+class EnergyFraction:
+    """Per layer, the smallest K keeping `fraction` of the singular-value energy Σ s_k² (of each
+    group, times the groups); None (dense) where that K would cost at least as much as the dense
+    kernel. Meaningful only for trained weights: the decompose-and-fine-tune path, or a projected
+    run's later projections (the spectrum of a random kernel says nothing about the data)."""
+
+    fraction: float
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"energy fraction must be in (0, 1], got {self.fraction}")
+
+    def rank_for(self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None) -> int | None:
+        limit = max_rank(weight, groups)
+        energy = singular_values(weight, groups).reshape(groups, -1).square()
+        kept = energy.cumsum(dim=1) / energy.sum(dim=1, keepdim=True).clamp_min(torch.finfo(energy.dtype).tiny)
+        # per group, the first index whose cumulative share reaches the fraction (tolerance for rounding)
+        k = int(((kept < self.fraction - 1e-12).sum(dim=1) + 1).max())
+        k = min(k, limit)
+        if factorized_macs_per_pixel(weight.shape, k, groups) >= dense_macs_per_pixel(weight.shape, groups):
+            return None
+        return groups * k
+
+
+def policy_from_config(spec: Mapping | RankPolicy) -> RankPolicy:
+    """Build a policy from a plain dict: {"ranks": {name: K} | [K, ...]}, {"speedup": s} or
+    {"energy": f}. Exactly one of these keys."""
+    if hasattr(spec, "rank_for"):
+        return spec  # already a policy
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"a rank policy must be a mapping, got {type(spec).__name__}")
+    keys = [key for key in ("ranks", "speedup", "energy") if spec.get(key) is not None]
+    if len(keys) != 1:
+        raise ValueError(f"a rank policy needs exactly one of 'ranks', 'speedup', 'energy'; got {sorted(spec)}")
+    key = keys[0]
+    if key == "ranks":
+        return ExplicitRanks(spec["ranks"])
+    if key == "speedup":
+        return TargetSpeedup(float(spec["speedup"]))
+    return EnergyFraction(float(spec["energy"]))
