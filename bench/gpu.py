@@ -51,7 +51,8 @@ from lowrank_dist.report.costs import DEFAULT_LOWRANK, conv_costs  # noqa: E402
 from lowrank_dist.report.execution import plan_execution, set_execution  # noqa: E402
 from lowrank_dist.report.speed import device_description, speed_report  # noqa: E402
 from lowrank_dist.report.speed_aware import speed_aware_ranks  # noqa: E402
-from lowrank_dist.report.timing import Timing, logits_of, measure, model_functions  # noqa: E402
+from lowrank_dist.report.timing import Timing, measure, model_functions  # noqa: E402
+from lowrank_dist.runtime import logits_of  # noqa: E402
 from report_vs_hand import hand_check  # noqa: E402
 
 MODELS = ("alexnet", "vgg16", "googlenet")

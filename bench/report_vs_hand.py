@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_dist.models import build_model  # noqa: E402
-from lowrank_dist.report.speed import DTYPES, SpeedReport, device_description, speed_report  # noqa: E402
+from lowrank_dist.report.speed import SpeedReport, device_description, speed_report  # noqa: E402
+from lowrank_dist.runtime import DTYPES, select_device  # noqa: E402
 
 
 def stopwatch(layer: torch.nn.Module, x: torch.Tensor, number: int, repeats: int) -> list[float]:
@@ -93,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--preset", default="tai2016", help="rank preset of the low-rank model")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = select_device(args.device, key="--device"), DTYPES[args.dtype]
     torch.manual_seed(0)
     dense = build_model({"name": args.model})
     lowrank = build_model({"name": args.model, "lowrank": {"preset": args.preset}})

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import copy
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .data.integrity import OnBadImage
+from .ranks import ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
 
 class ConfigError(ValueError):
@@ -37,8 +41,8 @@ class LowRankConfig(Section):
     mode: Literal["factorized", "decomposed", "projected"] = "factorized"
     preset: str | None = None  # a named rank list of the model, e.g. tai2016
     ranks: list[int | None] | dict[str, int | None] | None = None
-    speedup: float | None = Field(default=None, gt=1.0)
-    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    speedup: float | None = Field(default=None, gt=SPEEDUP_ABOVE)
+    energy: float | None = Field(default=None, gt=ENERGY_RANGE[0], le=ENERGY_RANGE[1])
     factorize_first: bool | None = None
     bn_between: bool = False
     dense_checkpoint: Path | None = None  # decomposed mode: the trained dense model to start from
@@ -62,9 +66,8 @@ class LowRankConfig(Section):
 
     @model_validator(mode="after")
     def _one_policy(self):
-        given = [key for key in ("preset", "ranks", "speedup", "energy") if getattr(self, key) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of preset, ranks, speedup, energy (got {given or 'none'})")
+        keys = ("preset", *POLICIES)
+        one_policy({key: getattr(self, key) for key in keys}, keys)
         if self.energy is not None and self.mode != "decomposed":
             # factorized: V and H are random; projected: the ranks are fixed before the first projection
             raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
@@ -97,10 +100,9 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from .models import MODELS
+        from .models import model_spec
 
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+        model_spec(name)  # a ValueError naming the models there are
         return name
 
     def build_dict(self, num_classes: int | None = None) -> dict:
@@ -132,7 +134,7 @@ class DataConfig(Section):
     # "caffe" (the authors': shorter side 256, random image_size square, mirror, mean subtraction; val
     # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
     augment: Literal["inception", "caffe", "none"] | None = None
-    on_bad_image: Literal["error", "skip"] = "error"  # undecodable image: stop naming it, or replace and count it
+    on_bad_image: OnBadImage = "error"  # undecodable image: stop naming it, or replace and count it
     train_list: Path | None = None
     val_list: Path | None = None
 
@@ -260,15 +262,39 @@ class Config(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
-    def _skip_needs_one_micro_batch_with_deepspeed(self):
-        if self.optim.skip_nonfinite_steps and self.optim.accumulate > 1 and self.distributed.engine == "deepspeed":
+    def _what_deepspeed_cannot_do(self):
+        if self.distributed.engine != "deepspeed":
+            return self
+        if self.optim.skip_nonfinite_steps and self.optim.accumulate > 1:
             raise ValueError("optim.skip_nonfinite_steps with distributed.engine 'deepspeed' needs optim.accumulate 1"
                              " (DeepSpeed keeps the gradients already accumulated for the step); use engine 'ddp'")
+        if self.model.lowrank is not None and self.model.lowrank.mode == "projected":
+            raise ValueError("model.lowrank.mode 'projected' needs distributed.engine 'ddp': DeepSpeed keeps its own"
+                             " fp32 copy of the weights, which a projection of the model's kernels would not reach")
+        if self.precision.compile:
+            raise ValueError("precision.compile: not supported with distributed.engine 'deepspeed' (use 'ddp')")
         return self
 
     def resolved(self) -> dict:
         """Plain, YAML-safe dict of every setting (defaults included): what the run really used."""
         return self.model_dump(mode="json")
+
+
+@contextmanager
+def config_errors(key: str | None = None) -> Iterator[None]:
+    """Inside, a plain ValueError — a value this machine or this model cannot take, found only once
+    the run is being set up — becomes a ConfigError (one line, exit 2), prefixed with `key` unless
+    its message names a setting of that section already. Our own errors (ConfigError, CheckpointError,
+    DataError: ValueError subclasses) pass through as they are: they say what they are about."""
+    try:
+        yield
+    except ValueError as error:
+        if type(error) is not ValueError:
+            raise
+        message = str(error)
+        if key is not None and not message.startswith(key.split(".")[0]):
+            message = f"{key}: {message}"
+        raise ConfigError(message) from None
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_from_dict, load_config
+from .config import ConfigError, config_errors, config_from_dict, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,35 +50,15 @@ def checkpoint_in(path: Path) -> Path:
     return found
 
 
-def model_for_checkpoint(cfg, payload: dict, num_classes: int):
-    """The module whose state_dict the checkpoint holds, built from the config (weights not loaded).
-
-    Factorized layers get the ranks the checkpoint records: those of a decomposed or energy-policy
-    run came from a spectrum, not from the config alone. A projected run's own checkpoints hold its
-    dense kernels; its export holds their plain V·H factors."""
-    from .models import build_model, convert
-
-    build = cfg.model.build_dict(num_classes)
-    lowrank = cfg.model.lowrank
-    exported = payload.get("factorized", "step" not in payload and "ranks" in payload)
-    if lowrank is None:
-        return build_model(build)
-    build.pop("lowrank")
-    dense = build_model(build)
-    if lowrank.mode == "projected" and not exported:
-        return dense
-    bn_between = lowrank.bn_between and not exported
-    return convert(dense, {"ranks": payload.get("ranks") or {}}, factorize_first=True, bn_between=bn_between, inplace=True)
-
-
 def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=(), rdv=None) -> dict:
     """Load, rebuild, evaluate; every rank returns the same global numbers."""
     import torch
 
-    from .training.engines import autocast_context
+    from .runtime import amp_dtype, autocast_for, device_type_for, select_device
     from .training.checkpoint import CheckpointError, load_checkpoint
-    from .training.distributed import device_type_for, process_group, rendezvous, select_device
+    from .training.distributed import process_group, rendezvous
     from .training.evaluate import evaluate
+    from .training.model_setup import build_model_for
     from .training.trainer import loaders_for
 
     path = checkpoint_in(checkpoint)
@@ -94,13 +74,11 @@ def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=
 
     rdv = rdv or rendezvous()
     with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
-        try:
-            device = select_device(cfg.run.device, dist_ctx)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        with config_errors():
+            device = select_device(cfg.run.device, dist_ctx.local_rank)
         loaders = loaders_for(cfg, dist_ctx, device, train=False)  # the train images are never listed
         try:
-            model = model_for_checkpoint(cfg, payload, cfg.model.num_classes or len(loaders.classes))
+            model = build_model_for(cfg, cfg.model.num_classes or len(loaders.classes), saved=payload).model
             model.load_state_dict(payload["model"])
         except (RuntimeError, ValueError) as error:
             raise CheckpointError(
@@ -110,7 +88,7 @@ def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=
         model = model.to(device)
         if cfg.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        metrics = evaluate(model, loaders.val, dist_ctx, autocast_context(device, cfg.precision.amp))
+        metrics = evaluate(model, loaders.val, dist_ctx, autocast_for(device, amp_dtype(cfg.precision.amp)))
     return metrics | {"checkpoint": str(path), "model": cfg.model.name, "data": str(cfg.data.root),
                       "step": payload.get("step"), "world_size": rdv.world_size}
 

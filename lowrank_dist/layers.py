@@ -20,13 +20,12 @@ The form is not part of the state dict: a checkpoint loads, trains and evaluates
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .svd import Decomposition, decompose_kernel, recompose
+from .svd import Decomposition, check_rank, decompose_kernel, recompose
 
 
 def _pair(value) -> tuple[int, int]:
@@ -48,21 +47,6 @@ def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
             )
         return (total[0] // 2, total[1] // 2)
     return _pair(padding)
-
-
-def check_rank(rank, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int = 1) -> None:
-    """ValueError unless `rank` (the total over the groups) is a multiple of `groups` with
-    1 <= rank/groups <= min(C·kh, kw·N) (C, N per group): the largest rank each group's unfolded
-    (C·kh)×(kw·N) kernel has."""
-    kh, kw = kernel_size
-    limit = min((in_channels // groups) * kh, kw * (out_channels // groups))
-    if (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank % groups
-            or not 1 <= rank // groups <= limit):
-        allowed = f"1..{limit}" if groups == 1 else f"a multiple of the groups, {groups}..{groups * limit}"
-        raise ValueError(
-            f"rank {rank!r} is out of range for a {kh}×{kw} conv {in_channels}→{out_channels}"
-            f" (groups={groups}): allowed {allowed}"
-        )
 
 
 class LowRankConv2d(nn.Module):

@@ -16,8 +16,22 @@ import torch
 
 from .svd import max_rank, singular_values
 
+POLICIES = ("ranks", "speedup", "energy")  # a rank policy is exactly one of these
+# The ranges the config and the policies below both hold their values to:
+SPEEDUP_ABOVE = 1.0  # a target speedup is greater than this (at 1 a factorization saves nothing)
+ENERGY_RANGE = (0.0, 1.0)  # a kept energy fraction is in (low, high]
 
-def dense_macs_per_pixel(shape: Sequence[int], groups: int = 1) -> int:
+
+def one_policy(section: Mapping, keys: Sequence[str] = POLICIES) -> str:
+    """The one key of `keys` that `section` sets (to something other than None); a ValueError
+    unless exactly one is set."""
+    given = [key for key in keys if section.get(key) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(keys)} (got {given or 'none'})")
+    return given[0]
+
+
+def dense_macs_per_pixel(shape: Sequence[int]) -> int:
     """N·(C/groups)·kh·kw for a kernel stored as N×(C/groups)×kh×kw."""
     n, c, kh, kw = shape
     return n * c * kh * kw
@@ -59,12 +73,12 @@ class TargetSpeedup:
     speedup: float
 
     def __post_init__(self):
-        if not self.speedup > 1.0:
-            raise ValueError(f"target speedup must be > 1, got {self.speedup}")
+        if not self.speedup > SPEEDUP_ABOVE:
+            raise ValueError(f"target speedup must be > {SPEEDUP_ABOVE:g}, got {self.speedup}")
 
     def rank_for(self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None) -> int:
         per_rank = factorized_macs_per_pixel(weight.shape, 1, groups)
-        k = math.floor(dense_macs_per_pixel(weight.shape, groups) / (self.speedup * per_rank))
+        k = math.floor(dense_macs_per_pixel(weight.shape) / (self.speedup * per_rank))
         return groups * max(1, min(k, max_rank(weight, groups)))
 
 
@@ -78,8 +92,9 @@ class EnergyFraction:
     fraction: float
 
     def __post_init__(self):
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"energy fraction must be in (0, 1], got {self.fraction}")
+        low, high = ENERGY_RANGE
+        if not low < self.fraction <= high:
+            raise ValueError(f"energy fraction must be in ({low:g}, {high:g}], got {self.fraction}")
 
     def rank_for(self, name: str, weight: torch.Tensor, groups: int = 1, ordinal: int | None = None) -> int | None:
         limit = max_rank(weight, groups)
@@ -88,7 +103,7 @@ class EnergyFraction:
         # per group, the first index whose cumulative share reaches the fraction (tolerance for rounding)
         k = int(((kept < self.fraction - 1e-12).sum(dim=1) + 1).max())
         k = min(k, limit)
-        if factorized_macs_per_pixel(weight.shape, k, groups) >= dense_macs_per_pixel(weight.shape, groups):
+        if factorized_macs_per_pixel(weight.shape, k, groups) >= dense_macs_per_pixel(weight.shape):
             return None
         return groups * k
 
@@ -100,10 +115,7 @@ def policy_from_config(spec: Mapping | RankPolicy) -> RankPolicy:
         return spec  # already a policy
     if not isinstance(spec, Mapping):
         raise ValueError(f"a rank policy must be a mapping, got {type(spec).__name__}")
-    keys = [key for key in ("ranks", "speedup", "energy") if spec.get(key) is not None]
-    if len(keys) != 1:
-        raise ValueError(f"a rank policy needs exactly one of 'ranks', 'speedup', 'energy'; got {sorted(spec)}")
-    key = keys[0]
+    key = one_policy(spec)
     if key == "ranks":
         return ExplicitRanks(spec["ranks"])
     if key == "speedup":

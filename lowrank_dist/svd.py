@@ -76,10 +76,30 @@ def _check_weight(weight: torch.Tensor, groups: int) -> tuple[int, int, int, int
     return n, c, kh, kw
 
 
+def _rank_limit(in_per_group: int, out_per_group: int, kh: int, kw: int) -> int:
+    """The rank of a group's unfolded (C·kh)×(kw·N) kernel at most: min(C·kh, kw·N)."""
+    return min(in_per_group * kh, kw * out_per_group)
+
+
 def max_rank(weight: torch.Tensor, groups: int = 1) -> int:
     """Largest meaningful rank: min(C·kh, kw·N), with C and N per group."""
     n, c, kh, kw = _check_weight(weight, groups)
-    return min(c * kh, kw * (n // groups))
+    return _rank_limit(c, n // groups, kh, kw)
+
+
+def check_rank(rank, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int = 1) -> None:
+    """ValueError unless `rank` (the total over the groups) is a multiple of `groups` with
+    1 <= rank/groups <= min(C·kh, kw·N) (C, N per group): the largest rank each group's unfolded
+    (C·kh)×(kw·N) kernel has."""
+    kh, kw = kernel_size
+    limit = _rank_limit(in_channels // groups, out_channels // groups, kh, kw)
+    if (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank % groups
+            or not 1 <= rank // groups <= limit):
+        allowed = f"1..{limit}" if groups == 1 else f"a multiple of the groups, {groups}..{groups * limit}"
+        raise ValueError(
+            f"rank {rank!r} is out of range for a {kh}×{kw} conv {in_channels}→{out_channels}"
+            f" (groups={groups}): allowed {allowed}"
+        )
 
 
 def singular_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -148,12 +168,7 @@ def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomp
     float64; the factors come back in the input's dtype and device.
     """
     n, c, kh, kw = _check_weight(weight, groups)
-    limit = max_rank(weight, groups)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
-        raise ValueError(
-            f"rank {rank!r} is out of range for a kernel of shape {tuple(weight.shape)}"
-            f" (groups={groups}): allowed 1..{limit}"
-        )
+    check_rank(rank, c, n // groups, (kh, kw))  # each group's kernel is a conv C→N/groups of this rank
     rank = int(rank)
     n_g = n // groups
     verticals, horizontals, spectra = [], [], []

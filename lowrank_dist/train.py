@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(cfg, resume: Path | None = None, rdv=None, stop=None):
     """Join the job's process group (none for one process) and train; what launchers call.
     `stop`: a threading.Event that ends the run with a checkpoint at the next stop check."""
-    from .training.distributed import device_type_for, process_group, rendezvous
+    from .runtime import device_type_for
+    from .training.distributed import process_group, rendezvous
     from .training.trainer import fit
 
     rdv = rdv or rendezvous()

@@ -59,7 +59,7 @@ def photos(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_are_the_sorted_class_folder_index_of_the_decoded_file(coded, backend):
     data = loaders(coded, backend)
-    assert data.classes == ["c00", "c01", "c02"] and (data.num_train, data.num_val) == (11, 101)
+    assert data.classes == ["c00", "c01", "c02"] and (data.num_train, len(data.val.samples)) == (11, 101)
     assert data.backend == ("torchvision" if backend == "torchvision" else "dali-cpu")
     images, labels, _ = read_epoch(data.train, 0)
     indices, classes = read_codes(images)
@@ -225,13 +225,13 @@ def test_random_resized_crop_stays_inside_the_image_and_in_the_scale_range():
     plan = CropPlan(image_size=32, val_resize=37, min_crop_scale=0.3)
     for index in range(300):
         width, height = 40 + index % 37, 30 + index % 53
-        box = plan.train_box(0, index, width, height)
+        box = plan.box(0, index, width, height)
         assert 0 <= box.left and box.left + box.width <= width and 0 <= box.top and box.top + box.height <= height
         assert 0.3 * 0.85 <= box.width * box.height / (width * height) <= 1  # 0.85: pixel rounding
         assert 3 / 4 * 0.85 <= box.width / box.height <= 4 / 3 / 0.85
-    flips = [plan.train_box(1, i, 50, 50).flip for i in range(400)]
+    flips = [plan.box(1, i, 50, 50).flip for i in range(400)]
     assert 150 < sum(flips) < 250
-    assert plan.val_box(200, 100) == (57, 7, 86, 86, False)  # 32·100/37 ≈ 86 px, centred
+    assert plan.box(None, 0, 200, 100) == (57, 7, 86, 86, False)  # 32·100/37 ≈ 86 px, centred
 
 
 # -- bad input -----------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_file_lists_give_the_labels_they_list(coded, tmp_path):
     train_list.write_text("train/c02/0000.JPEG 1\ntrain/c00/0001.JPEG 0\n\ntrain/c01/0003.JPEG 2\n")
     val_list.write_text("val/c00/0005.JPEG 2\n")
     data = loaders(coded, "torchvision", train_list=train_list, val_list=val_list)
-    assert data.classes == ["0", "1", "2"] and (data.num_train, data.num_val) == (3, 1)
+    assert data.classes == ["0", "1", "2"] and (data.num_train, len(data.val.samples)) == (3, 1)
     images, labels, _ = read_epoch(data.train, 0)
     by_index = dict(zip(read_codes(images)[0], labels.tolist()))
     assert by_index == {8: 1, 1: 0, 7: 2}
@@ -299,7 +299,7 @@ def test_val_only_loaders_never_list_the_train_images(coded, tmp_path, monkeypat
     monkeypatch.setattr(os, "scandir", lambda path: scanned.append(Path(path)) or real_scandir(path))
     val_only = loaders(coded, "torchvision", train=False)
     assert val_only.train is None and val_only.num_train is None
-    assert val_only.classes == full.classes and val_only.num_val == full.num_val
+    assert val_only.classes == full.classes and len(val_only.val.samples) == len(full.val.samples)
     assert not [p for p in scanned if p.parent == coded / "train"], "a train class folder was listed"
     for (a, la, va), (b, lb, vb) in zip(full.val, val_only.val, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(va, vb)
@@ -308,7 +308,7 @@ def test_val_only_loaders_never_list_the_train_images(coded, tmp_path, monkeypat
     train_list.write_text("train/gone.JPEG 0\ntrain/also-gone.JPEG 2\n")
     val_list.write_text("val/c00/0005.JPEG 2\n")
     listed = build_loaders(coded, backend="torchvision", train_list=train_list, val_list=val_list, train=False)
-    assert listed.classes == ["0", "1", "2"] and listed.num_val == 1
+    assert listed.classes == ["0", "1", "2"] and len(listed.val.samples) == 1
     with pytest.raises(DataError, match="gone.JPEG' does not exist"):
         build_loaders(coded, backend="torchvision", train_list=train_list, val_list=val_list)
 
@@ -415,7 +415,7 @@ def test_dali_on_the_gpu_matches_torchvision(photos):
     reference = next(iter(loaders(photos, "torchvision", image_size=64, batch_size=8).train.epoch(5)))[0]
     assert (images.cpu() - reference).abs().mean() < 0.05
     (images, labels, valid), = list(data.val)
-    assert valid.is_cuda and int(valid.sum()) == data.num_val
+    assert valid.is_cuda and int(valid.sum()) == len(data.val.samples)
 
 
 # -- the loader benchmark ------------------------------------------------------------------------------

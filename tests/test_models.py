@@ -118,7 +118,7 @@ def test_convert_by_layer_name_and_keep_dense():
         ({"name": "vgg16", "lowrank": {"ranks": [5, 6]}}, r"one entry per factorizable conv: the model has 13, the list has 2"),
         ({"name": "vgg16", "lowrank": {"ranks": {"features.1": 4}}}, r"does not have .*\['features.1'\]; factorizable layers: \['features.0', 'features.2'"),
         ({"name": "vgg16", "lowrank": {"ranks": [5000] + [8] * 12}}, r"rank 5000 is out of range .* allowed 1\.\.9"),
-        ({"name": "alexnet", "lowrank": {"preset": "tai2016", "speedup": 2}}, "not both"),
+        ({"name": "alexnet", "lowrank": {"preset": "tai2016", "speedup": 2}}, r"give exactly one of preset, ranks, speedup, energy \(got \['preset', 'speedup'\]\)"),
         ({"name": "googlenet", "batch_norm": False}, "always has BatchNorm"),
     ],
 )

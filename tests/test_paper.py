@@ -11,7 +11,7 @@ from torch import nn
 
 from lowrank_dist.config import load_config
 from lowrank_dist.training.distributed import DistContext
-from lowrank_dist.training.evaluate import logits_of
+from lowrank_dist.runtime import logits_of
 from lowrank_dist.training.optim import build_optimizer, build_scheduler
 from lowrank_dist.training.trainer import build_model_for, loaders_for
 from lowrank_dist.layers import LowRankConv2d

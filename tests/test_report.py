@@ -350,7 +350,7 @@ def test_cli_usage_errors_exit_2_with_one_line():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cli_asking_for_a_missing_gpu_is_exit_2(capsys):
     assert main(["--model", "vgg16", "--device", "cuda"]) == 2
-    assert capsys.readouterr().err == "error: device 'cuda' was asked for but no CUDA GPU is available\n"
+    assert capsys.readouterr().err == "error: --device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'\n"
 
 
 # -- the GPU benchmark, smoke mode ------------------------------------------------------------------

@@ -40,8 +40,7 @@ class Loaders:
     train: TrainLoader | None  # None when built with train=False
     val: ValLoader
     classes: list[str]
-    num_train: int | None
-    num_val: int
+    num_train: int | None  # None when built with train=False
     backend: str  # "dali-cpu", "dali-gpu" or "torchvision"
 
 
@@ -90,7 +89,7 @@ def build_loaders(
     if dali_device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"dali_device must be 'auto', 'cpu' or 'gpu', got {dali_device!r}")
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be ≥ 1 and workers ≥ 0, got {batch_size} and {workers}")
     if not 0 <= rank < world_size:
@@ -127,8 +126,7 @@ def build_loaders(
     return Loaders(
         train=train_loader,
         val=ValLoader(val, val_backend, batch_size, rank, world_size, device, on_bad_image),
-        classes=classes, num_train=None if train_samples is None else len(train_samples), num_val=len(val),
-        backend=val_backend.name,
+        classes=classes, num_train=None if train_samples is None else len(train_samples), backend=val_backend.name,
     )
 
 
@@ -154,5 +152,5 @@ def _cifar_loaders(root, augment, image_size, train_list, val_list, dali_device,
     return Loaders(
         train=train_loader, val=ValLoader(val, val_backend, batch_size, rank, world_size, device),
         classes=list(CIFAR10_CLASSES), num_train=None if train_samples is None else len(train_samples),
-        num_val=len(val), backend=val_backend.name,
+        backend=val_backend.name,
     )

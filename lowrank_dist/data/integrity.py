@@ -48,13 +48,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 from PIL import Image
 
 from .samples import DataError
 
-ON_BAD_IMAGE = ("error", "skip")
+OnBadImage = Literal["error", "skip"]  # data.on_bad_image: stop naming the image, or replace and count it
+ON_BAD_IMAGE = get_args(OnBadImage)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _SOF = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # start-of-frame markers
 _STANDALONE = set(range(0xD0, 0xD9)) | {0x01}  # markers without a length field (RSTn, SOI, TEM)

@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from .integrity import ON_BAD_IMAGE, Skipped
+from .integrity import Skipped
 from .samples import DataError, Samples
 from .sampling import IMAGENET_MEAN, IMAGENET_STD, epoch_order, shard, split_batches
 
@@ -110,8 +110,6 @@ class _BadImages:
     """The loader's side of `on_bad_image`: stop at the first bad image, or remember and count them."""
 
     def __init__(self, paths: list[str], on_bad_image: str):
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         self.paths, self.on_bad_image = paths, on_bad_image
         self.known: dict[int, str] = {}
         self.skipped = Skipped()
@@ -145,20 +143,28 @@ def check_sizes(samples: Samples, indices: np.ndarray, sizes: np.ndarray) -> Non
         )
 
 
-class TrainLoader:
-    """`len()` batches per epoch on every rank; `epoch(e, start_batch)` yields (images, labels);
-    `skipped` counts the bad images replaced so far on this rank (on_bad_image "skip")."""
+class _Loader:
+    """What both loaders share: the samples, their back-end, the bad-image policy and the
+    normalisation on the device. `skipped` counts the bad images replaced so far on this rank
+    (on_bad_image "skip")."""
 
-    def __init__(self, samples: Samples, backend: Backend, batch_size: int, rank: int, world_size: int,
-                 seed: int, device: torch.device, on_bad_image: str = "error"):
-        self.samples, self.backend, self.batch_size = samples, backend, batch_size
-        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+    def __init__(self, samples: Samples, backend: Backend, batch_size: int, device: torch.device, on_bad_image: str):
+        self.samples, self.backend, self.batch_size, self.device = samples, backend, batch_size, device
         self.bad = _BadImages(samples.paths, on_bad_image)
         self.normalise = _Normalise(device, getattr(backend, "channels_last", False), getattr(backend, "scaling", None))
 
     @property
     def skipped(self) -> Skipped:
         return self.bad.skipped
+
+
+class TrainLoader(_Loader):
+    """`len()` batches per epoch on every rank; `epoch(e, start_batch)` yields (images, labels)."""
+
+    def __init__(self, samples: Samples, backend: Backend, batch_size: int, rank: int, world_size: int,
+                 seed: int, device: torch.device, on_bad_image: str = "error"):
+        super().__init__(samples, backend, batch_size, device, on_bad_image)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.samples) / self.world_size) / self.batch_size)
@@ -181,21 +187,15 @@ class TrainLoader:
             yield images, torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
 
 
-class ValLoader:
+class ValLoader(_Loader):
     """Iterating yields (images, labels, valid); `valid` is False on wrapped-around padding and on
     the replacement of a bad image, so the valid samples of all ranks together are the val set's
-    good images, each once. Every rank has `len()` batches; `skipped` as in TrainLoader."""
+    good images, each once. Every rank has `len()` batches."""
 
     def __init__(self, samples: Samples, backend: Backend, batch_size: int, rank: int, world_size: int,
                  device: torch.device, on_bad_image: str = "error"):
-        self.samples, self.backend, self.batch_size, self.device = samples, backend, batch_size, device
+        super().__init__(samples, backend, batch_size, device, on_bad_image)
         self.indices, self.valid = shard(np.arange(len(samples)), rank, world_size)
-        self.bad = _BadImages(samples.paths, on_bad_image)
-        self.normalise = _Normalise(device, getattr(backend, "channels_last", False), getattr(backend, "scaling", None))
-
-    @property
-    def skipped(self) -> Skipped:
-        return self.bad.skipped
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)

@@ -187,9 +187,3 @@ class CropPlan:
     def box(self, epoch: int | None, index: int, width: int, height: int) -> Box:
         """One sample's window: the same numbers as its entry in `boxes`."""
         return self.boxes(epoch, np.array([index]), np.array([width]), np.array([height]))[0]
-
-    def train_box(self, epoch: int, index: int, width: int, height: int) -> Box:
-        return self.box(epoch, index, width, height)
-
-    def val_box(self, width: int, height: int) -> Box:
-        return self.box(None, 0, width, height)

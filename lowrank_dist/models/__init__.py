@@ -17,6 +17,8 @@ from typing import Mapping
 
 from torch import nn
 
+from ..config import ENERGY_NEEDS_TRAINED_WEIGHTS
+from ..ranks import POLICIES, one_policy
 from . import alexnet, caffenet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
 from .convert import LayerError, choose_ranks, convert, decompose_model, factorizable_convs
 from .registry import MODELS, ModelSpec, model_spec, register_model
@@ -30,22 +32,21 @@ def lowrank_policy(spec: ModelSpec, lowrank: Mapping) -> dict:
     unknown = sorted(set(lowrank) - LOWRANK_KEYS)
     if unknown:
         raise ValueError(f"model.lowrank: unknown key(s) {unknown}; allowed: {sorted(LOWRANK_KEYS)}")
-    policy = {key: lowrank[key] for key in ("ranks", "speedup", "energy") if lowrank.get(key) is not None}
-    if lowrank.get("preset") is not None:
-        preset = lowrank["preset"]
-        if preset not in spec.presets:
-            raise ValueError(
-                f"model.lowrank.preset: {spec.name} has no preset {preset!r};"
-                f" available: {sorted(spec.presets) or 'none'}"
-            )
-        policy["ranks"] = list(spec.presets[preset])
-        if len(policy) > 1:
-            raise ValueError("model.lowrank: give a preset or ranks/speedup/energy, not both")
-    return policy
+    key = one_policy(lowrank, ("preset", *POLICIES))
+    if key != "preset":
+        return {key: lowrank[key]}
+    preset = lowrank["preset"]
+    if preset not in spec.presets:
+        raise ValueError(
+            f"model.lowrank.preset: {spec.name} has no preset {preset!r};"
+            f" available: {sorted(spec.presets) or 'none'}"
+        )
+    return {"ranks": list(spec.presets[preset])}
 
 
-def build_model(cfg: Mapping) -> nn.Module:
-    """Dense model, or its low-rank twin freshly initialised for training from scratch."""
+def build_model(cfg: Mapping, dense: bool = False) -> nn.Module:
+    """Dense model, or its low-rank twin freshly initialised for training from scratch; with
+    `dense=True` the dense twin of a low-rank `cfg` (its `lowrank` section set aside)."""
     if "name" not in cfg:
         raise ValueError(f"model: 'name' is required; available: {', '.join(sorted(MODELS))}")
     spec = model_spec(cfg["name"])
@@ -58,10 +59,8 @@ def build_model(cfg: Mapping) -> nn.Module:
         if cfg.get(key) is not None:
             options[key] = cfg[key]
     model = spec.build(num_classes=cfg.get("num_classes", spec.num_classes), **options)
-    lowrank = cfg.get("lowrank")
+    lowrank = None if dense else cfg.get("lowrank")
     if lowrank and lowrank.get("energy") is not None:
-        from ..config import ENERGY_NEEDS_TRAINED_WEIGHTS
-
         raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode="factorized"))
     if lowrank:
         model = convert(

@@ -17,8 +17,8 @@ from typing import Iterator, Mapping
 from torch import nn
 
 from ..ranks import ExplicitRanks, RankPolicy, policy_from_config
-from ..svd import decompose_kernel
-from ..layers import LowRankConv2d, check_rank
+from ..layers import LowRankConv2d
+from ..svd import check_rank, decompose_kernel
 
 
 def factorizable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from ..runtime import DTYPES, select_device
 from .costs import DEFAULT_LOWRANK
 from .execution import lowrank_layers
-from .speed import DTYPES, resolve_device, speed_report
+from .speed import speed_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--preset", help="with --model: a named rank preset, e.g. tai2016")
     policy.add_argument("--speedup", type=float, help="with --model: per-layer theoretical speedup target")
     parser.add_argument("--batch-norm", action="store_true", help="with --model: the BN variant")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto, cuda if available")
     parser.add_argument("--dtype", choices=["fp32", "bf16"],
                         help="default: on cuda bf16 if the config's precision.amp is, else fp32; on the CPU fp32 (CPUs have"
                              " no fast bf16 convolutions, so bf16 times there say nothing about a GPU run)")
@@ -102,7 +103,7 @@ def run(args) -> int:
 
     build, tree, defaults = _model_setup(args)
     spec = model_spec(build["name"])
-    device = resolve_device(args.device)
+    device = select_device(args.device, key="--device")
     dtype_key = args.dtype or (defaults.get("dtype", "fp32") if device.type == "cuda" else "fp32")
     execution = args.execution or defaults.get("execution") or "auto"
     channels_last = args.channels_last if args.channels_last is not None else defaults.get("channels_last", False)
@@ -123,10 +124,9 @@ def run(args) -> int:
     timing = {"device": device, "dtype": DTYPES[dtype_key], "repeats": args.repeats, "warmup": args.warmup,
               "channels_last": channels_last}
 
-    dense_build = {k: v for k, v in build.items() if k != "lowrank"}
     torch.manual_seed(0)
     lowrank_model = build_model(build)  # first: a bad rank policy fails before anything is timed
-    dense = build_model(dense_build)
+    dense = build_model(build, dense=True)
     if args.speed_aware:
         lowrank = build["lowrank"]
         chosen = speed_aware_ranks(
@@ -138,7 +138,7 @@ def run(args) -> int:
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(chosen.to_yaml(build, tree))
         print(f"wrote the speed-aware ranks to {config_path}\n")
-        build = dense_build | {"lowrank": {"ranks": chosen.ranks, "bn_between": bool(lowrank.get("bn_between", False))}}
+        build = build | {"lowrank": {"ranks": chosen.ranks, "bn_between": bool(lowrank.get("bn_between", False))}}
         lowrank_model = build_model(build)
         title = f"{spec.name}, speed-aware ranks"
     else:

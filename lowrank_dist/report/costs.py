@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -109,10 +109,6 @@ def format_table(rows: list[LayerCost], title: str = "") -> str:
         f" | **{dense / lowrank:.2f}×** | **{dense_p:,}** | **{lowrank_p:,}** |"
     )
     return "\n".join(lines)
-
-
-def as_dicts(rows: list[LayerCost]) -> list[dict]:
-    return [asdict(r) | {"speedup": r.speedup} for r in rows]
 
 
 # The policies the demo shows: the authors' ranks where they published them, else a target speedup.

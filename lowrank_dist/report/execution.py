@@ -42,9 +42,8 @@ import torch
 from torch import nn
 
 from ..layers import LowRankConv2d
-from .timing import (
-    DTYPES, LayerInput, capture_inputs, device_description, dtype_name, layer_functions, measure, resolve_device,
-)
+from ..runtime import amp_dtype, check_dtype, dtype_name, select_device
+from .timing import LayerInput, capture_inputs, device_description, layer_functions, measure
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -269,9 +268,8 @@ def plan_execution(
     The model is not changed (call `plan.apply(model)`)."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} as torch dtypes, got {dtype}")
-    device = resolve_device(device)
+    check_dtype(dtype)
+    device = select_device(device, key="device")
     env = environment(device, dtype, channels_last)
     meta = {
         "device": str(device), "device_name": env["device"], "dtype": env["dtype"], "channels_last": channels_last,
@@ -345,7 +343,7 @@ def plan_for_run(cfg: Config, model: nn.Module, device: torch.device, dist_ctx: 
 
     execution = cfg.model.lowrank.execution or default_execution(device)
     shape = (cfg.data.batch_size, model_spec(cfg.model.name).input_size[0], cfg.data.image_size, cfg.data.image_size)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp, torch.float32)
+    dtype = amp_dtype(cfg.precision.amp)
     payload, failure = None, None
     if dist_ctx.is_main:
         try:

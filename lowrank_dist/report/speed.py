@@ -29,11 +29,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..runtime import check_dtype, dtype_name, select_device
 from .costs import LayerCost, conv_costs
 from .execution import set_execution
-from .timing import (  # noqa: F401  (DTYPES, device_description, dtype_name, resolve_device: imported from here too)
-    DTYPES, Timing, capture_inputs, device_description, dtype_name, layer_functions, measure, model_functions,
-    resolve_device, timed_layers,
+from .timing import (
+    Timing, capture_inputs, device_description, layer_functions, measure, model_functions, timed_layers,
 )
 
 class DenseVsLowRank:
@@ -224,11 +224,10 @@ def speed_report(
     """
     if len(input_shape) != 4 or any(int(s) < 1 for s in input_shape):
         raise ValueError(f"input_shape must be (B, C, H, W) with positive sizes, got {tuple(input_shape)}")
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} as torch dtypes, got {dtype}")
+    check_dtype(dtype)
     if plan is not None and set(plan.values()) - {"factorized", "composed"}:
         raise ValueError(f"a plan maps layers to 'factorized' or 'composed', got {sorted(set(plan.values()))}")
-    device = resolve_device(device)
+    device = select_device(device, key="device")
     batch = int(input_shape[0])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     dense = copy.deepcopy(dense_model).to(device).to(memory_format=memory_format)

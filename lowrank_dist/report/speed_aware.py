@@ -27,12 +27,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..ranks import ExplicitRanks, RankPolicy, TargetSpeedup
+from ..ranks import SPEEDUP_ABOVE, ExplicitRanks, RankPolicy, TargetSpeedup
 from ..layers import LowRankConv2d
 from ..models import choose_ranks, factorizable_convs
+from ..runtime import check_dtype, dtype_name, select_device
 from .costs import conv_costs
-from .speed import DTYPES, resolve_device, device_description, dtype_name
-from .timing import LayerInput, capture_inputs, layer_functions, measure
+from .timing import LayerInput, capture_inputs, device_description, layer_functions, measure
 
 
 @dataclass
@@ -221,11 +221,10 @@ def speed_aware_ranks(
     `base` is a rank policy or its dict ({"ranks": ...}, {"speedup": s}, {"energy": f}; resolve a
     preset with models.lowrank_policy first); `search` lists extra theoretical speedups whose
     ranks are tried too; `timer` defaults to `device_timer(device, dtype, objective, ...)`."""
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} as torch dtypes, got {dtype}")
-    if any(not s > 1.0 for s in search):
-        raise ValueError(f"searched speedups must be > 1, got {list(search)}")
-    device = resolve_device(device)
+    check_dtype(dtype)
+    if any(not s > SPEEDUP_ABOVE for s in search):
+        raise ValueError(f"searched speedups must be > {SPEEDUP_ABOVE:g}, got {list(search)}")
+    device = select_device(device, key="device")
     timer = timer or device_timer(device, dtype, objective, repeats, warmup, min_sample_s, channels_last)
     model = copy.deepcopy(dense_model).to(device)
     proposed = choose_ranks(model, base, factorize_first)

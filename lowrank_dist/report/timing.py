@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -37,32 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LowRankConv2d
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {value: key for key, value in DTYPES.items()}[dtype]
-
+from ..runtime import autocast_for, logits_of
 
 def device_description(device: torch.device) -> str:
     """The card's name, or the CPU with its cores and torch's threads (CPU times depend on both)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The device asked for, by default cuda if there is one; one that cannot run is a ValueError."""
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"not a device: {device!r} ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
-    return device
 
 
 @dataclass
@@ -226,16 +206,6 @@ def layer_functions(
 
 # ----------------------------------------------------------------------------------------------
 # Whole-model timing
-
-
-def logits_of(outputs) -> torch.Tensor:
-    """GoogLeNet with auxiliary heads returns (logits, aux2, aux1) in train mode."""
-    return outputs[0] if isinstance(outputs, tuple) else outputs
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """Mixed precision as the trainer runs it: fp32 weights, autocast to `dtype` (none for fp32)."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def model_functions(

@@ -134,27 +134,6 @@ class DistContext:
         dist.broadcast_object_list(box, src=source)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def device_type_for(requested: str) -> str:
-    """'cuda' or 'cpu' for run.device 'auto' | 'cpu' | 'cuda' (before any process group exists)."""
-    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def select_device(requested: str, dist_ctx: DistContext) -> torch.device:
-    """'auto' → this rank's GPU (its local rank) when there is one, else the CPU."""
-    if device_type_for(requested) == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("run.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
-        if dist_ctx.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {dist_ctx.local_rank} has no GPU: only {torch.cuda.device_count()} visible")
-        torch.cuda.set_device(dist_ctx.local_rank)
-        return torch.device("cuda", dist_ctx.local_rank)
-    return torch.device("cpu")
-
 
 @contextmanager
 def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0) -> Iterator[DistContext]:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..runtime import amp_dtype, autocast_for
 from .checkpoint import CheckpointManager
 from .distributed import DistContext
 from .optim import build_optimizer, build_scheduler
@@ -40,12 +41,6 @@ from .optim import build_optimizer, build_scheduler
 
 def global_batch(cfg: Config, dist_ctx: DistContext) -> int:
     return cfg.data.batch_size * dist_ctx.world_size * cfg.optim.accumulate
-
-
-def autocast_context(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class CheckpointWriteFailed(RuntimeError):
@@ -107,7 +102,7 @@ class DDPEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
         self.module = model
         self.device = device
-        self.autocast = autocast_context(device, cfg.precision.amp)
+        self.autocast = autocast_for(device, amp_dtype(cfg.precision.amp))
         self.optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
@@ -202,12 +197,10 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-step INFO lines drown our progress
-        if cfg.precision.compile:
-            raise ValueError("precision.compile: not supported with distributed.engine 'deepspeed' (use 'ddp')")
         self.module = model
         self.device = device
         self.autocast = nullcontext()  # DeepSpeed's bf16/fp16 modes hold the weights in that dtype
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp)
+        self.input_dtype = None if cfg.precision.amp == "none" else amp_dtype(cfg.precision.amp)
         optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
         self._engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist_ctx.world_size),

@@ -8,12 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import logits_of
 from .distributed import DistContext
-
-
-def logits_of(outputs) -> torch.Tensor:
-    """The main logits: GoogLeNet with auxiliary heads returns (logits, aux2, aux1) in train mode."""
-    return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
 @torch.no_grad()

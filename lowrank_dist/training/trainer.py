@@ -5,7 +5,7 @@
     for each epoch: train_one_epoch (loop.py) → validate → save_checkpoint
     finish(run, state, metrics)                              # projection, export, speed report, summary
 
-`build_model_for` holds the three low-rank modes. The trainer does not know how it was launched
+`model_setup.build_model_for` holds the three low-rank modes. The trainer does not know how it was launched
 (a DistContext says which rank it is) nor which engine it drives (DDP or DeepSpeed: engines.py).
 """
 
@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,51 +24,20 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, config_errors
 from ..data import build_loaders
-from ..layers import LowRankConv2d
-from ..models import build_model, choose_ranks, decompose_model, lowrank_policy, model_spec
+from ..models import build_model, model_spec
 from ..report.execution import ExecutionPlan, plan_for_run
-from .engines import build_engine, global_batch
+from ..runtime import amp_dtype, select_device
 from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
-from .distributed import DistContext, select_device
+from .distributed import DistContext
+from .engines import build_engine, global_batch
 from .evaluate import evaluate
 from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
 from .optim import scaled_lr
-from .projection import Projector
+from .model_setup import build_model_for
 
 __all__ = ["fit", "Preempted", "TrainingError", "loaders_for", "build_model_for"]
-
-
-@dataclass
-class ModelSetup:
-    model: nn.Module
-    ranks: dict[str, int] = field(default_factory=dict)  # factorized (or projected) layers → K
-    projector: Projector | None = None
-    decomposition_errors: dict[str, float] = field(default_factory=dict)  # decomposed mode
-
-
-def _dense_state_dict(path: Path, model_name: str) -> dict:
-    """A dense model's weights from one of our checkpoints or a plain state_dict file (torchvision's
-    .pth), read weights-only: often someone else's file, it must not be able to run code."""
-    if not path.is_file():
-        raise CheckpointError(f"model.lowrank.dense_checkpoint: file {str(path)!r} does not exist")
-    try:
-        payload = load_checkpoint(path)
-    except CheckpointError as error:
-        raise CheckpointError(f"model.lowrank.dense_checkpoint: {error}") from None
-    if isinstance(payload, dict) and "model" in payload and "config" in payload:
-        trained = payload["config"]["model"]["name"]
-        if trained != model_name:
-            raise CheckpointError(
-                f"model.lowrank.dense_checkpoint {str(path)!r} holds a {trained!r} model; this config builds {model_name!r}"
-            )
-        if payload["config"]["model"].get("lowrank"):
-            raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} holds a low-rank model, not a dense one")
-        return payload["model"]
-    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return payload
-    raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} is neither our checkpoint nor a state_dict")
 
 
 def loaders_for(cfg: Config, dist_ctx: DistContext, device: torch.device, train: bool = True):
@@ -81,36 +50,6 @@ def loaders_for(cfg: Config, dist_ctx: DistContext, device: torch.device, train:
         min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image, train=train,
         format=cfg.data.format, augment=cfg.data.augment,
     )
-
-
-def build_model_for(cfg: Config, num_classes: int) -> ModelSetup:
-    """The model the run trains, by mode: dense baseline, `factorized` (V and H from scratch, the
-    paper), `decomposed` (exact decomposition of a trained dense model, then fine-tune) or
-    `projected` (dense kernels, re-projected onto rank K every N steps)."""
-    build = cfg.model.build_dict(num_classes)
-    lowrank = cfg.model.lowrank
-    if lowrank is None:
-        return ModelSetup(build_model(build))
-    if lowrank.mode == "factorized":
-        model = build_model(build)
-        ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankConv2d)}
-        return ModelSetup(model, ranks)
-
-    policy = lowrank_policy(model_spec(cfg.model.name), build.pop("lowrank"))
-    dense = build_model(build)
-    if lowrank.mode == "decomposed":
-        state = _dense_state_dict(lowrank.dense_checkpoint, cfg.model.name)
-        try:
-            dense.load_state_dict(state)
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"model.lowrank.dense_checkpoint {str(lowrank.dense_checkpoint)!r} does not fit {cfg.model.name}"
-                f" with {num_classes} classes: {str(error).splitlines()[0]}"
-            ) from None
-        model, errors = decompose_model(dense, policy, lowrank.factorize_first, lowrank.bn_between, inplace=True)
-        return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
-    ranks = choose_ranks(dense, policy, lowrank.factorize_first)
-    return ModelSetup(dense, ranks, Projector(dense, ranks))
 
 
 class RunLog:
@@ -253,10 +192,8 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
     out_dir and TensorBoard."""
     from ..report.speed import speed_report
 
-    build = cfg.model.build_dict(num_classes)
-    build.pop("lowrank")
-    dense = build_model(build)
-    run_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.amp, torch.float32)
+    dense = build_model(cfg.model.build_dict(num_classes), dense=True)
+    run_dtype = amp_dtype(cfg.precision.amp)
     dtype = run_dtype if device.type == "cuda" else torch.float32
     shape = (cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
     same = plan is not None and dtype == run_dtype
@@ -272,10 +209,8 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     """Device, logs, data, model, engine; with the checkpoint to resume from (the run folder's latest
     if `resume` is None), whose weights the model already holds, or None for a fresh start."""
     cfg.run.folder.mkdir(parents=True, exist_ok=True)
-    try:
-        device = select_device(cfg.run.device, dist_ctx)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    with config_errors():
+        device = select_device(cfg.run.device, dist_ctx.local_rank)
     if cfg.precision.amp == "fp16" and device.type != "cuda":
         raise ConfigError("precision.amp: 'fp16' needs a CUDA GPU (use 'bf16' or 'none' on the CPU)")
     torch.manual_seed(cfg.run.seed)
@@ -284,7 +219,9 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(loaders.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(loaders.classes)} classes of"
                           f" {cfg.data.root}; set at least {len(loaders.classes)}, or leave it out to use the data's count")
-    setup = model_setup_or_config_error(cfg, len(loaders.classes))
+    ranks_given = cfg.model.lowrank is not None and cfg.model.lowrank.ranks is not None
+    with config_errors("model.lowrank.ranks" if ranks_given else "model"):  # a rank or option this model cannot take
+        setup = build_model_for(cfg, len(loaders.classes))
     model = setup.model.to(device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -302,10 +239,8 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         check_resumable(checkpoint, Path(resume), cfg, dist_ctx)
         checkpoint["path"] = Path(resume)
         model.load_state_dict(checkpoint["model"])  # before the engine: DeepSpeed copies the weights it starts from
-    try:
+    with config_errors():
         engine = build_engine(model, cfg, dist_ctx, device, math.ceil(len(loaders.train) / cfg.optim.accumulate))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     progress = tqdm(desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
     run = Run(cfg, dist_ctx, engine, engine.module,  # SyncBatchNorm conversion may have replaced BN layers
               loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress, plan=plan)
@@ -321,23 +256,6 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         log.scalars(0, {f"ranks/{name}": rank for name, rank in setup.ranks.items()})
         log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
     return run, checkpoint
-
-
-def model_setup_or_config_error(cfg: Config, num_classes: int) -> ModelSetup:
-    try:
-        setup = build_model_for(cfg, num_classes)
-    except CheckpointError:
-        raise
-    except ValueError as error:  # a rank or option this model cannot take
-        message = str(error)
-        if not message.startswith("model"):
-            key = "model.lowrank.ranks" if cfg.model.lowrank is not None and cfg.model.lowrank.ranks is not None else "model"
-            message = f"{key}: {message}"
-        raise ConfigError(message) from None
-    if setup.projector is not None and cfg.distributed.engine == "deepspeed":
-        raise ConfigError("model.lowrank.mode 'projected' needs distributed.engine 'ddp': DeepSpeed keeps its own"
-                          " fp32 copy of the weights, which a projection of the model's kernels would not reach")
-    return setup
 
 
 def loss_function(cfg: Config):

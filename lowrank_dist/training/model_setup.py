@@ -1,0 +1,93 @@
+"""The model a run's config describes — the one place that turns a config into a model, for
+training (`lowrank_dist.train`) and evaluation (`lowrank_dist.evaluate`). The architecture and the
+rank policy come from `models.build_model`, which checks every model rule; this adds the modes and
+the checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..layers import LowRankConv2d
+from ..models import build_model, choose_ranks, convert, decompose_model, lowrank_policy, model_spec
+from .checkpoint import CheckpointError, load_checkpoint
+from .projection import Projector
+
+
+@dataclass
+class ModelSetup:
+    model: nn.Module
+    ranks: dict[str, int] = field(default_factory=dict)  # factorized (or projected) layers → K
+    projector: Projector | None = None
+    decomposition_errors: dict[str, float] = field(default_factory=dict)  # decomposed mode
+
+
+def _dense_state_dict(path: Path, model_name: str) -> dict:
+    """A dense model's weights from one of our checkpoints or a plain state_dict file (torchvision's
+    .pth), read weights-only: often someone else's file, it must not be able to run code."""
+    if not path.is_file():
+        raise CheckpointError(f"model.lowrank.dense_checkpoint: file {str(path)!r} does not exist")
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"model.lowrank.dense_checkpoint: {error}") from None
+    if isinstance(payload, dict) and "model" in payload and "config" in payload:
+        trained = payload["config"]["model"]["name"]
+        if trained != model_name:
+            raise CheckpointError(
+                f"model.lowrank.dense_checkpoint {str(path)!r} holds a {trained!r} model; this config builds {model_name!r}"
+            )
+        if payload["config"]["model"].get("lowrank"):
+            raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} holds a low-rank model, not a dense one")
+        return payload["model"]
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} is neither our checkpoint nor a state_dict")
+
+
+def build_model_for(cfg: Config, num_classes: int, saved: dict | None = None) -> ModelSetup:
+    """The model the run trains, by mode: dense baseline, `factorized` (V and H from scratch, the
+    paper), `decomposed` (exact decomposition of a trained dense model, then fine-tune) or
+    `projected` (dense kernels, re-projected onto rank K every N steps).
+
+    With `saved` (a loaded checkpoint), the module whose state_dict it holds, its weights not
+    loaded: factorized layers get the ranks the checkpoint records (those of a decomposed or
+    energy-policy run came from a spectrum, not from the config alone); a projected run's own
+    checkpoints hold its dense kernels, its export their plain V·H factors."""
+    build = cfg.model.build_dict(num_classes)
+    lowrank = cfg.model.lowrank
+    if lowrank is None:
+        return ModelSetup(build_model(build))
+    if saved is not None:
+        exported = saved.get("factorized", "step" not in saved and "ranks" in saved)
+        dense = build_model(build, dense=True)
+        if lowrank.mode == "projected" and not exported:
+            return ModelSetup(dense)
+        ranks = saved.get("ranks") or {}
+        model = convert(dense, {"ranks": ranks}, factorize_first=True, bn_between=lowrank.bn_between and not exported,
+                        inplace=True)
+        return ModelSetup(model, dict(ranks))
+    if lowrank.mode == "factorized":
+        model = build_model(build)
+        ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankConv2d)}
+        return ModelSetup(model, ranks)
+
+    policy = lowrank_policy(model_spec(cfg.model.name), build["lowrank"])
+    dense = build_model(build, dense=True)
+    if lowrank.mode == "decomposed":
+        state = _dense_state_dict(lowrank.dense_checkpoint, cfg.model.name)
+        try:
+            dense.load_state_dict(state)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"model.lowrank.dense_checkpoint {str(lowrank.dense_checkpoint)!r} does not fit {cfg.model.name}"
+                f" with {num_classes} classes: {str(error).splitlines()[0]}"
+            ) from None
+        model, errors = decompose_model(dense, policy, lowrank.factorize_first, lowrank.bn_between, inplace=True)
+        return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
+    ranks = choose_ranks(dense, policy, lowrank.factorize_first)
+    return ModelSetup(dense, ranks, Projector(dense, ranks))
