@@ -17,18 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .data.integrity import OnBadImage
-from .ranks import ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
+from .ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
 
 class ConfigError(ValueError):
     """A bad configuration file, key or value (exit code 2, no traceback)."""
-
-
-ENERGY_NEEDS_TRAINED_WEIGHTS = (
-    "model.lowrank.energy: the energy policy reads the singular values of trained weights; mode {mode!r}"
-    " chooses ranks from randomly initialised ones, where they mean nothing: use mode 'decomposed'"
-    " (a trained dense_checkpoint) or give preset, ranks or speedup"
-)
 
 
 class Section(BaseModel):

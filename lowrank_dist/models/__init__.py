@@ -17,8 +17,7 @@ from typing import Mapping
 
 from torch import nn
 
-from ..config import ENERGY_NEEDS_TRAINED_WEIGHTS
-from ..ranks import POLICIES, one_policy
+from ..ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, POLICIES, one_policy
 from . import alexnet, caffenet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
 from .convert import LayerError, choose_ranks, convert, decompose_model, factorizable_convs
 from .registry import MODELS, ModelSpec, model_spec, register_model
