@@ -83,6 +83,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    grouped: bool = False  # a process group exists although world_size is 1 (process_group's group_of_one)
 
     @property
     def is_main(self) -> bool:
@@ -90,7 +91,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether the collectives run: several ranks, or a group of one made on purpose."""
+        return self.world_size > 1 or self.grouped
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of `tensor` over all ranks (in place; a no-op in one process)."""
@@ -157,13 +159,17 @@ def select_device(requested: str, dist_ctx: DistContext) -> torch.device:
 
 
 @contextmanager
-def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0) -> Iterator[DistContext]:
+def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0,
+                  group_of_one: bool = False) -> Iterator[DistContext]:
     """The process group for `rdv` (none for a single process): NCCL between GPUs, gloo on CPUs.
 
     `timeout_s` bounds every collective: a rank that died mid-step makes the others fail with an
-    error within that time instead of hanging for the default 30 minutes."""
-    ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank)
-    if rdv.world_size == 1:
+    error within that time instead of hanging for the default 30 minutes. `group_of_one` makes the
+    group for a single process too, and its context says distributed, so DDP, the sync points'
+    all-reduce and the evaluation's sums run through the backend as with several ranks: how
+    bench/gpu.py checks NCCL on a machine with one GPU (NCCL refuses two ranks on one device)."""
+    ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank, grouped=group_of_one and rdv.world_size == 1)
+    if rdv.world_size == 1 and not group_of_one:
         yield ctx
         return
     if device_type == "cuda":
