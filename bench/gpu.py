@@ -1,29 +1,73 @@
-"""One-shot GPU benchmark: does factorizing make AlexNet, VGG-16 and GoogLeNet train faster here?
+"""One GPU run that proves the GPU path: the checks first, then does factorizing make AlexNet, VGG-16 and GoogLeNet train faster here?
 
-For each model, dense against four low-rank variants: the authors' ranks (where published), a 2×
-per-layer theoretical target, speed-aware ranks (lowrank_dist.report.speed_aware: the default
-policy's ranks and those of 2/3/4× targets, each layer kept factorized only where it is measured
-faster on this card), and `auto`: the default policy's ranks (the authors' for AlexNet and VGG-16,
-2× for GoogLeNet) with each layer run factorized or composed, whichever its forward+backward is
-measured faster here (lowrank_dist.report.execution, as `model.lowrank.execution: auto` does at a
-run's start; the plan is printed). Measured: train-step images/s (forward, backward, SGD update)
-in eager mode and under torch.compile, bf16 autocast, channels_last, each variant alternated with
-dense; then per model the layer table of the auto variant — dense, factorized and composed per
-layer, the plan's choice, theoretical vs measured — with VGG-16's forward times also checked by
-hand (bench/report_vs_hand.py). Targets printed at the end: auto at least as fast as dense for
-every layer and whole model, VGG-16 auto ≥ 1.4× dense compiled. Prints a short table headed by
-the card's name and writes bench/results/gpu_<date>_<card>.json (+ each layer table as .md and
-.png beside it).
+In this order, so the time budget covers the most important first (bench/gpu_checks.py has the details
+and the tolerances, each stated with its reason):
+1. correctness: `dali` (DALI's GPU pipeline against its CPU pipeline on generated JPEGs: the same
+   samples, labels, bytes and crop windows, images within the decoders' tolerance; without DALI,
+   torchvision feeding the GPU), `train` (the debug model, 50 steps from those JPEGs through the
+   trainer: finite, falling loss), `layer` (LowRankConv2d forward/backward on CUDA against float64
+   on the CPU), `executions` (composed and factorized forms of whole models agree);
+2. `syncs`: the trainer's loop between sync points with torch.cuda.set_sync_debug_mode("warn") and
+   every host read counted: none expected;
+3. `nccl`: a process group of one over NCCL (process_group(group_of_one=True)), the trainer on it
+   (DDP, every all-reduce through NCCL), then the evaluation's exactly-once count over 3 shards;
+4. `speed`: for each model, dense against four low-rank variants: the authors' ranks (where
+   published), a 2× per-layer theoretical target, speed-aware ranks (lowrank_dist.report.speed_aware:
+   the default policy's ranks and those of 2/3/4× targets, each layer kept factorized only where it is
+   measured faster on this card), and `auto`: the default policy's ranks (the authors' for AlexNet and
+   VGG-16, 2× for GoogLeNet) with each layer run factorized or composed, whichever its forward+backward
+   is measured faster here (lowrank_dist.report.execution, as `model.lowrank.execution: auto` does at a
+   run's start; the plan is printed). Measured: train-step images/s (forward, backward, SGD update) in
+   eager mode and under torch.compile, bf16 autocast, channels_last, each variant alternated with
+   dense; per model the layer table of the auto variant (dense, factorized and composed per layer, the
+   plan's choice, theoretical vs measured; VGG-16's forward times also checked by hand,
+   bench/report_vs_hand.py); VGG-16 and GoogLeNet fed from JPEGs (DALI on the GPU) against synthetic
+   input; the projected mode's projection time against the dense steps between two projections.
+   Every model's eager numbers come first; compiled runs follow while time is left (auto first, then
+   speed-aware for every model, VGG-16's authors' ranks too).
+Targets printed at the end, reported, not tuned to: auto at least as fast as dense for every layer
+and whole model, compiled VGG-16 ≥ 1.4×, AlexNet and GoogLeNet ≥ 1.1× dense; from JPEGs ≥ 95% of the
+synthetic images/s; projection ≤ 2% of the step time at the default project_every.
 
-    python bench/gpu.py            # on a CUDA machine: about 6-8 minutes (see --budget-s)
-    python bench/gpu.py --smoke    # the same code path on the CPU at tiny sizes, in fp32 (CPUs have
-                                   # no fast bf16 convolution) with torch.compile's "eager" backend
+Each section's status (ok, failed, skipped with the reason) is in the JSON; one that fails is
+recorded and the next runs; one the budget (--budget-s, for the whole run) cannot cover is skipped.
+The JSON is rewritten after every section, so a run killed at its time limit keeps what it measured.
+Writes bench/results/gpu_<date>_<card>.json and .md (+ each layer table as .md and .png beside
+them) and prints the sections table and the speed table. Exit code 1 if a section failed.
 
-Order matters for the time budget: every model's eager numbers and layer tables come first;
-compiled runs follow while time is left (auto first, then speed-aware for every model, VGG-16's
-authors' ranks too), each skipped with a note when the budget would be exceeded. Runs with only torch,
-torchvision and matplotlib installed and without `pip install -e .`: the repository root is put on
-sys.path. A model that fails prints its error and the others go on; the exit code is then 1.
+    python bench/gpu.py                 # on a CUDA machine, within --budget-s (default 300 s)
+    python bench/gpu.py --sections nccl,speed --budget-s 120    # a rerun of what failed
+    python bench/gpu.py --smoke         # every section on the CPU at toy sizes, in fp32 (CPUs have no
+                                        # fast bf16 convolution), torch.compile's "eager" backend;
+                                        # the CUDA-only parts are recorded "skipped: no CUDA"
+
+Runs with the GPU machine's packages (torch, torchvision, PyYAML, matplotlib) plus pydantic, without
+`pip install -e .`: the repository root is put on sys.path.
+
+How to run on a GPU (the device tool; 15 minutes of device time for everything, tries included):
+the machine has no DALI and no pydantic and no network, so their wheels travel with the calls, one
+part per call (a call carries at most 64 MiB), and the machine keeps /tmp only while it stays warm,
+30 s after a call: make calls 1-5 back to back.
+  0. Here, no device time:  bash bench/gpu_carry.sh   → .gpu_wheels/part-00 … part-03 (231 MB in all,
+     DALI 199 MB, nvImageCodec 25 MB, nvJPEG 4 MB, pydantic and DALI's small imports 3 MB) and
+     .gpu_wheels/bundle.sha256.
+  1. run(carry=[".gpu_wheels/part-00"], timeout_s=180, command=
+       "mkdir -p /tmp/w && cp .gpu_wheels/part-00 /tmp/w/ && nvidia-smi -L && python3 -c 'import torch; print(torch.__version__)'")
+     (starts the machine: one to two minutes)
+  2.-4. run(carry=[".gpu_wheels/part-0N"], timeout_s=60, command="cp .gpu_wheels/part-0N /tmp/w/ && ls -l /tmp/w")
+     for N = 1, 2, 3; if `ls` shows an earlier part missing, the machine was replaced: start again at 1.
+  5. run(carry=[".gpu_wheels/bundle.sha256"], timeout_s=420, command=
+       "set -o pipefail; cp .gpu_wheels/bundle.sha256 /tmp/w/ && (cd /tmp/w && cat part-* > bundle.tar
+        && sha256sum -c bundle.sha256 && tar -xf bundle.tar) && python3 -m pip install -q --no-index --no-deps
+        --no-compile /tmp/w/wheels/*.whl && PYTHONUNBUFFERED=1 python3 bench/gpu.py --budget-s 300 --out /tmp/res
+        2>&1 | tee $OUT/gpu.log; tar -cf $OUT/gpu_results.tar -C /tmp/res ."
+     (pip installs into the machine's own environment, so DALI's nvidia/ folders join torch's; the
+     results come back as one tar: $OUT returns at most 8 files)
+  Device time: ≈ 2 min (start) + ≈ 1 min (calls 2-4) + at most 7 min (call 5: ≈ 30 s install, the
+  300 s budget, the last section's overrun and writing) ≈ 10 min, leaving ≥ 4.5 min: enough for one
+  fresh machine (none starts with under 4 min left) running `--sections <what failed> --budget-s 120`
+  with timeout_s=180, without the wheels unless `dali` is among them. Untar gpu_results.tar into
+  bench/results/ and commit the .json and .md.
 """
 
 from __future__ import annotations
@@ -420,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (a rerun of what failed), run in that order")
-    parser.add_argument("--budget-s", type=float, default=420.0,
+    parser.add_argument("--budget-s", type=float, default=300.0,
                         help="the whole run's time budget: a section, model phase or compiled run that would end"
                              " after it (by its estimate) is skipped and recorded as such")
     parser.add_argument("--out", type=Path,

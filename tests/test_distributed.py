@@ -132,6 +132,19 @@ def test_one_process_needs_no_process_group():
         assert ctx.any(False) is False and ctx.any(True) is True
 
 
+def test_a_group_of_one_runs_the_collectives_through_the_backend(monkeypatch):
+    """group_of_one (bench/gpu.py's NCCL check on one GPU): the group exists, the context says
+    distributed, and the sums go through torch.distributed; afterwards the group is gone."""
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, **kw: calls.append(tensor.clone()) or real(tensor, **kw))
+    with process_group(Rendezvous(master_port=free_port()), "cpu", 60, group_of_one=True) as ctx:
+        assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+        assert ctx.distributed and ctx.world_size == 1
+        assert torch.equal(ctx.all_reduce_sum(torch.ones(3)), torch.ones(3)) and ctx.any(True) is True
+    assert len(calls) == 2 and not dist.is_initialized()
+
+
 # -- DeepSpeed's JSON from our YAML -------------------------------------------------------------------------
 
 
