@@ -452,7 +452,9 @@ def sections_table(sections: dict) -> str:
     """One line per section of the run: its status, time and why it failed or was skipped."""
     lines = ["| section | status | s | note |", "|---|---|---:|---|"]
     for name, section in sections.items():
-        note = section.get("reason") or ", ".join(section.get("parts_skipped", [])[:3])
+        parts = section.get("parts_skipped", [])
+        note = section.get("reason") or (f"skipped parts: {', '.join(parts[:3])}{' …' if len(parts) > 3 else ''}"
+                                         if parts else "")
         lines.append(f"| {name} | {section['status']} | {section.get('seconds', 0):.0f} | {note} |")
     return "\n".join(lines)
 
