@@ -2,7 +2,7 @@
 process. `launch/submit.py` is the command line; this module is what it calls.
 
 On SLURM every task runs `TrainJob`, submitit's Checkpointable: the task finds its rank
-(engine.distributed.rendezvous reads submitit's JobEnvironment), joins the process group and
+(training.distributed.rendezvous reads submitit's job environment), joins the process group and
 trains. Before the time limit SLURM sends USR2 (`--signal=USR2@120`; not USR1, which NCCL uses):
 every rank finishes its optimizer step, the step is checkpointed, and submitit requeues the job,
 whose restart resumes from that checkpoint. Preemption, `scontrol requeue` and `scancel` send TERM
@@ -36,8 +36,8 @@ SIGNAL_LEAD_S = 120  # seconds before the time limit that SLURM warns the job
 # The CPU budget of one task (one GPU): the training thread and NCCL's/DALI's executor threads get 2
 # CPUs, DALI's worker threads (or DataLoader workers) the rest — data.workers = CPUs per task − 2.
 RESERVED_CPUS = 2
-# Images/s one H200 trains at bf16 (DESIGN.md §2, the faster of dense and low-rank): the rate a node's
-# CPUs must feed each of its GPUs at.
+# Train-step images/s of one H200 at bf16, the faster of dense and all-factorized at the authors' ranks
+# (VGG-16 compiled, the others eager; docs/design.md#speed): the rate a node's CPUs must feed each GPU at.
 GPU_IMAGES_PER_S = {"alexnet": 36_128, "vgg16": 5_710, "googlenet": 6_701}
 # Images per CPU-second the host side of each data path sustains (python -m lowrank_dist.data.bench,
 # 500×375 JPEGs in page cache, 2-core CPU; README "Data loading speed"): with DALI on the GPU the
