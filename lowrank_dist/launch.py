@@ -1,13 +1,10 @@
 """Launching a training run: on a SLURM cluster through submitit, as N local processes, or in this
 process. `launch/submit.py` is the command line; this module is what it calls.
 
-On SLURM every task runs `TrainJob`, submitit's Checkpointable: the task finds its rank
-(training.distributed.rendezvous reads submitit's job environment), joins the process group and
-trains. Before the time limit SLURM sends USR2 (`--signal=USR2@120`; not USR1, which NCCL uses):
-every rank finishes its optimizer step, the step is checkpointed, and submitit requeues the job,
-whose restart resumes from that checkpoint. Preemption, `scontrol requeue` and `scancel` send TERM
-(then KILL after KillWait): the same checkpoint-and-stop, and SLURM requeues (or not) by itself. A
-task killed without warning restarts from the last periodic checkpoint (run.checkpoint_every).
+On SLURM every task runs `TrainJob`: it finds its rank (training.distributed.rendezvous), joins the
+process group and trains. On SLURM's USR2 before the time limit (`--signal=USR2@120`) or TERM on
+preemption every rank checkpoints the current step and stops; submitit (after USR2) or SLURM
+(after TERM) requeues the job, which resumes exactly (docs/design.md#stopping-and-requeue).
 
 Before submitting, `plan_resources` fits the request to what the partition has (slurm.query_partition):
 defaults that fit (CPU tasks on a partition without GPUs, CPUs per task capped by a node's), and a
