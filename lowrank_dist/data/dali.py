@@ -24,7 +24,8 @@ not go unnoticed; its byte counts (the encoded tensors' shapes) are checked agai
 Bad images the index knows never reach DALI. What only a decoder can find (say, a corrupt Huffman
 table) makes pipe.run() fail; the pipeline is dead then and DALI's message does not say which sample
 it was, so `images` decodes the files of that batch (and of those prefetched behind it) with PIL to
-find it, marks it bad, builds a new pipeline and redoes the pass from that batch.
+find it, marks it bad, builds a new pipeline and redoes the pass from that batch. If PIL decodes
+every one of them, the decoders disagree: a DataError under either on_bad_image setting, not bad data.
 """
 
 from __future__ import annotations
