@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LowRankConv2d
+from ..models import conv_layers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -149,27 +149,13 @@ class LayerInput:
     requires_grad: bool  # whether training back-propagates into this input
 
 
-def timed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every conv layer of `model` in module order: LowRankConv2d as one layer, plain Conv2d
-    elsewhere (the two convs inside a LowRankConv2d are not separate rows) — the rows of
-    report.costs.conv_costs."""
-    layers, inner = [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankConv2d):
-            inner.update(module.modules())
-            layers.append((name, module))
-        elif isinstance(module, nn.Conv2d) and module not in inner:
-            layers.append((name, module))
-    return layers
-
-
 def capture_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInput]:
-    """Input shape of every conv layer (see `timed_layers`) in one training-mode forward of
+    """Input shape of every conv layer (models.conv_layers) in one training-mode forward of
     `example`. Layers the forward does not reach are left out. The forward runs on `model` itself,
     in train mode (BatchNorm running statistics move): pass a copy if that matters."""
     found: dict[str, LayerInput] = {}
     hooks = []
-    for name, layer in timed_layers(model):
+    for name, layer in conv_layers(model):
         def hook(_module, args, _output, name=name):
             found[name] = LayerInput(tuple(args[0].shape), bool(args[0].requires_grad))
         hooks.append(layer.register_forward_hook(hook))
