@@ -1,29 +1,73 @@
-"""One-shot GPU benchmark: does factorizing make AlexNet, VGG-16 and GoogLeNet train faster here?
+"""One GPU run that proves the GPU path: the checks first, then does factorizing make AlexNet, VGG-16 and GoogLeNet train faster here?
 
-For each model, dense against four low-rank variants: the authors' ranks (where published), a 2×
-per-layer theoretical target, speed-aware ranks (lowrank_dist.report.speed_aware: the default
-policy's ranks and those of 2/3/4× targets, each layer kept factorized only where it is measured
-faster on this card), and `auto`: the default policy's ranks (the authors' for AlexNet and VGG-16,
-2× for GoogLeNet) with each layer run factorized or composed, whichever its forward+backward is
-measured faster here (lowrank_dist.report.execution, as `model.lowrank.execution: auto` does at a
-run's start; the plan is printed). Measured: train-step images/s (forward, backward, SGD update)
-in eager mode and under torch.compile, bf16 autocast, channels_last, each variant alternated with
-dense; then per model the layer table of the auto variant — dense, factorized and composed per
-layer, the plan's choice, theoretical vs measured — with VGG-16's forward times also checked by
-hand (bench/report_vs_hand.py). Targets printed at the end: auto at least as fast as dense for
-every layer and whole model, VGG-16 auto ≥ 1.4× dense compiled. Prints a short table headed by
-the card's name and writes bench/results/gpu_<date>_<card>.json (+ each layer table as .md and
-.png beside it).
+In this order, so the time budget covers the most important first (bench/gpu_checks.py has the details
+and the tolerances, each stated with its reason):
+1. correctness: `dali` (DALI's GPU pipeline against its CPU pipeline on generated JPEGs: the same
+   samples, labels, bytes and crop windows, images within the decoders' tolerance; without DALI,
+   torchvision feeding the GPU), `train` (the debug model, 50 steps from those JPEGs through the
+   trainer: finite, falling loss), `layer` (LowRankConv2d forward/backward on CUDA against float64
+   on the CPU), `executions` (composed and factorized forms of whole models agree);
+2. `syncs`: the trainer's loop between sync points with torch.cuda.set_sync_debug_mode("warn") and
+   every host read counted: none expected;
+3. `nccl`: a process group of one over NCCL (process_group(group_of_one=True)), the trainer on it
+   (DDP, every all-reduce through NCCL), then the evaluation's exactly-once count over 3 shards;
+4. `speed`: for each model, dense against four low-rank variants: the authors' ranks (where
+   published), a 2× per-layer theoretical target, speed-aware ranks (lowrank_dist.report.speed_aware:
+   the default policy's ranks and those of 2/3/4× targets, each layer kept factorized only where it is
+   measured faster on this card), and `auto`: the default policy's ranks (the authors' for AlexNet and
+   VGG-16, 2× for GoogLeNet) with each layer run factorized or composed, whichever its forward+backward
+   is measured faster here (lowrank_dist.report.execution, as `model.lowrank.execution: auto` does at a
+   run's start; the plan is printed). Measured: train-step images/s (forward, backward, SGD update) in
+   eager mode and under torch.compile, bf16 autocast, channels_last, each variant alternated with
+   dense; per model the layer table of the auto variant (dense, factorized and composed per layer, the
+   plan's choice, theoretical vs measured; VGG-16's forward times also checked by hand,
+   bench/report_vs_hand.py); VGG-16 and GoogLeNet fed from JPEGs (DALI on the GPU) against synthetic
+   input; the projected mode's projection time against the dense steps between two projections.
+   Every model's eager numbers come first; compiled runs follow while time is left (auto first, then
+   speed-aware for every model, VGG-16's authors' ranks too).
+Targets printed at the end, reported, not tuned to: auto at least as fast as dense for every layer
+and whole model, compiled VGG-16 ≥ 1.4×, AlexNet and GoogLeNet ≥ 1.1× dense; from JPEGs ≥ 95% of the
+synthetic images/s; projection ≤ 2% of the step time at the default project_every.
 
-    python bench/gpu.py            # on a CUDA machine: about 6-8 minutes (see --budget-s)
-    python bench/gpu.py --smoke    # the same code path on the CPU at tiny sizes, in fp32 (CPUs have
-                                   # no fast bf16 convolution) with torch.compile's "eager" backend
+Each section's status (ok, failed, skipped with the reason) is in the JSON; one that fails is
+recorded and the next runs; one the budget (--budget-s, for the whole run) cannot cover is skipped.
+The JSON is rewritten after every section, so a run killed at its time limit keeps what it measured.
+Writes bench/results/gpu_<date>_<card>.json and .md (+ each layer table as .md and .png beside
+them) and prints the sections table and the speed table. Exit code 1 if a section failed.
 
-Order matters for the time budget: every model's eager numbers and layer tables come first;
-compiled runs follow while time is left (auto first, then speed-aware for every model, VGG-16's
-authors' ranks too), each skipped with a note when the budget would be exceeded. Runs with only torch,
-torchvision and matplotlib installed and without `pip install -e .`: the repository root is put on
-sys.path. A model that fails prints its error and the others go on; the exit code is then 1.
+    python bench/gpu.py                 # on a CUDA machine, within --budget-s (default 300 s)
+    python bench/gpu.py --sections nccl,speed --budget-s 120    # a rerun of what failed
+    python bench/gpu.py --smoke         # every section on the CPU at toy sizes, in fp32 (CPUs have no
+                                        # fast bf16 convolution), torch.compile's "eager" backend;
+                                        # the CUDA-only parts are recorded "skipped: no CUDA"
+
+Runs with the GPU machine's packages (torch, torchvision, PyYAML, matplotlib) plus pydantic, without
+`pip install -e .`: the repository root is put on sys.path.
+
+How to run on a GPU (the device tool; 15 minutes of device time for everything, tries included):
+the machine has no DALI and no pydantic and no network, so their wheels travel with the calls, one
+part per call (a call carries at most 64 MiB), and the machine keeps /tmp only while it stays warm,
+30 s after a call: make calls 1-5 back to back.
+  0. Here, no device time:  bash bench/gpu_carry.sh   → .gpu_wheels/part-00 … part-03 (231 MB in all,
+     DALI 199 MB, nvImageCodec 25 MB, nvJPEG 4 MB, pydantic and DALI's small imports 3 MB) and
+     .gpu_wheels/bundle.sha256.
+  1. run(carry=[".gpu_wheels/part-00"], timeout_s=180, command=
+       "mkdir -p /tmp/w && cp .gpu_wheels/part-00 /tmp/w/ && nvidia-smi -L && python3 -c 'import torch; print(torch.__version__)'")
+     (starts the machine: one to two minutes)
+  2.-4. run(carry=[".gpu_wheels/part-0N"], timeout_s=60, command="cp .gpu_wheels/part-0N /tmp/w/ && ls -l /tmp/w")
+     for N = 1, 2, 3; if `ls` shows an earlier part missing, the machine was replaced: start again at 1.
+  5. run(carry=[".gpu_wheels/bundle.sha256"], timeout_s=420, command=
+       "set -o pipefail; cp .gpu_wheels/bundle.sha256 /tmp/w/ && (cd /tmp/w && cat part-* > bundle.tar
+        && sha256sum -c bundle.sha256 && tar -xf bundle.tar) && python3 -m pip install -q --no-index --no-deps
+        --no-compile /tmp/w/wheels/*.whl && PYTHONUNBUFFERED=1 python3 bench/gpu.py --budget-s 300 --out /tmp/res
+        2>&1 | tee $OUT/gpu.log; tar -cf $OUT/gpu_results.tar -C /tmp/res ."
+     (pip installs into the machine's own environment, so DALI's nvidia/ folders join torch's; the
+     results come back as one tar: $OUT returns at most 8 files)
+  Device time: ≈ 2 min (start) + ≈ 1 min (calls 2-4) + at most 7 min (call 5: ≈ 30 s install, the
+  300 s budget, the last section's overrun and writing) ≈ 10 min, leaving ≥ 4.5 min: enough for one
+  fresh machine (none starts with under 4 min left) running `--sections <what failed> --budget-s 120`
+  with timeout_s=180, without the wheels unless `dali` is among them. Untar gpu_results.tar into
+  bench/results/ and commit the .json and .md.
 """
 
 from __future__ import annotations
@@ -32,7 +76,9 @@ import argparse
 import copy
 import datetime
 import gc
+import itertools
 import json
+import os
 import re
 import sys
 import tempfile
@@ -45,34 +91,53 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # lowrank_dist, and report_vs_h
 
 import torch  # noqa: E402
 
+import torch.nn.functional as F  # noqa: E402
+
+from gpu_checks import CHECKS, ESTIMATE_S, Checks, run_check  # noqa: E402
+from lowrank_dist.data import build_loaders  # noqa: E402
+from lowrank_dist.data.synthetic import make_synthetic  # noqa: E402
 from lowrank_dist.layers import LowRankConv2d  # noqa: E402
-from lowrank_dist.models import build_model, lowrank_policy, model_spec  # noqa: E402
+from lowrank_dist.models import build_model, choose_ranks, lowrank_policy, model_spec  # noqa: E402
 from lowrank_dist.report.costs import DEFAULT_LOWRANK, conv_costs  # noqa: E402
 from lowrank_dist.report.execution import plan_execution, set_execution  # noqa: E402
 from lowrank_dist.report.speed import device_description, speed_report  # noqa: E402
 from lowrank_dist.report.speed_aware import speed_aware_ranks  # noqa: E402
-from lowrank_dist.report.timing import Timing, logits_of, measure, model_functions  # noqa: E402
+from lowrank_dist.report.timing import Timing, autocast_for, logits_of, measure, model_functions, synchronize  # noqa: E402
+from lowrank_dist.training.projection import Projector  # noqa: E402
 from report_vs_hand import hand_check  # noqa: E402
 
 MODELS = ("alexnet", "vgg16", "googlenet")
 # compiled: the variants timed under torch.compile, in order, while the time budget lasts;
 # skip: variants left out (the smoke run skips VGG-16's speedup2: with its 102M-parameter classifier
-# a CPU train step takes about half a second, and GoogLeNet covers that variant's code path)
+# a CPU train step takes about half a second, and GoogLeNet covers that variant's code path);
+# eager_s: a model's eager phase is skipped when less of the budget is left;
+# from_jpeg: the models also timed fed from JPEGs, jpeg_warmup + jpeg_steps batches of photos with
+# sides in jpeg_sides (ImageNet's are mostly 300-500 px), jpeg_threads decoding threads;
+# projection: the models whose projection (projected mode) is timed against their dense step,
+# projection_calls times (the last one counts: the first also sets up the GPU's eigensolver)
 GPU = {"batch": {"alexnet": 128, "vgg16": 64, "googlenet": 128}, "image_size": 224, "dtype": torch.bfloat16,
        "repeats": 10, "warmup": 3, "layer_repeats": 5, "search": (2.0, 3.0, 4.0), "backend": "inductor",
        "compiled": {"vgg16": ("auto", "authors", "speed-aware"), "alexnet": ("auto", "speed-aware"),
                     "googlenet": ("auto", "speed-aware")},
-       "skip": {}}
+       "skip": {}, "eager_s": 45.0, "from_jpeg": ("vgg16", "googlenet"), "jpeg_steps": 10, "jpeg_warmup": 3,
+       "jpeg_sides": (300, 500), "jpeg_threads": 8, "projection": MODELS, "projection_calls": 2}
 SMOKE = {"batch": {"alexnet": 2, "vgg16": 2, "googlenet": 2}, "image_size": 64, "dtype": torch.float32,
          "repeats": 1, "warmup": 0, "layer_repeats": 2, "search": (2.0,), "backend": "eager",
          "compiled": {"vgg16": ("speed-aware",), "alexnet": ("auto", "speed-aware"), "googlenet": ("speed-aware",)},
-         "skip": {"vgg16": ("speedup2",)}}
-TARGETS = {"layer": 1.0, "model": 1.0, "vgg16 compiled": 1.4}  # auto ÷ dense, the issue's targets
+         "skip": {"vgg16": ("speedup2",)}, "eager_s": 0.0, "from_jpeg": ("googlenet",), "jpeg_steps": 2,
+         "jpeg_warmup": 1, "jpeg_sides": (64, 96), "jpeg_threads": 1, "projection": ("alexnet",),
+         "projection_calls": 1}
+# the issue's targets: auto ÷ dense per layer and per model (eager and compiled), compiled per model;
+# from-JPEG ÷ synthetic images/s; projection time ÷ the dense steps between two projections
+TARGETS = {"layer": 1.0, "model": 1.0, "compiled": {"vgg16": 1.4, "alexnet": 1.1, "googlenet": 1.1},
+           "from_jpeg": 0.95, "projection": 0.02}
+SECTIONS = (*CHECKS, "speed")  # in the order they run: correctness first, the speed tables last
 
 
 class Bench:
-    def __init__(self, device: torch.device, settings: dict, deadline: float):
-        self.device, self.settings, self.deadline = device, settings, deadline
+    def __init__(self, device: torch.device, settings: dict, deadline: float, work: Path):
+        self.device, self.settings, self.deadline, self.work = device, settings, deadline, work
+        self._photos: Path | None = None
         self.size = settings["image_size"]
         self.compile_seconds = 60.0  # the longest compiled pair so far (a guess before the first)
         self.dense: dict[str, torch.nn.Module] = {}  # built once per model, on the device
@@ -232,6 +297,83 @@ class Bench:
             table["markdown"] += "\n\nBy hand:\n" + table["hand"]["markdown"]
         return table
 
+    def photos(self) -> Path:
+        """A JPEG folder of photo-sized images, enough for every from-JPEG run: a few rendered
+        (make_synthetic), the rest hard links to them under other names (decoding costs the same)."""
+        if self._photos is None:
+            root = self._photos = self.work / "photos"
+            low, high = self.settings["jpeg_sides"]
+            make_synthetic(root, classes=8, train_per_class=8, val_per_class=1, seed=1, min_side=low, max_side=high)
+            files = sorted(root.glob("train/*/*.JPEG"))
+            need = max((self.settings["jpeg_warmup"] + self.settings["jpeg_steps"]) * self.settings["batch"][name]
+                       for name in self.settings["from_jpeg"])
+            for i in range(need - len(files)):
+                source = files[i % len(files)]
+                os.link(source, source.with_name(f"{source.stem}_copy{i}.JPEG"))
+        return self._photos
+
+    def from_jpeg(self, name: str, result: dict) -> None:
+        """Train-step images/s of the auto variant fed by the data loaders from JPEGs (DALI on the GPU
+        when installed) against the same steps on one synthetic batch, both timed alike (wall clock,
+        synchronized at both ends, after the same warm-up): what the input pipeline costs a run."""
+        model, batch = self.kept[(name, "auto")], self.settings["batch"][name]
+        steps, warmup = self.settings["jpeg_steps"], self.settings["jpeg_warmup"]
+        loaders = build_loaders(self.photos(), batch_size=batch, image_size=self.size, device=self.device,
+                                channels_last=True, workers=self.settings["jpeg_threads"],
+                                dali_device="gpu" if self.device.type == "cuda" else "cpu")
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+        def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+            with autocast_for(self.device, self.settings["dtype"]):
+                loss = F.cross_entropy(logits_of(model(images)).float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def images_per_s(batches) -> float:
+            model.train()
+            i = -1
+            for i, (images, labels) in enumerate(itertools.islice(batches, warmup + steps)):
+                if i == warmup:
+                    synchronize(self.device)
+                    started = time.perf_counter()
+                step(images, labels)
+            synchronize(self.device)
+            assert i == warmup + steps - 1, f"the JPEG folder gave {i + 1} batches, {warmup + steps} needed"
+            return steps * batch / (time.perf_counter() - started)
+
+        example = self.example(name)
+        labels = torch.randint(0, 8, (batch,), device=self.device)
+        fed = images_per_s(loaders.train.epoch(0))
+        synthetic = images_per_s(itertools.repeat((example, labels)))
+        result["from_jpeg"] = {"backend": loaders.backend, "images_per_s": fed, "synthetic_images_per_s": synthetic,
+                               "ratio": fed / synthetic, "target": TARGETS["from_jpeg"], "steps": steps,
+                               "jpeg_sides": list(self.settings["jpeg_sides"])}
+        print(f"  {name} from JPEGs ({loaders.backend}): {_rate(fed)} img/s, {fed / synthetic:.2f}× synthetic",
+              flush=True)
+
+    def projection(self, name: str, result: dict) -> None:
+        """Projected mode's cost: one projection of the dense model's kernels onto the default
+        policy's ranks, against the dense train steps taken between two projections."""
+        from lowrank_dist.config import LowRankConfig  # needs pydantic, as the trainer does
+
+        every = LowRankConfig.model_fields["project_every"].default
+        dense = copy.deepcopy(self.dense_model(name))
+        projector = Projector(dense, choose_ranks(dense, lowrank_policy(model_spec(name), DEFAULT_LOWRANK[name])))
+        seconds = []
+        for _ in range(self.settings["projection_calls"]):
+            synchronize(self.device)
+            started = time.perf_counter()
+            projector.project()
+            synchronize(self.device)
+            seconds.append(time.perf_counter() - started)
+        step = next(iter(result["variants"].values()))["eager"]["dense"]["median_s"]
+        result["projection"] = {"project_every": every, "projection_s": seconds[-1], "dense_step_s": step,
+                                "fraction": seconds[-1] / (every * step), "target": TARGETS["projection"]}
+        del dense, projector
+        print(f"  {name} projection: {seconds[-1] * 1e3:.0f} ms every {every} steps of {step * 1e3:.1f} ms:"
+              f" {result['projection']['fraction']:.2%} of the step time", flush=True)
+
     def free(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -254,6 +396,7 @@ def summary(results: dict, header: str) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
         lines += [f"| {name} | failed in {error} | | | | | | |" for error in result["errors"]]
+        lines += [f"| {name} | skipped {phase}: {why} | | | | | | |" for phase, why in result.get("skipped", {}).items()]
         entries = result["variants"]
         if entries:
             eager = next(iter(entries.values()))["eager"]
@@ -280,7 +423,7 @@ def summary(results: dict, header: str) -> str:
         entry = result.get("variants", {}).get("auto", {})
         for mode in ("eager", "compiled"):
             if "speedup" in entry.get(mode, {}):
-                target = TARGETS["vgg16 compiled"] if (name, mode) == ("vgg16", "compiled") else TARGETS["model"]
+                target = TARGETS["compiled"][name] if mode == "compiled" else TARGETS["model"]
                 ok = "yes" if entry[mode]["speedup"] >= target else "NO"
                 auto.append(f"{name} {mode} {entry[mode]['speedup']:.2f}× (≥ {target:g}×: {ok})")
         verdict = result.get("layer_verdict")
@@ -288,10 +431,33 @@ def summary(results: dict, header: str) -> str:
             below = verdict["below"]
             auto.append(f"{name} layers: {verdict['factorized'] - len(below)} of {verdict['factorized']} ≥"
                         f" {TARGETS['layer']:g}× fwd+bwd" + (f" (below: {', '.join(below)})" if below else " (yes)"))
+    inputs = [f"{name} {r['from_jpeg']['ratio']:.2f}× ({r['from_jpeg']['backend']}, {_rate(r['from_jpeg']['images_per_s'])}"
+              f" vs {_rate(r['from_jpeg']['synthetic_images_per_s'])} img/s:"
+              f" {'yes' if r['from_jpeg']['ratio'] >= TARGETS['from_jpeg'] else 'NO'})"
+              for name, r in results.items() if "from_jpeg" in r]
+    projections = [f"{name} {r['projection']['fraction']:.2%} ({r['projection']['projection_s'] * 1e3:.0f} ms per"
+                   f" {r['projection']['project_every']} steps: {'yes' if r['projection']['fraction'] <= TARGETS['projection'] else 'NO'})"
+                   for name, r in results.items() if "projection" in r]
+    compiled_targets = ", ".join(f"{name} {target:g}×" for name, target in TARGETS["compiled"].items())
     lines += ["", "× dense: against dense in the same alternated run (the dense row shows its first run).",
               "Target, speed-aware trains at least as fast as dense: " + ("; ".join(verdicts) or "no data"),
               "Targets, auto (each layer factorized or composed, whichever is faster) at least as fast as dense per"
-              " layer and whole model, VGG-16 ≥ 1.4× compiled: " + ("; ".join(auto) or "no data")]
+              f" layer and whole model, compiled {compiled_targets}: " + ("; ".join(auto) or "no data"),
+              f"Target, from JPEGs ≥ {TARGETS['from_jpeg']:g}× the synthetic-input images/s (auto variant, eager): "
+              + ("; ".join(inputs) or "no data"),
+              f"Target, projection ≤ {TARGETS['projection']:.0%} of the dense step time at the default project_every: "
+              + ("; ".join(projections) or "no data")]
+    return "\n".join(lines)
+
+
+def sections_table(sections: dict) -> str:
+    """One line per section of the run: its status, time and why it failed or was skipped."""
+    lines = ["| section | status | s | note |", "|---|---|---:|---|"]
+    for name, section in sections.items():
+        parts = section.get("parts_skipped", [])
+        note = section.get("reason") or (f"skipped parts: {', '.join(parts[:3])}{' …' if len(parts) > 3 else ''}"
+                                         if parts else "")
+        lines.append(f"| {name} | {section['status']} | {section.get('seconds', 0):.0f} | {note} |")
     return "\n".join(lines)
 
 
@@ -300,14 +466,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny sizes, fp32, compile backend 'eager': the code path in seconds")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (a rerun of what failed), run in that order")
     parser.add_argument("--budget-s", type=float, default=300.0,
-                        help="start no compiled run that would end (by the longest so far) after this many seconds")
+                        help="the whole run's time budget: a section, model phase or compiled run that would end"
+                             " after it (by its estimate) is skipped and recorded as such")
     parser.add_argument("--out", type=Path,
                         help="results folder (default: bench/results on a GPU, a temporary one in --smoke)")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     if not set(models) <= set(MODELS):
         parser.error(f"--models: choose from {', '.join(MODELS)}")
+    sections = [name for name in SECTIONS if name in args.sections.split(",")]
+    if set(args.sections.split(",")) - set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; use --smoke for the CPU code path")
 
@@ -315,56 +487,77 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     settings = SMOKE if args.smoke else GPU
     torch.backends.cudnn.benchmark = True
-    bench = Bench(device, settings, started + args.budget_s)
+    deadline = started + args.budget_s
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))  # JPEG folders and training runs, never the results
+    bench = Bench(device, settings, deadline, work)
     card = device_description(device)
     header = (f"{card}: torch {torch.__version__}, cuDNN {torch.backends.cudnn.version() if device.type == 'cuda' else '-'},"
               f" {'bf16 autocast' if settings['dtype'] == torch.bfloat16 else 'fp32'}, channels_last,"
               f" {bench.size}×{bench.size}; train-step images/s (forward, backward, SGD), low-rank alternated with dense")
     print(header, flush=True)
-
-    results = {name: {"batch": settings["batch"][name], "variants": {}, "errors": []} for name in models}
-    layer_tables = {}
-    for phase in ("eager", "layers", "compiled"):
-        for name in models:
-            if phase != "eager" and not results[name]["variants"] or phase == "layers" and "plan" not in results[name]:
-                continue
-            phase_started = time.monotonic()
-            try:
-                if phase == "eager":
-                    bench.eager(name, results[name])
-                elif phase == "layers":
-                    layer_tables[name] = bench.layers(name, results[name])
-                    print(layer_tables[name]["markdown"], flush=True)
-                else:
-                    bench.compiled(name, results[name])
-            except Exception as error:  # one model failing must not lose the others' numbers
-                traceback.print_exc()
-                results[name]["errors"].append(f"{phase}: {type(error).__name__}: {error}".splitlines()[0])
-                bench.free()
-            results[name].setdefault("seconds", {})[phase] = seconds = time.monotonic() - phase_started
-            print(f"  {name} {phase}: {seconds:.0f} s", flush=True)
-
-    text = summary(results, header)
-    print("\n" + text)
     date = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", (card if device.type == "cuda" else "cpu-smoke").lower()).strip("-")
     out = args.out or (REPO / "bench/results" if device.type == "cuda" else Path(tempfile.mkdtemp(prefix="gpu-smoke-")))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"gpu_{date}_{slug}"
+    results = {name: {"batch": settings["batch"][name], "variants": {}, "errors": []} for name in models}
     payload = {
         "card": card, "device": str(device), "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None, "date": date, "smoke": args.smoke,
-        "settings": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in settings.items()},
-        "models": results, "summary": text, "elapsed_s": time.monotonic() - started,
+        "budget_s": args.budget_s, "settings": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in settings.items()},
+        "sections": {}, "models": results,
     }
+
+    def save() -> None:
+        """The JSON so far, rewritten after every section and phase: a run killed at its time limit
+        still leaves everything measured before."""
+        payload["elapsed_s"] = time.monotonic() - started
+        partial = stem.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(payload, indent=1) + "\n")
+        partial.replace(stem.with_suffix(".json"))
+
+    checks = Checks(device, args.smoke, work)
+    for name in [name for name in sections if name in CHECKS]:
+        left = deadline - time.monotonic()
+        section_started = time.monotonic()
+        if left < ESTIMATE_S[name]:
+            section = {"status": "skipped", "reason": f"time budget ({left:.0f} s left, about {ESTIMATE_S[name]} s needed)"}
+        else:
+            print(f"== {name}", flush=True)
+            section = run_check(name, checks)
+        section["seconds"] = time.monotonic() - section_started
+        payload["sections"][name] = section
+        print(f"== {name}: {section['status']}" + (f" ({section['reason']})" if "reason" in section else "")
+              + f", {section['seconds']:.0f} s", flush=True)
+        save()
+
+    layer_tables = {}
+    if "speed" in sections:
+        speed_started = time.monotonic()
+        run_speed(bench, models, results, layer_tables, save)
+        failed_models = [name for name, result in results.items() if result["errors"]]
+        payload["sections"]["speed"] = {
+            "status": "failed" if failed_models else "ok", "seconds": time.monotonic() - speed_started,
+            **({"reason": f"errors in {', '.join(failed_models)} (see models)"} if failed_models else {}),
+            **({"parts_skipped": [f"{name} {phase}" for name, r in results.items() for phase in r.get("skipped", {})]}
+               if any(r.get("skipped") for r in results.values()) else {}),
+        }
+    else:
+        payload["models"] = {}
+
+    text = sections_table(payload["sections"]) + ("\n\n" + summary(results, header) if "speed" in sections else "")
+    print("\n" + text)
+    payload["summary"] = text
     payload["layers"] = {name: table["report"].as_dict() for name, table in layer_tables.items()}
     if "vgg16" in layer_tables:
         payload["vgg16_layers"] = payload["layers"]["vgg16"]
         hand = layer_tables["vgg16"]["hand"]
         payload["vgg16_layers_by_hand"] = {k: hand[k] for k in ("rows", "agree", "total")}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {stem.with_suffix('.json')} ({payload['elapsed_s']:.0f} s)")
-    failed = any(r["errors"] for r in results.values())
+    save()
+    markdown = [f"# {header}", "", text] + [f"\n## {name}, per layer\n\n{table['markdown']}" for name, table in layer_tables.items()]
+    stem.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+    print(f"wrote {stem.with_suffix('.json')} and .md ({payload['elapsed_s']:.0f} s)")
+    failed = any(section["status"] == "failed" for section in payload["sections"].values())
     for name, table in layer_tables.items():
         try:  # the numbers are safe in the JSON already; the chart needs matplotlib
             files = table["report"].write(out / f"{stem.name}_{name}_layers")
@@ -373,6 +566,46 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed = True
     return 1 if failed else 0
+
+
+def run_speed(bench: Bench, models: list[str], results: dict, layer_tables: dict, save) -> None:
+    """The speed section, phase by phase across the models, so that every model's eager numbers come
+    before any compiled run. A phase that fails is recorded in its model's errors and the others go
+    on; one that the budget cannot cover is recorded in its model's skipped."""
+    settings = bench.settings
+    for phase in ("eager", "layers", "from_jpeg", "projection", "compiled"):
+        for name in models:
+            result = results[name]
+            if phase != "eager" and not result["variants"] or phase == "layers" and "plan" not in result:
+                continue
+            if (phase == "from_jpeg" and name not in settings["from_jpeg"]
+                    or phase == "projection" and name not in settings["projection"]
+                    or phase in ("layers", "from_jpeg") and (name, "auto") not in bench.kept):
+                continue
+            left = bench.deadline - time.monotonic()
+            if phase != "compiled" and left < settings["eager_s"]:  # compiled runs check the budget one by one
+                result.setdefault("skipped", {})[phase] = f"time budget ({left:.0f} s left)"
+                continue
+            phase_started = time.monotonic()
+            try:
+                if phase == "eager":
+                    bench.eager(name, result)
+                elif phase == "layers":
+                    layer_tables[name] = bench.layers(name, result)
+                    print(layer_tables[name]["markdown"], flush=True)
+                elif phase == "from_jpeg":
+                    bench.from_jpeg(name, result)
+                elif phase == "projection":
+                    bench.projection(name, result)
+                else:
+                    bench.compiled(name, result)
+            except Exception as error:  # one model failing must not lose the others' numbers
+                traceback.print_exc()
+                result["errors"].append(f"{phase}: {type(error).__name__}: {error}".splitlines()[0])
+                bench.free()
+            result.setdefault("seconds", {})[phase] = seconds = time.monotonic() - phase_started
+            print(f"  {name} {phase}: {seconds:.0f} s", flush=True)
+            save()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,10 @@
 """Launching a training run: on a SLURM cluster through submitit, as N local processes, or in this
 process. `launch/submit.py` is the command line; this module is what it calls.
 
-On SLURM every task runs `TrainJob`, submitit's Checkpointable: the task finds its rank
-(engine.distributed.rendezvous reads submitit's JobEnvironment), joins the process group and
-trains. Before the time limit SLURM sends USR2 (`--signal=USR2@120`; not USR1, which NCCL uses):
-every rank finishes its optimizer step, the step is checkpointed, and submitit requeues the job,
-whose restart resumes from that checkpoint. Preemption, `scontrol requeue` and `scancel` send TERM
-(then KILL after KillWait): the same checkpoint-and-stop, and SLURM requeues (or not) by itself. A
-task killed without warning restarts from the last periodic checkpoint (run.checkpoint_every).
+On SLURM every task runs `TrainJob`: it finds its rank (training.distributed.rendezvous), joins the
+process group and trains. On SLURM's USR2 before the time limit (`--signal=USR2@120`) or TERM on
+preemption every rank checkpoints the current step and stops; submitit (after USR2) or SLURM
+(after TERM) requeues the job, which resumes exactly (docs/design.md#stopping-and-requeue).
 
 Before submitting, `plan_resources` fits the request to what the partition has (slurm.query_partition):
 defaults that fit (CPU tasks on a partition without GPUs, CPUs per task capped by a node's), and a
@@ -36,14 +33,14 @@ SIGNAL_LEAD_S = 120  # seconds before the time limit that SLURM warns the job
 # The CPU budget of one task (one GPU): the training thread and NCCL's/DALI's executor threads get 2
 # CPUs, DALI's worker threads (or DataLoader workers) the rest — data.workers = CPUs per task − 2.
 RESERVED_CPUS = 2
-# Images/s one H200 trains at bf16 (DESIGN.md §2, the faster of dense and low-rank): the rate a node's
-# CPUs must feed each of its GPUs at.
+# Train-step images/s of one H200 at bf16, the faster of dense and all-factorized at the authors' ranks
+# (VGG-16 compiled, the others eager; docs/design.md#speed): the rate a node's CPUs must feed each GPU at.
 GPU_IMAGES_PER_S = {"alexnet": 36_128, "vgg16": 5_710, "googlenet": 6_701}
-# Images per CPU-second the host side of each data path sustains (python -m lowrank_dist.data.bench,
-# 500×375 JPEGs in page cache, 2-core CPU; README "Data loading speed"): with DALI on the GPU the
-# host reads and plans (--no-decode: ~17,000, taken as 15,000 for nvJPEG's host-side share, which no
-# GPU here could measure); on the CPU it also decodes, crops and resizes.
-HOST_IMAGES_PER_CORE = {"dali-gpu": 15_000, "dali-cpu": 400, "torchvision": 330}
+# Images per CPU-second the host side of each data path sustains (python bench/loaders.py, 500×375
+# JPEGs in page cache, 2-core CPU; README "Data loading speed"): with DALI on the GPU the host reads
+# and plans (--no-decode: 23,500–26,400, taken as 20,000 for nvJPEG's host-side share, which no GPU
+# here could measure); on the CPU it also decodes, crops and resizes (DALI 446–456, torchvision 304–336).
+HOST_IMAGES_PER_CORE = {"dali-gpu": 20_000, "dali-cpu": 440, "torchvision": 300}
 
 
 @dataclass

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m lowrank_dist.train --config configs/vgg16_lr.yaml
     srun python -m lowrank_dist.train --config ...      (launch/submit.py does this through submitit)
 
-Under torchrun or srun every process finds its rank itself (engine.distributed.rendezvous).
+Under torchrun or srun every process finds its rank itself (training.distributed.rendezvous).
 
 A run folder (run.out_dir/run.name) holds checkpoints/, tensorboard/, metrics.jsonl and the
 resolved config.yaml; running the same config again resumes from its latest checkpoint.

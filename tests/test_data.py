@@ -6,11 +6,13 @@ their sample index and class, so each check reads back from the decoded pixels w
 output came from, instead of trusting the loader's own index lists.
 """
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from PIL import Image
 
 from lowrank_dist.data import DataError, build_loaders
 from lowrank_dist.data import dali as dali_module
+from lowrank_dist.data.loaders import AHEAD, Ahead
 from lowrank_dist.data.sampling import CropPlan, epoch_order
 from lowrank_dist.data.synthetic import make_synthetic
 
@@ -439,3 +442,95 @@ def test_the_loader_benchmark_reports_images_per_second_per_core_and_data_wait(c
         assert "images/s" in capsys.readouterr().out
     assert bench_main([str(tmp_path / "nowhere"), "--backend", backend]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+# -- off the training thread -----------------------------------------------------------------------
+
+
+def test_ahead_prepares_the_next_items_while_the_consumer_holds_one():
+    """The producer runs while the consumer is busy: without the background thread the consumer's
+    wait for item 1 (before it asks for it) could never end."""
+    produced = [threading.Event() for _ in range(3)]
+
+    def items():
+        for i in range(3):
+            produced[i].set()
+            yield i
+
+    ahead = Ahead(items(), depth=2)
+    assert next(ahead) == 0
+    assert produced[1].wait(timeout=10) and produced[2].wait(timeout=10)  # while the consumer holds item 0
+    assert list(ahead) == [1, 2] and list(ahead) == []
+
+
+def test_ahead_raises_where_the_error_happened_and_closes_what_it_runs():
+    closed = threading.Event()
+
+    def failing():
+        try:
+            yield 0
+            raise DataError("batch 1 is bad")
+        finally:
+            closed.set()
+
+    ahead = Ahead(failing())
+    assert next(ahead) == 0
+    with pytest.raises(DataError, match="batch 1 is bad"):
+        next(ahead)
+    assert closed.is_set() and not ahead.thread.is_alive()
+
+    endless_closed = threading.Event()
+
+    def endless():
+        try:
+            yield from itertools.count()
+        finally:
+            endless_closed.set()
+
+    ahead = Ahead(endless())
+    assert next(ahead) == 0
+    ahead.close()  # a consumer that stops early: the generator is closed in its own thread
+    assert endless_closed.is_set() and not ahead.thread.is_alive()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_back_ends_run_off_the_training_thread_and_early_exits_leak_nothing(photos, backend, monkeypatch):
+    data = loaders(photos, backend, batch_size=2, image_size=24, workers=2 if backend == "dali" else 0)
+    threads = []
+    real_images = type(data.train.backend).images
+
+    def images(self, *args):
+        threads.append(threading.current_thread())
+        yield from real_images(self, *args)
+
+    monkeypatch.setattr(type(data.train.backend), "images", images)
+    before = threading.active_count()
+    whole = read_epoch(data.train, 3)[0]
+    first = next(iter(data.train.epoch(3)))[0]  # left after one batch, as a stop request does
+    assert torch.equal(read_epoch(data.train, 3)[0], whole) and torch.equal(first, whole[:2])
+    list(data.val)
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert threading.active_count() <= before
+
+
+@pytest.mark.skipif(not dali_module.dali_available(), reason="needs DALI")
+def test_dali_cpu_resizes_into_a_few_reused_buffers_off_the_training_thread(photos, monkeypatch):
+    data = loaders(photos, "dali", batch_size=1, image_size=24)
+    backend, threads, allocations = data.train.backend, [], []
+    real_resized, real_empty = type(backend)._resized, torch.empty
+
+    def resized(self, *args):
+        threads.append(threading.current_thread())
+        return real_resized(self, *args)
+
+    def empty(*shape, **options):  # counts the uint8 batches allocated (the ring's only allocations)
+        allocations.append(options.get("dtype"))
+        return real_empty(*shape, **options)
+
+    monkeypatch.setattr(type(backend), "_resized", resized)
+    monkeypatch.setattr(torch, "empty", empty)
+    for _ in range(2):
+        for images, _ in data.train.epoch(0):
+            del images
+    assert len(threads) == 16 and threading.main_thread() not in threads
+    assert 1 <= allocations.count(torch.uint8) <= AHEAD + 2

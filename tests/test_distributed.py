@@ -5,6 +5,7 @@ made consistent across ranks, and the DeepSpeed config generated from ours."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -47,6 +48,31 @@ def test_srun_step_environment():
     assert (rdv.rank, rdv.local_rank, rdv.world_size, rdv.launcher) == (3, 1, 4, "srun")
     assert rdv.master_addr in ("gpu007",) and 20000 <= rdv.master_port <= 60000
     assert rendezvous(dict(env, SLURM_PROCID="0")).master_port == rdv.master_port  # every task agrees
+
+
+SUBMITIT_TASK = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+                 "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+                 "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_STEP_NODELIST": "gpu[007-008]"}
+
+
+def test_submitit_task_environment(monkeypatch):
+    """A task submitit started: its ranks and master from submitit, the port srun's tasks would take
+    too (a function of the job id), and the environment left as it was (no RANK for a later call,
+    no CUDA_VISIBLE_DEVICES hiding the GPU of the task's local rank)."""
+    pytest.importorskip("submitit")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in SUBMITIT_TASK.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", "/nonexistent")  # the srun branch below expands the node list by hand
+    before = dict(os.environ)
+    rdv = rendezvous()
+    assert (rdv.rank, rdv.local_rank, rdv.world_size, rdv.master_addr, rdv.launcher) == (3, 1, 4, "gpu007", "submitit")
+    assert dict(os.environ) == before
+    as_srun = rendezvous(dict(SUBMITIT_TASK))  # not os.environ: read as a plain srun step
+    assert as_srun.launcher == "srun" and (as_srun.master_addr, as_srun.master_port) == (rdv.master_addr, rdv.master_port)
+    monkeypatch.setenv("MASTER_PORT", "23456")  # an explicit port wins
+    assert rendezvous().master_port == 23456
 
 
 def test_the_sbatch_script_itself_is_one_process():
@@ -130,6 +156,19 @@ def test_one_process_needs_no_process_group():
     with process_group(Rendezvous(), "cpu") as ctx:
         assert ctx == DistContext() and not dist.is_initialized()
         assert ctx.any(False) is False and ctx.any(True) is True
+
+
+def test_a_group_of_one_runs_the_collectives_through_the_backend(monkeypatch):
+    """group_of_one (bench/gpu.py's NCCL check on one GPU): the group exists, the context says
+    distributed, and the sums go through torch.distributed; afterwards the group is gone."""
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, **kw: calls.append(tensor.clone()) or real(tensor, **kw))
+    with process_group(Rendezvous(master_port=free_port()), "cpu", 60, group_of_one=True) as ctx:
+        assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+        assert ctx.distributed and ctx.world_size == 1
+        assert torch.equal(ctx.all_reduce_sum(torch.ones(3)), torch.ones(3)) and ctx.any(True) is True
+    assert len(calls) == 2 and not dist.is_initialized()
 
 
 # -- DeepSpeed's JSON from our YAML -------------------------------------------------------------------------

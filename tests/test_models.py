@@ -9,7 +9,7 @@ from lowrank_dist.layers import LowRankConv2d
 from lowrank_dist.models import MODELS, build_model, conv_layers, convert, decompose_model, factorizable_convs, layer_names
 from lowrank_dist.report.costs import conv_costs
 
-# VGG-16 convs: (C, N) and the authors' ranks (Tai et al.; DESIGN.md §1).
+# VGG-16 convs: (C, N) and the authors' ranks (Tai et al. 2016; chengtaipu/lowrankcnn, imagenet/models_vgg/config.json).
 VGG16_CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
                   (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
 VGG16_SIZES = [224, 224, 112, 112, 56, 56, 56, 28, 28, 28, 14, 14, 14]

@@ -378,21 +378,48 @@ def test_cli_asking_for_a_missing_gpu_is_exit_2(capsys):
 # -- the GPU benchmark, smoke mode ------------------------------------------------------------------
 
 
-def test_gpu_benchmark_smoke_runs_without_scipy_yaml_or_pydantic(tmp_path):
-    """bench/gpu.py --smoke: the GPU script's code path on the CPU, with the packages the GPU box
-    lacks made unimportable, run from outside the repository. OMP_WAIT_POLICY=passive: on a
-    machine shared with other test runs, spinning OpenMP threads slow every process tenfold."""
+def _gpu_smoke(tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """bench/gpu.py --smoke run from outside the repository (no `pip install -e .` needed), with
+    SciPy unimportable as on a bare GPU box (svd then uses torch.linalg.eigh; PyYAML is there, and
+    pydantic travels with DALI's wheels, bench/gpu_carry.sh). OMP_WAIT_POLICY=passive: on a machine
+    shared with other test runs, spinning OpenMP threads slow every process tenfold."""
     out = tmp_path / "results"
     script = (
-        "import runpy, sys; sys.modules.update(dict.fromkeys(['scipy', 'scipy.linalg', 'yaml', 'pydantic']));"
-        f" sys.argv = ['gpu.py', '--smoke', '--budget-s', '3600', '--out', {str(out)!r}];"
+        "import runpy, sys; sys.modules.update(dict.fromkeys(['scipy', 'scipy.linalg']));"
+        f" sys.argv = ['gpu.py', '--smoke', '--out', {str(out)!r}, *{list(options)!r}];"
         f" runpy.run_path({str(REPO / 'bench/gpu.py')!r}, run_name='__main__')"
     )
     env = os.environ | {"OMP_WAIT_POLICY": "passive"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    return result, out
+
+
+def test_gpu_benchmark_smoke_runs_every_section_on_the_cpu(tmp_path):
+    """Every section of the GPU run has a status, and on the CPU each runs its CPU counterpart:
+    the DALI CPU pipeline against torchvision (or torchvision alone), the trainer from JPEGs, the
+    layer against float64, both execution forms, the host-read count, a gloo group of one."""
+    result, out = _gpu_smoke(tmp_path, "--budget-s", "3600")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = out.glob("gpu_*_cpu-smoke.json")
     saved = json.loads(path.read_text())
+    sections = saved["sections"]
+    assert list(sections) == ["dali", "train", "layer", "executions", "syncs", "nccl", "speed"]
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok"), sections
+    data = sections["dali"].get("dali_cpu_vs_torchvision") or sections["dali"]["torchvision"]
+    assert data["same_samples"] and data["same_labels"] and data["mean_abs_levels"] <= 2.0
+    assert data["other_window_mean_levels"] > 8.0  # the control: other crop windows are far outside the bound
+    assert sections["dali"].get("dali_gpu") == "skipped: no CUDA" or sections["dali"]["dali"].startswith("skipped")
+    losses = sections["train"]["losses"]
+    assert sections["train"]["steps"] == 16 and len(losses) == 4 and losses[-1] < losses[0]
+    assert all(case["factorized fp32"] < 2e-4 and case["composed tf32"].startswith("skipped")
+               for case in sections["layer"]["cases"])
+    assert set(sections["executions"]["models"]) == {"tiny_vgg", "alexnet"}
+    assert sections["syncs"]["host_reads"] == 0 and sections["syncs"]["windows"] == 3
+    nccl = sections["nccl"]
+    assert nccl["backend"] == "gloo" and nccl["wrapped_in"] == "DistributedDataParallel" and nccl["context_distributed"]
+    assert nccl["counted_in_group"] == sum(nccl["counted_in_3_shards"]) == nccl["val_images"] == 16
+    assert "| syncs | ok |" in saved["summary"]
+    assert (out / f"{path.stem}.md").read_text().count("| speed | ok |") == 1
     assert saved["smoke"] and set(saved["models"]) == {"alexnet", "vgg16", "googlenet"}
     for name, result_ in saved["models"].items():
         assert result_["errors"] == []
@@ -415,3 +442,16 @@ def test_gpu_benchmark_smoke_runs_without_scipy_yaml_or_pydantic(tmp_path):
     assert "| vgg16 | speed-aware |" in saved["summary"] and "| vgg16 | auto |" in saved["summary"]
     assert "Targets, auto" in saved["summary"] and "vgg16 layers:" in saved["summary"]
     assert all((out / f"{path.stem}_{name}_layers" / "speed.png").is_file() for name in ("alexnet", "vgg16", "googlenet"))
+    jpeg = saved["models"]["googlenet"]["from_jpeg"]  # the smoke run feeds GoogLeNet only from JPEGs
+    assert jpeg["images_per_s"] > 0 and jpeg["synthetic_images_per_s"] > 0 and "googlenet" in saved["summary"]
+    projection = saved["models"]["alexnet"]["projection"]
+    assert projection["project_every"] == 100 and 0 < projection["fraction"] < 1
+
+
+def test_gpu_benchmark_skips_what_the_budget_cannot_cover_and_reruns_chosen_sections(tmp_path):
+    result, out = _gpu_smoke(tmp_path, "--sections", "dali,layer", "--budget-s", "20")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = out.glob("gpu_*_cpu-smoke.json")
+    sections = json.loads(path.read_text())["sections"]
+    assert list(sections) == ["dali", "layer"] and sections["layer"]["status"] == "ok"
+    assert sections["dali"]["status"] == "skipped" and sections["dali"]["reason"].startswith("time budget")

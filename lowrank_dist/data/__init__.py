@@ -76,7 +76,7 @@ def build_loaders(
     torchvision and decoding threads for DALI. `min_crop_scale` and `hflip` set the train
     augmentation: crop area fraction in (min_crop_scale, 1), random horizontal mirror.
     `on_bad_image` "error" stops at the first undecodable image with a DataError naming it; "skip"
-    replaces it by the next good sample and counts it in loaders.train/val.skipped (`integrity`).
+    replaces it by `integrity`'s rule and counts it in loaders.train/val.skipped.
     `train=False` (evaluation only) builds no train loader and does not list the train images: the
     classes still come from the train split's folders (or list). `decode=False` (the loader
     benchmark's --no-decode) reads and checks the files but yields None for the images.

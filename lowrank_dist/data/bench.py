@@ -91,7 +91,7 @@ def reference_batches(train, batch: int, threads: int):
     files = [train.samples.paths[i] for i in train.indices(0)]
     pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
     with pipe:
-        encoded, positions = fn.readers.file(files=files, prefetch_queue_depth=2)
+        encoded, positions = fn.readers.file(files=files, prefetch_queue_depth=2, dont_use_mmap=True)  # as dali.py reads
         pipe.set_outputs(encoded, positions)
     pipe.build()
     while True:

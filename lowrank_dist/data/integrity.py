@@ -17,7 +17,7 @@ Policy, the same in both back-ends (the bytes decide, not the file name):
     a file that cannot be read          bad (permissions, I/O error)
 
 `data.on_bad_image: error` (the default) stops at the first bad image with a DataError naming the
-file; `skip` puts the next good sample of the split in its place and counts it (see `Skipped`).
+file; `skip` replaces it by the rule below and counts it (see `Skipped`).
 
 Where the check runs. ImageNet has 1.28M train files and is often on a network file system, so
 no rank opens every file at start-up. The data index (`index`) is built once, by one process on all
@@ -25,18 +25,17 @@ cores: it runs the byte check (`inspect_image`: magic number, the JPEG marker wa
 data, the frame size, an end-of-image marker after it; the PNG header and IEND chunk) on each file's
 head and tail, and records the bad ones with the reason. The loaders plan every pass with those
 already replaced, so the back-ends never read them. Decode failures are caught where the decoding
-happens: PIL in the torchvision workers; for DALI, whose pipeline is dead after an operator error
-and whose message does not say which sample failed, the batch is re-checked with PIL to find the
-culprit, the pipeline is rebuilt and the batch redone without it (if PIL decodes every file of the
-batch, the decoders disagree: that is a DataError under either setting, not bad data). So every bad
-file is caught no later than the first epoch (and the first evaluation, for val), and `python -m
-lowrank_dist.data.check ROOT` finds them all up front, `--decode` included.
+happens: PIL in the torchvision workers; in DALI, whose error does not name the sample, by
+re-checking the failed batch with PIL (`dali`). So every bad file is caught no later than the first
+epoch (and the first evaluation, for val), and `python -m lowrank_dist.data.check ROOT` finds them
+all up front, `--decode` included.
 
-The replacement keeps sharding, exact resume and val counting intact. Sample indices never move
-(no file is dropped from the list, so no label or crop shifts); a bad sample's slot is filled with
-the first good sample after it in the split's list (wrapping around), chosen by a rule that
-depends only on the files' bytes — not on what was met before — so a resumed epoch and an
-uninterrupted one fill the same slots with the same samples. The label is always the label of the
+The replacement rule (written here once; the other modules and docs/design.md refer to it) keeps
+sharding, exact resume and val counting intact. Sample indices never move (no file is dropped
+from the list, so no label or crop shifts); a bad sample's slot is filled with the first good
+sample after it in the split's list (wrapping around), chosen by a rule that depends only on the
+files' bytes — not on what was met before — so a resumed epoch and an uninterrupted one fill the
+same slots with the same samples. The label is always the label of the
 sample actually decoded: the back-ends report which index fills each slot and the loaders look its
 label up. Batch shapes stay fixed, so every rank still runs the same number of same-sized batches.
 In val the replacement is marked invalid, like sharding's padding, so each good val image is

@@ -11,12 +11,19 @@ read for each, which the loaders hold against the index (a file rewritten since 
 Normalisation happens here, on the loaders' device: (x − 255·mean) / (255·std) per channel, from
 uint8 (a quarter of float32's bytes to move) into one of a few float32 output buffers that are
 reused once the consumer has let go of them (`_Normalise`), so no batch allocates fresh memory.
+
+Each pass runs in a background thread (`Ahead`) that keeps AHEAD batches ready, so what a back-end
+does on the host per batch overlaps the step; the training thread only takes the next batch,
+checks it and normalises it.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -67,19 +74,15 @@ def fill_slots(slots: np.ndarray, count: int, bad: Mapping[int, str], reported: 
     return filled, met
 
 
-class _Normalise:
-    """uint8 N×S×S×3 (any device) → float32 N×3×S×S on `device`, normalised, contiguous or
-    channels_last. Written into a ring of `size` buffers: one is reused once nothing outside holds
-    its storage (the trainer drops a batch after its step), else a new one is made, so a consumer
-    that keeps batches still gets its own memory."""
+class BufferRing:
+    """Reusable tensors of one dtype on one device: `get(shape)` returns one that nothing outside the
+    ring holds any more (its consumer dropped every view of it), else a new one, which replaces the
+    oldest once the ring has `size`; so in steady state no batch allocates memory, and a consumer
+    that keeps a batch still gets its own."""
 
-    def __init__(self, device: torch.device, channels_last: bool, scaling=None, size: int = 3):
-        self.device, self.size = device, size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        # (mean, std) per channel in 0..255 units: the back-end's (data.augment's, CIFAR's), else ImageNet's
-        mean, std = scaling or ([255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    def __init__(self, device: torch.device, dtype: torch.dtype, size: int,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.device, self.dtype, self.size, self.memory_format = device, dtype, size, memory_format
         self.ring: list[torch.Tensor] = []
 
     @staticmethod
@@ -87,23 +90,102 @@ class _Normalise:
         # tensors (views included) sharing the buffer's storage, plus the temporary storage object
         return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
 
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, shape: tuple[int, ...]) -> torch.Tensor:
         for buffer in self.ring:
             if buffer.shape == shape and self._holders(buffer) == 2:  # the ring's own reference only
                 return buffer
-        buffer = torch.empty(shape, device=self.device, memory_format=self.memory_format)
-        if len(self.ring) < self.size:
-            self.ring.append(buffer)
-        else:  # all held elsewhere: replace the oldest, which its holder keeps alive
-            self.ring = self.ring[1:] + [buffer]
+        buffer = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
+        self.ring = (self.ring + [buffer])[-self.size:]  # the oldest dropped is kept alive by its holder
         return buffer
+
+
+class _Normalise:
+    """uint8 N×S×S×3 (any device) → float32 N×3×S×S on `device`, normalised, contiguous or
+    channels_last, written into a BufferRing of 3 (the batch the step uses, the one being
+    normalised, one to spare)."""
+
+    def __init__(self, device: torch.device, channels_last: bool, scaling=None, size: int = 3):
+        self.device = device
+        self.buffers = BufferRing(device, torch.float32, size,
+                                  torch.channels_last if channels_last else torch.contiguous_format)
+        # (mean, std) per channel in 0..255 units: the back-end's (data.augment's, CIFAR's), else ImageNet's
+        mean, std = scaling or ([255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
-        out = self._buffer(tuple(images.shape))
+        out = self.buffers.get(tuple(images.shape))
         torch.sub(images, self.mean, out=out)  # uint8 − float: computed in float32
-        # a view: its own TensorImpl on the buffer's storage, which _holders counts while it is alive
+        # a view: its own TensorImpl on the buffer's storage, which the ring counts while it is alive
         return out.div_(self.std).detach()
+
+
+AHEAD = 2  # batches a back-end prepares ahead of the one the step uses
+_END = object()
+
+
+class Ahead:
+    """Iterates `items` in a daemon thread, up to `depth` items ahead of the consumer, so that what a
+    back-end does on the host per batch (DALI's bookkeeping, resizing, a DataLoader's collation)
+    overlaps the training step instead of adding to it. Items and the exception that ended the
+    iteration arrive in order. `close()` (also on garbage collection of the loaders' generators)
+    stops the thread and closes `items` there, so a pass left early releases its pipeline before
+    the next one starts."""
+
+    def __init__(self, items: Iterator, depth: int = AHEAD):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(items,), name="lowrank-data", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, items: Iterator) -> None:
+        # this thread's own torch ops (a resize, a copy) on one core: the setting is per thread, and
+        # a parallel region for one 224² image costs more in waiting threads than it saves
+        # (measured on 2 cores: 0.65 ms of CPU per resized image on one thread, 4.9 ms on two)
+        torch.set_num_threads(1)
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as error:  # handed to the consumer, raised where it reaches it
+            self._put(error)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is _END:
+            self.queue.put(_END)  # a later next() stops again
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopping.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.05)  # unblock a pending put
+            except queue.Empty:
+                pass
+        self.thread.join()
 
 
 class _BadImages:
@@ -145,6 +227,27 @@ def check_sizes(samples: Samples, indices: np.ndarray, sizes: np.ndarray) -> Non
         )
 
 
+class _Passes:
+    """One back-end's passes, each prepared `AHEAD` batches ahead in a background thread (Ahead). A
+    back-end runs one pass at a time (a DataLoader's workers, a DALI pipeline), so a pass still in
+    flight, left by a consumer that stopped early and not yet collected, is stopped before the next
+    starts. The back-end gets a copy of the bad images known now: the consumer adds to them while
+    the thread reads."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.current = backend, None
+
+    @contextmanager
+    def run(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Ahead]:
+        if self.current is not None:
+            self.current.close()
+        self.current = ahead = Ahead(self.backend.images(batches, epoch, dict(known_bad)), AHEAD)
+        try:
+            yield ahead
+        finally:
+            ahead.close()
+
+
 class TrainLoader:
     """`len()` batches per epoch on every rank; `epoch(e, start_batch)` yields (images, labels);
     `skipped` counts the bad images replaced so far on this rank (on_bad_image "skip")."""
@@ -155,6 +258,7 @@ class TrainLoader:
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.bad = _BadImages(samples.paths, on_bad_image)
         self.normalise = _Normalise(device, getattr(backend, "channels_last", False), getattr(backend, "scaling", None))
+        self.passes = _Passes(backend)
 
     @property
     def skipped(self) -> Skipped:
@@ -174,11 +278,12 @@ class TrainLoader:
         return self._pairs(batches, epoch)
 
     def _pairs(self, batches, epoch):
-        for batch, decoded in zip(batches, self.backend.images(batches, epoch, self.bad.known), strict=True):
-            indices = self.bad.indices(batch, decoded)
-            check_sizes(self.samples, indices, decoded.sizes)
-            images = None if decoded.images is None else self.normalise(decoded.images)
-            yield images, torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
+        with self.passes.run(batches, epoch, self.bad.known) as decoded_batches:
+            for batch, decoded in zip(batches, decoded_batches, strict=True):
+                indices = self.bad.indices(batch, decoded)
+                check_sizes(self.samples, indices, decoded.sizes)
+                images = None if decoded.images is None else self.normalise(decoded.images)
+                yield images, torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
 
 
 class ValLoader:
@@ -192,6 +297,7 @@ class ValLoader:
         self.indices, self.valid = shard(np.arange(len(samples)), rank, world_size)
         self.bad = _BadImages(samples.paths, on_bad_image)
         self.normalise = _Normalise(device, getattr(backend, "channels_last", False), getattr(backend, "scaling", None))
+        self.passes = _Passes(backend)
 
     @property
     def skipped(self) -> Skipped:
@@ -203,11 +309,11 @@ class ValLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = split_batches(self.indices, self.batch_size)
         valid = split_batches(self.valid, self.batch_size)
-        decoded_batches = self.backend.images(batches, None, self.bad.known)
-        for batch, mask, decoded in zip(batches, valid, decoded_batches, strict=True):
-            indices = self.bad.indices(batch, decoded)
-            check_sizes(self.samples, indices, decoded.sizes)
-            labels = torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
-            mask = mask & (indices == batch)  # a replacement is a duplicate: not counted
-            images = None if decoded.images is None else self.normalise(decoded.images)
-            yield images, labels, torch.from_numpy(mask).to(self.device, non_blocking=True)
+        with self.passes.run(batches, None, self.bad.known) as decoded_batches:
+            for batch, mask, decoded in zip(batches, valid, decoded_batches, strict=True):
+                indices = self.bad.indices(batch, decoded)
+                check_sizes(self.samples, indices, decoded.sizes)
+                labels = torch.from_numpy(self.samples.labels[indices]).to(self.device, non_blocking=True)
+                mask = mask & (indices == batch)  # a replacement is a duplicate: not counted
+                images = None if decoded.images is None else self.normalise(decoded.images)
+                yield images, labels, torch.from_numpy(mask).to(self.device, non_blocking=True)

@@ -15,10 +15,7 @@ and each rank cuts its list into batches of batch_size, keeping the last partial
 rank has ceil(ceil(N / W) / batch_size) batches. Val sharding is the same without the shuffle; the
 wrapped duplicates are marked invalid, so summed over ranks every val image counts exactly once.
 
-A bad image (`integrity`) keeps its index and its slot: with on_bad_image "skip" the slot is filled
-with the next good sample of the split, a choice that depends only on the files, and its label
-comes along; in val that replacement is marked invalid too. So none of the above moves: the same
-number and size of batches on every rank, the same resumed epoch, each good val image once.
+Bad images move none of this: their slots stay, filled by `integrity`'s replacement rule.
 """
 
 from __future__ import annotations

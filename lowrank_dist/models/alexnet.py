@@ -9,7 +9,8 @@ from torchvision.models import AlexNet
 from .layer_names import in_order
 from .registry import register_model
 
-# Tai et al.'s CaffeNet ranks for conv1..conv5 (DESIGN.md §1), on torchvision's AlexNet.
+# Tai et al.'s CaffeNet ranks for conv1..conv5 (chengtaipu/lowrankcnn, imagenet/models_caffenet/config.json),
+# on torchvision's AlexNet.
 TAI2016_RANKS = [8, 40, 60, 100, 200]
 
 

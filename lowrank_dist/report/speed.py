@@ -3,7 +3,7 @@
 The theoretical speedup of a layer is its MAC ratio (report.costs.conv_costs); the measured one is
 dense time / low-rank time for the same layer on the same input. They differ because FLOPs are not
 time: a layer whose kernels wait on memory gains nothing from fewer MACs, and the factorized layer
-writes and reads back its K-channel intermediate (DESIGN.md §2). The report puts the two side by side.
+writes and reads back its K-channel intermediate (docs/design.md#speed). The report puts the two side by side.
 
     report = speed_report(dense, lowrank, (64, 3, 224, 224), "cuda", torch.bfloat16, "runs/x/speed")
     print(report.to_markdown())

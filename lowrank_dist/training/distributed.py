@@ -7,7 +7,7 @@ were launched.
 
 `rendezvous` reads the environment in this order:
   1. torchrun (or anything that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) — also `--local`;
-  2. a submitit job (SUBMITIT_EXECUTOR is set): submitit's JobEnvironment;
+  2. a submitit job (SUBMITIT_EXECUTOR is set): submitit.helpers.TorchDistributedEnvironment;
   3. an `srun` step (SLURM_STEP_NUM_TASKS is set; the sbatch script itself is not a step, so a
      `python -m lowrank_dist.train` run directly in it is one process): SLURM_PROCID and friends,
      the master is the step's first node (`scontrol show hostnames`), the port derived from the job id;
@@ -41,7 +41,8 @@ class Rendezvous:
 
 
 def _port_for_job(job_id: str) -> int:
-    """A port every task of a job agrees on without talking: a function of the job id."""
+    """A port every task of a job agrees on without talking: a function of the job id (the rule
+    submitit's TorchDistributedEnvironment uses too)."""
     return random.Random(job_id).randint(20000, 60000)
 
 
@@ -65,11 +66,12 @@ def rendezvous(env: Mapping[str, str] | None = None) -> Rendezvous:
         return Rendezvous(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                           env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
     if env.get("SUBMITIT_EXECUTOR") and env is os.environ:
-        import submitit
+        # submitit (an optional extra) reads its own job, with _port_for_job's port rule. Never its
+        # export(): it would set RANK, … and CUDA_VISIBLE_DEVICES (docs/design.md#rendezvous).
+        from submitit.helpers import TorchDistributedEnvironment
 
-        job = submitit.JobEnvironment()
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _port_for_job(str(job.job_id))
-        return Rendezvous(job.global_rank, job.local_rank, job.num_tasks, job.hostnames[0], port, "submitit")
+        job = TorchDistributedEnvironment()
+        return Rendezvous(job.rank, job.local_rank, job.world_size, job.master_addr, job.master_port, "submitit")
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _port_for_job(env.get("SLURM_JOB_ID", "0"))
@@ -83,6 +85,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    grouped: bool = False  # a process group exists although world_size is 1 (process_group's group_of_one)
 
     @property
     def is_main(self) -> bool:
@@ -90,7 +93,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether the collectives run: several ranks, or a group of one made on purpose."""
+        return self.world_size > 1 or self.grouped
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of `tensor` over all ranks (in place; a no-op in one process)."""
@@ -157,13 +161,17 @@ def select_device(requested: str, dist_ctx: DistContext) -> torch.device:
 
 
 @contextmanager
-def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0) -> Iterator[DistContext]:
+def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0,
+                  group_of_one: bool = False) -> Iterator[DistContext]:
     """The process group for `rdv` (none for a single process): NCCL between GPUs, gloo on CPUs.
 
     `timeout_s` bounds every collective: a rank that died mid-step makes the others fail with an
-    error within that time instead of hanging for the default 30 minutes."""
-    ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank)
-    if rdv.world_size == 1:
+    error within that time instead of hanging for the default 30 minutes. `group_of_one` makes the
+    group for a single process too, and its context says distributed, so DDP, the sync points'
+    all-reduce and the evaluation's sums run through the backend as with several ranks: how
+    bench/gpu.py checks NCCL on a machine with one GPU (NCCL refuses two ranks on one device)."""
+    ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank, grouped=group_of_one and rdv.world_size == 1)
+    if rdv.world_size == 1 and not group_of_one:
         yield ctx
         return
     if device_type == "cuda":
