@@ -100,10 +100,14 @@ class Timing:
         return {"median_s": self.median, "q1_s": q1, "q3_s": q3, "number": self.number, "samples_s": self.samples}
 
 
-def _clock(device: torch.device) -> float:
-    """perf_counter once the device has finished its queued work."""
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work."""
+    synchronize(device)
     return time.perf_counter()
 
 
