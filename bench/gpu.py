@@ -227,7 +227,7 @@ class Bench:
         for variant, policy in policies.items():
             lowrank = self.build(name, policy)
             rows = conv_costs(lowrank, input_size)
-            ranks = {row.name: row.rank for row in rows}
+            ranks = {row.module: row.rank for row in rows}
             lowrank = self.on_device(lowrank)
             self.check(dense, lowrank, ranks, example)
             if variant == "auto":
@@ -275,7 +275,7 @@ class Bench:
         """The auto variant per layer: dense, factorized and composed, and the plan's choice (the
         whole-model numbers are in the summary already). VGG-16's forward times also by hand."""
         auto = self.kept[(name, "auto")]
-        plan = {layer["name"]: layer["execution"] for layer in result["plan"]["layers"]}
+        plan = {layer["module"]: layer["execution"] for layer in result["plan"]["layers"]}
         report = speed_report(
             self.dense_model(name), auto, self.shape(name), self.device, self.settings["dtype"],
             repeats=self.settings["layer_repeats"], warmup=self.settings["warmup"], channels_last=True,
@@ -283,7 +283,7 @@ class Bench:
             plan_source="auto, timed before the eager runs",
         )
         assert all(isinstance(row.dense_train, Timing) and row.dense_train.median > 0 for row in report.rows)
-        slow = [f"{row.name} {row.planned_train_speedup:.2f}×" for row in report.rows
+        slow = [f"{row.layer} {row.planned_train_speedup:.2f}×" for row in report.rows
                 if row.execution != "dense" and row.planned_train_speedup < TARGETS["layer"]]
         result["layer_verdict"] = {"below": slow, "factorized": sum(row.execution != "dense" for row in report.rows)}
         table = {"report": report, "markdown": report.to_markdown()}

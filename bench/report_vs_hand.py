@@ -59,7 +59,7 @@ def hand_check(report: SpeedReport, dense_model: torch.nn.Module, lowrank_model:
     rows = []
     for row in report.rows:
         x = torch.randn(row.input_shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-        layers = {kind: copy.deepcopy(source[row.name]).to(device=device, dtype=dtype, memory_format=memory_format).eval()
+        layers = {kind: copy.deepcopy(source[row.module]).to(device=device, dtype=dtype, memory_format=memory_format).eval()
                   for kind, source in (("dense", dense_layers), ("lowrank", lowrank_layers))}
         reported = {"dense": row.dense_forward, "lowrank": row.lowrank_forward}
         for kind, layer in layers.items():
@@ -74,7 +74,7 @@ def hand_check(report: SpeedReport, dense_model: torch.nn.Module, lowrank_model:
             hand = statistics.median(samples[kind])
             fastest, slowest = min(reported[kind].samples), max(reported[kind].samples)
             rows.append({
-                "layer": row.name, "kind": kind, "number": reported[kind].number,
+                "layer": row.layer, "kind": kind, "number": reported[kind].number,
                 "report_ms": reported[kind].median * 1e3, "report_range_ms": (fastest * 1e3, slowest * 1e3),
                 "hand_ms": hand * 1e3, "agree": fastest <= hand <= slowest,
             })

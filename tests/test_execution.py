@@ -220,6 +220,8 @@ def test_the_cache_is_used_for_the_same_setting(fake, tmp_path):
     cache = tmp_path / "cache.json"
     first = plan_execution(tiny(), (8, 3, 32, 32), "auto", "cpu", cache=cache)
     assert first.executions == {"4": "composed", "8": "composed", "11": "factorized"}
+    assert [(layer.module, layer.layer) for layer in first.layers] == [("4", "conv2"), ("8", "conv3"), ("11", "conv4")]
+    assert "| conv2 | 8×32×16×16 |" in first.to_markdown()  # the printed plan names layers as the paper does
     assert [shape for _, shape in fake.calls] == [(8, 32, 16, 16), (8, 64, 8, 8), (8, 128, 8, 8)]
     assert len(read_cache(cache)) == 3 and not any(layer.cached for layer in first.layers)
     fake.calls.clear()
@@ -291,7 +293,7 @@ def test_fixed_plans_time_nothing(fake):
 
 
 def test_a_plan_survives_the_trip_through_a_dict():
-    plan = ExecutionPlan("auto", {"input_shape": [2, 3, 8, 8]}, [execution.LayerPlan("a", "composed", "why", (2, 3, 8, 8),
+    plan = ExecutionPlan("auto", {"input_shape": [2, 3, 8, 8]}, [execution.LayerPlan("a", "conv_a", "composed", "why", (2, 3, 8, 8),
                                                                                         2e-3, 1e-3)])
     again = ExecutionPlan.from_dict(json.loads(json.dumps(plan.as_dict())))
     assert again == plan and again.layers[0].speedup == pytest.approx(2.0)
@@ -331,7 +333,7 @@ def test_a_run_prints_logs_writes_and_applies_its_plan(fake, tmp_path):
     assert plan.executions == {"4": "composed", "8": "composed", "11": "factorized"}
     assert [m.execution for m in model.modules() if isinstance(m, LowRankConv2d)] == ["composed", "composed", "factorized"]
     assert [shape for _, shape in fake.calls] == [(8, 32, 16, 16), (8, 64, 8, 8), (8, 128, 8, 8)]  # the run's batch
-    assert "| 11 | 8×128×8×8 | 2 | 3 | factorized |" in log.printed[0] and log.texts["execution/plan"] == log.printed[0]
+    assert "| conv4 | 8×128×8×8 | 2 | 3 | factorized |" in log.printed[0] and log.texts["execution/plan"] == log.printed[0]
     saved = json.loads((tmp_path / "t" / "execution_plan.json").read_text())
     assert ExecutionPlan.from_dict(saved).executions == plan.executions
     assert (tmp_path / "t" / "execution_plan.md").read_text() == log.printed[0] + "\n"
@@ -456,6 +458,6 @@ def test_the_speed_report_times_three_forms_and_follows_a_given_plan():
     given = {"4": "composed", "8": "factorized", "11": "composed"}
     report = speed_report(dense, lowrank, (2, 3, 16, 16), "cpu", plan=given, plan_source="a test", whole_model=False,
                           **quick)
-    assert {row.name: row.execution for row in report.rows[1:]} == given and report.meta["plan"] == "a test"
+    assert {row.module: row.execution for row in report.rows[1:]} == given and report.meta["plan"] == "a test"
     markdown = report.to_markdown()
     assert "| fwd+bwd composed |" in markdown and "| composed |" in markdown and "(a test)" in markdown

@@ -6,7 +6,7 @@ from torch import nn
 
 from lowrank_dist.svd import max_rank, singular_values
 from lowrank_dist.layers import LowRankConv2d
-from lowrank_dist.models import build_model, convert, decompose_model, factorizable_convs
+from lowrank_dist.models import MODELS, build_model, conv_layers, convert, decompose_model, factorizable_convs, layer_names
 from lowrank_dist.report.costs import conv_costs
 
 # VGG-16 convs: (C, N) and the authors' ranks (Tai et al. 2016; chengtaipu/lowrankcnn, imagenet/models_vgg/config.json).
@@ -14,6 +14,7 @@ VGG16_CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 25
                   (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
 VGG16_SIZES = [224, 224, 112, 112, 56, 56, 56, 28, 28, 28, 14, 14, 14]
 TAI2016_RANKS = [5, 24, 48, 48, 64, 128, 160, 192, 192, 256, 320, 320, 320]
+NIN_NAMES = ["conv1", "cccp1", "cccp2", "conv2", "cccp3", "cccp4", "conv3", "cccp5", "cccp6"]
 
 
 def test_vgg16_with_the_authors_ranks_costs_what_the_paper_says():
@@ -132,8 +133,8 @@ def test_cost_table_command_prints_a_row_per_conv_and_totals(capsys):
 
     assert main(["--model", "nin", "--speedup", "2"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| features.")]
-    assert len(rows) == 9  # NIN: 3 k×k convs and 6 1×1 convs
+    rows = [line for line in out.splitlines() if line.startswith(("| conv", "| cccp"))]
+    assert [row.split(" | ")[0][2:] for row in rows] == NIN_NAMES  # NIN: 3 k×k convs and 6 1×1 convs
     assert sum("| dense |" in row for row in rows) == 7  # 1×1s and the first conv stay dense
     assert "**all 9 convs (2 factorized)**" in out
 
@@ -209,3 +210,70 @@ def test_nin_preset_is_the_authors_low_rank_nin():
 def test_energy_policy_is_refused_on_random_weights():
     with pytest.raises(ValueError, match="energy policy reads the singular values of trained weights; mode 'factorized'"):
         build_model({"name": "vgg16", "lowrank": {"energy": 0.9}})
+
+
+# -- layer names ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [
+    {"name": "vgg16"}, {"name": "vgg16", "batch_norm": True}, {"name": "alexnet"}, {"name": "alexnet", "batch_norm": True},
+    {"name": "caffenet"}, {"name": "caffenet", "batch_norm": False}, {"name": "googlenet"},
+    {"name": "googlenet", "aux_logits": True}, {"name": "nin"}, {"name": "nin", "batch_norm": True}, {"name": "tiny_vgg"},
+])
+def test_every_conv_layer_has_one_paper_name_dense_and_low_rank(cfg):
+    dense = build_model(cfg)
+    lowrank = build_model(cfg | {"lowrank": {"speedup": 2.0}})
+    names = layer_names(dense)
+    assert list(names) == [path for path, _ in conv_layers(dense)]
+    assert len(set(names.values())) == len(names) and not set(names.values()) & set(names)  # unique, not paths
+    assert layer_names(lowrank) == names  # a factorized layer keeps its name
+    assert any(isinstance(m, LowRankConv2d) for _, m in conv_layers(lowrank))
+    assert layer_names(lowrank) == {row.module: row.layer for row in conv_costs(lowrank, (3, 64, 64))} | {
+        path: name for path, name in names.items() if path.startswith("aux")}  # the costs rows: what eval reaches
+
+
+def test_the_paper_names_of_each_model():
+    names = {model: list(layer_names(build_model({"name": model})).values()) for model in MODELS}
+    assert names["vgg16"] == ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                              "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+    assert names["alexnet"] == names["caffenet"] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert names["nin"] == NIN_NAMES
+    assert names["tiny_vgg"] == ["conv1", "conv2", "conv3", "conv4"]
+    googlenet = layer_names(build_model({"name": "googlenet", "aux_logits": True}))
+    assert list(googlenet.values())[:9] == [
+        "conv1/7x7_s2", "conv2/3x3_reduce", "conv2/3x3", "inception_3a/1x1", "inception_3a/3x3_reduce",
+        "inception_3a/3x3", "inception_3a/5x5_reduce", "inception_3a/5x5", "inception_3a/pool_proj"]
+    assert googlenet["inception4e.branch3.1.conv"] == "inception_4e/5x5"  # torchvision's 3×3 in the 5×5 slot
+    assert googlenet["inception5b.branch4.1.conv"] == "inception_5b/pool_proj"
+    assert (googlenet["aux1.conv.conv"], googlenet["aux2.conv.conv"]) == ("loss1/conv", "loss2/conv")
+    assert len(googlenet) == 3 + 9 * 6 + 2
+
+
+def test_a_model_not_built_by_the_registry_is_named_by_its_module_paths():
+    from torchvision.models import vgg16
+
+    model = vgg16(weights=None)
+    assert list(layer_names(model).values()) == [path for path, _ in conv_layers(model)][:13] == [
+        f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)]
+
+
+def test_a_changed_model_is_not_misnamed():
+    model = build_model({"name": "alexnet"})
+    model.features[0] = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 64, 11, stride=4, padding=2))
+    with pytest.raises(ValueError, match="alexnet: 6 conv layers, but the naming has 5 names"):
+        layer_names(model)
+
+
+def test_ranks_may_name_layers_by_module_path_or_paper_name():
+    model = build_model({"name": "vgg16", "lowrank": {"ranks": {"conv1_2": 24, "features.5": 48, "conv5_3": None}}})
+    assert {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankConv2d)} == {
+        "features.2": 24, "features.5": 48}
+    googlenet = build_model({"name": "googlenet", "lowrank": {"ranks": {"inception_3a/3x3": 64}}})
+    assert googlenet.get_submodule("inception3a.branch2.1.conv").rank == 64
+    dense = build_model({"name": "nin"})
+    _, errors = decompose_model(dense, {"ranks": {"conv2": 51}})
+    assert [(e.name, e.rank) for e in errors] == [("features.8", 51)]
+    with pytest.raises(ValueError, match=r"ranks name the layer features.2 twice: as 'conv1_2' and as 'features.2'"):
+        build_model({"name": "vgg16", "lowrank": {"ranks": {"conv1_2": 24, "features.2": 24}}})
+    with pytest.raises(ValueError, match=r"does not have .*\['conv6_1'\]"):
+        build_model({"name": "vgg16", "lowrank": {"ranks": {"conv6_1": 24}}})

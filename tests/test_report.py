@@ -13,7 +13,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,13 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.benchmark import Timer
 
 from lowrank_dist.config import load_config
 from lowrank_dist.ranks import TargetSpeedup
 from lowrank_dist.layers import LowRankConv2d
-from lowrank_dist.models import build_model, convert, factorizable_convs
+from lowrank_dist.models import build_model, convert, factorizable_convs, layer_names
+from lowrank_dist.report import render
 from lowrank_dist.report.__main__ import main
 from lowrank_dist.report.speed import speed_report
 from lowrank_dist.report.speed_aware import speed_aware_ranks
@@ -82,11 +83,12 @@ def by_hand(model: nn.Module) -> dict[str, dict]:
 def test_one_row_per_conv_with_the_models_own_mac_counts(reports, name):
     report, _, dense, lowrank = reports[name]
     dense_layers, lowrank_layers = by_hand(dense), by_hand(lowrank)
-    assert [row.name for row in report.rows] == list(lowrank_layers) == list(dense_layers)
+    assert [row.module for row in report.rows] == list(lowrank_layers) == list(dense_layers)
+    assert [row.layer for row in report.rows] == [layer_names(lowrank)[row.module] for row in report.rows]
     for row in report.rows:
-        assert row.input_shape == lowrank_layers[row.name]["input"] == dense_layers[row.name]["input"]
-        assert row.cost.dense_macs == dense_layers[row.name]["macs"]
-        assert row.cost.lowrank_macs == lowrank_layers[row.name]["macs"]
+        assert row.input_shape == lowrank_layers[row.module]["input"] == dense_layers[row.module]["input"]
+        assert row.cost.dense_macs == dense_layers[row.module]["macs"]
+        assert row.cost.lowrank_macs == lowrank_layers[row.module]["macs"]
         assert row.theoretical == pytest.approx(row.cost.dense_macs / row.cost.lowrank_macs)
         for timing in (row.dense_forward, row.lowrank_forward, row.dense_train, row.lowrank_train):
             assert len(timing.samples) == QUICK["repeats"] and min(timing.samples) > 0
@@ -95,14 +97,19 @@ def test_one_row_per_conv_with_the_models_own_mac_counts(reports, name):
         if row.cost.rank is None:  # the same layer in both models, timed once
             assert row.dense_train is row.lowrank_train and row.train_speedup == 1.0
     factorized = [n for n, m in lowrank.named_modules() if isinstance(m, LowRankConv2d)]
-    assert [row.name for row in report.rows if row.cost.rank is not None] == factorized
+    assert [row.module for row in report.rows if row.cost.rank is not None] == factorized
     assert report.model.batch == SHAPE[0] and report.model.images_per_s(report.model.lowrank_train) > 0
 
 
 def test_vgg16_rows_match_the_paper_formula(reports):
-    """Stride-1 layers: dense N·C·9·H·W, factorized K·(3C + 3N)·H·W, with the authors' ranks."""
+    """Stride-1 layers: dense N·C·9·H·W, factorized K·(3C + 3N)·H·W, with the authors' ranks,
+    each on the layer their config names (imagenet/models_vgg/config.json)."""
     rows = reports["vgg16"][0].rows
-    ranks = [5, 24, 48, 48, 64, 128, 160, 192, 192, 256, 320, 320, 320]
+    authors = {"conv1_1": 5, "conv1_2": 24, "conv2_1": 48, "conv2_2": 48, "conv3_1": 64, "conv3_2": 128,
+               "conv3_3": 160, "conv4_1": 192, "conv4_2": 192, "conv4_3": 256, "conv5_1": 320, "conv5_2": 320,
+               "conv5_3": 320}
+    assert {row.layer: row.cost.rank for row in rows} == authors
+    ranks = list(authors.values())
     assert [row.cost.rank for row in rows] == ranks
     for row, k in zip(rows, ranks):
         n, c, _, _ = row.cost.kernel
@@ -119,9 +126,11 @@ def test_markdown_csv_json_and_png_are_written(reports):
     assert len(table) == 1 + len(report.rows) + 1  # header, a row per conv, totals
     assert "Whole model, batch 2" in markdown and "images/s" in markdown
     lines = (out / "speed.csv").read_text().splitlines()
-    assert len(lines) == 1 + len(report.rows) and lines[0].startswith("layer,kernel,groups,rank")
+    assert len(lines) == 1 + len(report.rows) and lines[0].startswith("layer,module,kernel,groups,rank")
+    assert "\ninception_3a/3x3,inception3a.branch2.1.conv,128×96×3×3," in (out / "speed.csv").read_text()
+    assert "| inception_3a/3x3 | 128×96×3×3 |" in markdown and "inception3a.branch2.1.conv" not in markdown
     saved = json.loads((out / "speed.json").read_text())
-    assert [layer["name"] for layer in saved["layers"]] == [row.name for row in report.rows]
+    assert [(layer["layer"], layer["module"]) for layer in saved["layers"]] == [(row.layer, row.module) for row in report.rows]
     assert saved["meta"]["input_shape"] == list(SHAPE) and saved["meta"]["dtype"] == "fp32"
     assert saved["model"]["train_speedup"] == pytest.approx(report.model.train_speedup)
     png = (out / "speed.png").read_bytes()
@@ -133,16 +142,31 @@ def test_tensorboard_has_a_scalar_per_layer_the_table_and_the_chart(reports):
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
+    assert [row.layer for row in report.rows] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     for row in report.rows:
         for kind, value in (("theoretical", row.theoretical), ("forward", row.forward_speedup), ("train", row.train_speedup)):
-            (event,) = events.Scalars(f"speed/layer/{row.name}/{kind}")
+            (event,) = events.Scalars(f"speed/layer/{row.layer}/{kind}")
             assert event.value == pytest.approx(value, rel=1e-6)
+    assert not any("features" in tag for tag in tags["scalars"])
     (event,) = events.Scalars("speed/model/train_speedup")
     assert event.value == pytest.approx(report.model.train_speedup, rel=1e-6)
     assert "speed/table/text_summary" in tags["tensors"]
     text = events.Tensors("speed/table/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "| features.3 |" in text
+    assert "| conv2 | 192×64×5×5 |" in text
     assert "speed/chart" in tags["images"]
+
+
+def test_the_chart_names_the_layers_as_the_paper_does(reports):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = reports["vgg16"][0]
+    figure = render._figure(report, report.rows, plt)
+    labels = [label.get_text() for label in figure.axes[0].get_xticklabels()]
+    plt.close(figure)
+    assert labels == [row.layer for row in report.rows] and labels[:3] == ["conv1_1", "conv1_2", "conv2_1"]
 
 
 @pytest.fixture
@@ -153,10 +177,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_layer_timing_agrees_with_a_timing_by_hand(one_thread):
-    """One conv timed by the report, then by hand with a plain perf_counter loop.
+def test_layer_timing_agrees_with_torch_benchmark_timer(one_thread):
+    """One conv timed by the report, then by torch.utils.benchmark.Timer, a harness the report
+    does not share (report/timing.py says why the report keeps its own).
 
-    Tolerance: the hand median must fall within 3× of the report's interquartile range. The
+    Tolerance: Timer's median must fall within 3× of the report's interquartile range. The
     machine is shared, so both run on one thread: with two, a busy neighbour makes the threads
     wait for each other at every parallel region and a conv can slow down tenfold; with one, a
     neighbour taking the core costs at most about 2×. The errors this guards against — timing
@@ -170,16 +195,10 @@ def test_layer_timing_agrees_with_a_timing_by_hand(one_thread):
     assert row.input_shape == (4, 64, 32, 32) and row.dense_forward.number >= 1
     x = torch.randn(4, 64, 32, 32)
     for layer, timing in ((dense[0], row.dense_forward), (lowrank[0], row.lowrank_forward)):
-        samples = []
-        with torch.no_grad():
-            for _ in range(3):
-                layer(x)
-            for _ in range(15):
-                start = time.perf_counter()
-                layer(x)
-                samples.append(time.perf_counter() - start)
+        timer = Timer("with torch.no_grad(): layer(x)", globals={"layer": layer.eval(), "x": x}, num_threads=1)
+        reference = timer.blocked_autorange(min_run_time=0.2).median
         q1, q3 = timing.quartiles
-        assert q1 / 3 < statistics.median(samples) < q3 * 3, (statistics.median(samples), timing.samples)
+        assert q1 / 3 < reference < q3 * 3, (reference, timing.samples)
 
 
 def test_measure_alternates_and_reverses_the_order_every_round():
@@ -232,14 +251,17 @@ def test_speed_aware_keeps_exactly_the_layers_measured_faster(vgg16, tmp_path):
     authors = dict(zip(names, [5, 24, 48, 48, 64, 128, 160, 192, 192, 256, 320, 320, 320]))
     assert chosen.ranks == {n: None if n in slower | tied else authors[n] for n in names}
     assert set(timer.seen) == set(names) and timer.seen[names[1]] == ([24], (2, 64, 32, 32))
-    reasons = {c.name: c.reason for c in chosen.choices}
+    reasons = {c.module: c.reason for c in chosen.choices}
     assert "0.77×" in reasons[names[0]] and reasons[names[0]].endswith("no candidate is faster than dense")
     assert "1.67×" in reasons[names[1]] and "factorize" in reasons[names[1]]
+    assert [c.layer for c in chosen.choices][:2] == ["conv1_1", "conv1_2"]
+    assert "| conv1_2 | 64×64×3×3 | 24 |" in chosen.to_markdown()
 
     path = tmp_path / "vgg16_speed.yaml"
     path.write_text(chosen.to_yaml({"name": "vgg16"}))
     text = path.read_text()
     assert text.startswith("# Speed-aware ranks for vgg16") and text.count("→") == len(names)
+    assert "      features.2: 24  # conv1_2: dense 1 ms" in text  # keyed by module path, the paper's name beside
     model = build_model(yaml.safe_load(text)["model"])
     built = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankConv2d)}
     assert built == {n: k for n, k in chosen.ranks.items() if k is not None}
@@ -293,7 +315,7 @@ def test_cli_reports_a_model_by_name(tmp_path, capsys):
             "--warmup", "0", "--layers-only", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "alexnet, low-rank (preset=tai2016)" in printed and "| features.3 |" in printed
+    assert "alexnet, low-rank (preset=tai2016)" in printed and "| conv2 |" in printed
     assert {p.name for p in out.iterdir()} == {"speed.md", "speed.csv", "speed.json", "speed.png", "tensorboard"}
 
 
@@ -408,10 +430,10 @@ def test_gpu_benchmark_smoke_runs_every_section_on_the_cpu(tmp_path):
         assert variants["speed-aware"]["compiled"]["speedup"] > 0
         assert variants["speed-aware"]["ranks"] == {k: v for k, v in result_["speed_aware"]["ranks"].items() if v is not None}
         # auto: the default ranks, each layer run in the form its timing chose; per layer in its table
-        plan = {layer["name"]: layer["execution"] for layer in result_["plan"]["layers"]}
+        plan = {layer["module"]: layer["execution"] for layer in result_["plan"]["layers"]}
         assert set(plan) == set(variants["auto"]["ranks"]) and set(plan.values()) <= {"factorized", "composed"}
         layers = saved["layers"][name]["layers"]
-        assert {row["name"]: row["execution"] for row in layers if row["execution"] != "dense"} == plan
+        assert {row["module"]: row["execution"] for row in layers if row["execution"] != "dense"} == plan
         assert all(row["composed_train"]["median_s"] > 0 for row in layers if row["execution"] != "dense")
     assert saved["models"]["alexnet"]["variants"]["auto"]["compiled"]["speedup"] > 0
     assert saved["layers"]["vgg16"] == saved["vgg16_layers"] and len(saved["vgg16_layers"]["layers"]) == 13

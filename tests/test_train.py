@@ -17,7 +17,7 @@ from lowrank_dist.training.optim import build_optimizer, lr_factor
 from lowrank_dist.training.projection import Projector
 from lowrank_dist.training.trainer import fit
 from lowrank_dist.layers import LowRankConv2d
-from lowrank_dist.models import build_model, choose_ranks
+from lowrank_dist.models import build_model, choose_ranks, layer_names
 from lowrank_dist.train import main
 
 from .helpers import write_config, write_digits
@@ -261,14 +261,16 @@ def test_tensorboard_has_the_expected_tags(tmp_path, synthetic):
                 "val/top1", "val/top5",
                 "val/loss"):
         assert tag in scalars, tag
-    assert any(t.startswith("projection/residual/") for t in scalars)
-    assert any(t.startswith("ranks/") for t in scalars)
+    # per-layer tags by the paper's layer names (tiny_vgg: conv1 … conv4; the first stays dense)
+    assert {t for t in scalars if t.startswith(("projection/residual/", "ranks/"))} == {
+        f"{kind}/conv{i}" for kind in ("projection/residual", "ranks") for i in (2, 3, 4)}
     assert "config/text_summary" in events.Tags()["tensors"]
     assert "execution/plan/text_summary" not in events.Tags()["tensors"]  # projected mode: dense kernels, no plan
     # the end-of-run speed report: one row per factorized layer, measured beside the dense twin
     assert "speed/table/text_summary" in events.Tags()["tensors"]
+    names = layer_names(build_model({"name": "tiny_vgg"}))
     for name in result_ranks(result):
-        assert f"speed/layer/{name}/forward" in scalars, name
+        assert f"speed/layer/{names[name]}/forward" in scalars, name
 
 
 def result_ranks(result) -> dict:
@@ -280,7 +282,7 @@ def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_doe
 
     finished = fit(load_config(config(tmp_path / "a", synthetic, optim={"epochs": 1})))
     report = json.loads((finished.folder / "speed" / "speed.json").read_text())
-    timed = {row["name"]: row for row in report["layers"]}
+    timed = {row["module"]: row for row in report["layers"]}
     assert set(result_ranks(finished)) <= set(timed) and len(timed) == 4  # tiny_vgg's four convs
     assert report["meta"]["input_shape"] == [16, 3, 32, 32]  # the training batch and crop
     # the run's execution plan (on the CPU by default every layer factorized) is the report's plan

@@ -5,7 +5,8 @@ built dense or low-rank from a plain dict.
     build_model({"name": "googlenet", "lowrank": {"speedup": 2.0}})
 
 `lowrank` takes exactly one of preset (a named rank list of the model), ranks (a list, one per
-factorizable conv in module order, or a mapping layer name → rank; null keeps a layer dense),
+factorizable conv in module order, or a mapping layer → rank, by module path or the paper's name
+(features.2 or conv1_2 in VGG-16; models/layer_names.py); null keeps a layer dense),
 or speedup (per-layer theoretical target), plus factorize_first (default: only when ranks are
 explicit) and bn_between (default false). The energy policy (a fraction of singular-value energy)
 needs trained weights, so it goes to `decompose_model`, not here.
@@ -20,6 +21,7 @@ from torch import nn
 from ..ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, POLICIES, one_policy
 from . import alexnet, caffenet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
 from .convert import LayerError, choose_ranks, convert, decompose_model, factorizable_convs
+from .layer_names import REGISTERED_AS, conv_layers, layer_names
 from .registry import MODELS, ModelSpec, model_spec, register_model
 
 MODEL_KEYS = {"name", "num_classes", "batch_norm", "dropout", "lowrank"}
@@ -58,6 +60,7 @@ def build_model(cfg: Mapping, dense: bool = False) -> nn.Module:
         if cfg.get(key) is not None:
             options[key] = cfg[key]
     model = spec.build(num_classes=cfg.get("num_classes", spec.num_classes), **options)
+    setattr(model, REGISTERED_AS, spec.name)  # before convert: ranks may name layers as the paper does
     lowrank = None if dense else cfg.get("lowrank")
     if lowrank and lowrank.get("energy") is not None:
         raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode="factorized"))
@@ -73,6 +76,6 @@ def build_model(cfg: Mapping, dense: bool = False) -> nn.Module:
 
 
 __all__ = [
-    "MODELS", "ModelSpec", "LayerError", "build_model", "choose_ranks", "convert", "decompose_model", "factorizable_convs",
-    "lowrank_policy", "model_spec", "register_model",
+    "MODELS", "ModelSpec", "LayerError", "build_model", "choose_ranks", "conv_layers", "convert", "decompose_model",
+    "factorizable_convs", "layer_names", "lowrank_policy", "model_spec", "register_model",
 ]

@@ -6,6 +6,7 @@ narrower, ungrouped convs, so its costs and accuracy are not like for like with 
 from torch import nn
 from torchvision.models import AlexNet
 
+from .layer_names import in_order
 from .registry import register_model
 
 # Tai et al.'s CaffeNet ranks for conv1..conv5 (chengtaipu/lowrankcnn, imagenet/models_caffenet/config.json),
@@ -20,7 +21,7 @@ def _conv_block(in_channels, out_channels, kernel_size, stride, padding, batch_n
     return layers + [nn.ReLU(inplace=True)]
 
 
-@register_model("alexnet", presets={"tai2016": TAI2016_RANKS})
+@register_model("alexnet", presets={"tai2016": TAI2016_RANKS}, layer_names=in_order("conv1", "conv2", "conv3", "conv4", "conv5"))
 def alexnet(num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
     model = AlexNet(num_classes=num_classes, dropout=dropout)
     if batch_norm:

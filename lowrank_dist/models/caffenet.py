@@ -15,6 +15,7 @@ conv2_v has num_output 40 with group 2: 20 per group), which is how LowRankConv2
 
 from torch import nn
 
+from .layer_names import in_order
 from .registry import register_model
 
 # Tai et al., imagenet/models_caffenet/config.json: conv1..conv5, totals over the groups.
@@ -72,6 +73,7 @@ class CaffeNet(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("caffenet", input_size=(3, 227, 227), presets={"tai2016": TAI2016_RANKS})
+@register_model("caffenet", input_size=(3, 227, 227), presets={"tai2016": TAI2016_RANKS},
+                layer_names=in_order("conv1", "conv2", "conv3", "conv4", "conv5"))
 def caffenet(num_classes: int = 1000, batch_norm: bool = True, dropout: float = 0.5) -> nn.Module:
     return CaffeNet(num_classes, batch_norm, dropout)

@@ -19,6 +19,7 @@ from torch import nn
 from ..ranks import ExplicitRanks, RankPolicy, policy_from_config
 from ..layers import LowRankConv2d
 from ..svd import check_rank, decompose_kernel
+from .layer_names import layer_names
 
 
 def factorizable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
@@ -44,15 +45,31 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _by_module_path(model: nn.Module, ranks: Mapping) -> dict:
+    """`ranks` keyed by module path: a key that is a layer's paper name (conv1_2) is replaced by
+    its module path (features.2); other keys are kept as they are."""
+    names = layer_names(model)
+    paths = {name: path for path, name in names.items()}
+    given: dict[str, str] = {}  # module path → the key that named it
+    for key in ranks:
+        path = key if key in names else paths.get(key, key)
+        if path in given:
+            raise ValueError(f"ranks name the layer {path} twice: as {given[path]!r} and as {key!r}")
+        given[path] = key
+    return {path: ranks[key] for path, key in given.items()}
+
+
 def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorize_first: bool | None = None) -> dict[str, int]:
-    """Layer name → rank for every layer the policy factorizes (the others stay dense). A grouped
-    conv's rank is the total over its groups, as LowRankConv2d takes it."""
+    """Module path → rank for every layer the policy factorizes (the others stay dense). A grouped
+    conv's rank is the total over its groups, as LowRankConv2d takes it. Explicit ranks may name a
+    layer by its module path or its paper name (models/layer_names.py)."""
     policy = policy_from_config(policy)
     if factorize_first is None:  # explicit per-layer ranks name the first conv deliberately
         factorize_first = isinstance(policy, ExplicitRanks)
     convs = list(factorizable_convs(model))
     if isinstance(policy, ExplicitRanks):
         if isinstance(policy.ranks, Mapping):
+            policy = ExplicitRanks(_by_module_path(model, policy.ranks))
             known = [name for name, _ in convs]
             unknown = sorted(set(policy.ranks) - set(known))
             if unknown:

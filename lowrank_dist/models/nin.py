@@ -8,7 +8,12 @@ same either way, and LowRankConv2d's vertical-first order spans the same set of 
 
 from torch import nn
 
+from .layer_names import in_order
 from .registry import register_model
+
+# Lin et al.'s Caffe NIN: each mlpconv block is a k×k conv and two 1×1 "cascaded cross channel
+# pooling" convs; the last cccp is the class-map conv.
+LAYER_NAMES = ["conv1", "cccp1", "cccp2", "conv2", "cccp3", "cccp4", "conv3", "cccp5", "cccp6"]
 
 TAI2016_RANKS = [10, 51, None]  # conv1, conv2, conv3 (dense)
 
@@ -42,6 +47,7 @@ class NIN(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-@register_model("nin", input_size=(3, 32, 32), num_classes=10, presets={"tai2016": TAI2016_RANKS})
+@register_model("nin", input_size=(3, 32, 32), num_classes=10, presets={"tai2016": TAI2016_RANKS},
+                layer_names=in_order(*LAYER_NAMES))
 def nin(num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
     return NIN(num_classes, batch_norm, dropout)

@@ -17,6 +17,8 @@ class ModelSpec:
     presets: named rank lists, one rank per factorizable (kh·kw > 1) conv in module order
     options: extra keyword options `build` accepts (e.g. GoogLeNet's aux_logits), with defaults
     aux_loss_weight: weight of each auxiliary head's loss when the model returns (logits, aux...) in training
+    layer_names: model → {module path: the paper's name} for every conv layer (models/layer_names.py);
+        None: the module paths are the names
     """
 
     name: str
@@ -26,16 +28,17 @@ class ModelSpec:
     presets: dict[str, list[int | None]] = field(default_factory=dict)  # None: that conv stays dense
     options: dict[str, object] = field(default_factory=dict)
     aux_loss_weight: float = 0.0
+    layer_names: Callable[[nn.Module], dict[str, str]] | None = None
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, input_size=(3, 224, 224), num_classes=1000, presets=None, options=None,
-                   aux_loss_weight: float = 0.0):
+                   aux_loss_weight: float = 0.0, layer_names=None):
     def wrap(build):
         MODELS[name] = ModelSpec(name, build, tuple(input_size), num_classes, presets or {}, options or {},
-                                 aux_loss_weight)
+                                 aux_loss_weight, layer_names)
         return build
 
     return wrap

@@ -4,10 +4,11 @@ on a laptop CPU in a minute."""
 
 from torch import nn
 
+from .layer_names import in_order
 from .registry import register_model
 
 
-@register_model("tiny_vgg", input_size=(3, 32, 32), num_classes=10)
+@register_model("tiny_vgg", input_size=(3, 32, 32), num_classes=10, layer_names=in_order("conv1", "conv2", "conv3", "conv4"))
 def tiny_vgg(num_classes: int = 10, batch_norm: bool = True, dropout: float = 0.0) -> nn.Module:
     layers, channels = [], 3
     for width, pool in ((32, True), (64, True), (128, False), (128, True)):

@@ -4,7 +4,11 @@ VGG-16-BN (`fc_batch_norm`; torchvision's vgg16_bn has BN after the convs only).
 from torch import nn
 from torchvision.models import vgg16 as tv_vgg16, vgg16_bn as tv_vgg16_bn
 
+from .layer_names import in_order
 from .registry import register_model
+
+# The authors' (and Oxford's Caffe model's) names: conv<block>_<index>, blocks split by the max pools.
+LAYER_NAMES = [f"conv{block}_{index}" for block, convs in enumerate((2, 2, 3, 3, 3), 1) for index in range(1, convs + 1)]
 
 # Tai et al.'s three rank settings for conv1_1 .. conv5_3. The first is the one of their released
 # config (chengtaipu/lowrankcnn, imagenet/models_vgg/config.json); the other two, one with higher and one
@@ -31,6 +35,7 @@ def _with_fc_batch_norm(classifier: nn.Sequential) -> nn.Sequential:
     "vgg16",
     presets={"tai2016": TAI2016_RANKS, "tai2016_2.4x": TAI2016_2_4X_RANKS, "tai2016_4.0x": TAI2016_4_0X_RANKS},
     options={"fc_batch_norm": False},
+    layer_names=in_order(*LAYER_NAMES),
 )
 def vgg16(num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5, fc_batch_norm: bool = False) -> nn.Module:
     build = tv_vgg16_bn if batch_norm else tv_vgg16

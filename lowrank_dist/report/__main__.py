@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..runtime import DTYPES, select_device
-from .costs import DEFAULT_LOWRANK
+from .costs import default_lowrank
 from .execution import lowrank_layers
 from .speed import speed_report
 
@@ -72,7 +72,7 @@ def _model_setup(args) -> tuple[dict, dict | None, dict]:
         if args.set:
             raise ValueError("--set needs --config")
         lowrank = {k: getattr(args, k) for k in ("preset", "speedup") if getattr(args, k) is not None}
-        build = {"name": args.model, "lowrank": lowrank or DEFAULT_LOWRANK.get(args.model, {"speedup": 2.0})}
+        build = {"name": args.model, "lowrank": lowrank or default_lowrank(args.model)}
         if args.batch_norm:
             build["batch_norm"] = True
         return build, None, {}

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from ..layers import LowRankConv2d
+from ..models import conv_layers, layer_names
 
 
 @dataclass
 class LayerCost:
-    name: str
+    module: str  # the module path (features.2)
+    layer: str  # the paper's name (conv1_2; models/layer_names.py), else the module path
     kernel: tuple[int, int, int, int]  # N × C/groups × kh × kw of the (equivalent) dense kernel
     groups: int
     rank: int | None  # None: dense
@@ -64,26 +66,27 @@ def conv_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
         for hook in hooks:
             hook.remove()
 
-    rows, inner = [], set()
-    for name, module in model.named_modules():
+    names = layer_names(model)
+    rows = []
+    for path, module in conv_layers(model):
         if isinstance(module, LowRankConv2d):
             v, h = module.vertical, module.horizontal
-            inner.update((v, h))
             n, c, (kh, kw), g = module.out_channels, module.in_channels // module.groups, module.kernel_size, module.groups
             out_h, out_w = shapes[h][2:]
             dense_macs = n * c * kh * kw * out_h * out_w
             lowrank_macs = shapes[v][1:].numel() * c * kh + shapes[h][1:].numel() * (module.rank // g) * kw
             dense_params = n * c * kh * kw + (n if h.bias is not None else 0)
             rows.append(
-                LayerCost(name, (n, c, kh, kw), g, module.rank, (out_h, out_w), dense_macs, lowrank_macs,
+                LayerCost(path, names[path], (n, c, kh, kw), g, module.rank, (out_h, out_w), dense_macs, lowrank_macs,
                           dense_params, _params(v, module.between, h))
             )
-        elif isinstance(module, nn.Conv2d) and module not in inner and module in shapes:
+        elif module in shapes:  # a dense conv the forward reached
             n, c, kh, kw = module.weight.shape
             out_h, out_w = shapes[module][2:]
             macs = shapes[module][1:].numel() * c * kh * kw
             params = _params(module)
-            rows.append(LayerCost(name, (n, c, kh, kw), module.groups, None, (out_h, out_w), macs, macs, params, params))
+            rows.append(LayerCost(path, names[path], (n, c, kh, kw), module.groups, None, (out_h, out_w), macs, macs,
+                                  params, params))
     return rows
 
 
@@ -97,7 +100,7 @@ def format_table(rows: list[LayerCost], title: str = "") -> str:
     for r in rows:
         kernel = "×".join(map(str, r.kernel)) + (f" /{r.groups}g" if r.groups > 1 else "")
         lines.append(
-            f"| {r.name} | {kernel} | {r.rank if r.rank is not None else 'dense'} | {r.output[0]}×{r.output[1]}"
+            f"| {r.layer} | {kernel} | {r.rank if r.rank is not None else 'dense'} | {r.output[0]}×{r.output[1]}"
             f" | {r.dense_macs / 1e6:,.1f} | {r.lowrank_macs / 1e6:,.1f} | {r.speedup:.2f}×"
             f" | {r.dense_params:,} | {r.lowrank_params:,} |"
         )
@@ -121,6 +124,11 @@ DEFAULT_LOWRANK = {
 }
 
 
+def default_lowrank(name: str) -> dict:
+    """The demo policy of a model: DEFAULT_LOWRANK's, else a 2× per-layer target (e.g. tiny_vgg)."""
+    return DEFAULT_LOWRANK.get(name, {"speedup": 2.0})
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..models import MODELS, build_model, model_spec
 
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     override = {key: getattr(args, key) for key in ("preset", "speedup") if getattr(args, key) is not None}
     for name in args.model or ["caffenet", "alexnet", "vgg16", "googlenet", "nin"]:
-        lowrank = override or DEFAULT_LOWRANK[name]
+        lowrank = override or default_lowrank(name)
         cfg = {"name": name, "lowrank": lowrank}
         if args.batch_norm:
             cfg["batch_norm"] = True

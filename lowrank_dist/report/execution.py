@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..layers import LowRankConv2d
+from ..models import layer_names
 from ..runtime import amp_dtype, check_dtype, dtype_name, select_device
 from .timing import LayerInput, capture_inputs, device_description, layer_functions, measure
 
@@ -87,7 +88,8 @@ def set_execution(model: nn.Module, executions: str | Mapping[str, str]) -> None
 
 @dataclass
 class LayerPlan:
-    name: str
+    module: str  # the module path (features.2): what set_execution addresses
+    layer: str  # the paper's name (conv1_2; models/layer_names.py): what the printed plan shows
     execution: str  # "factorized" | "composed"
     reason: str
     input_shape: tuple[int, ...] | None = None
@@ -111,7 +113,7 @@ class ExecutionPlan:
 
     @property
     def executions(self) -> dict[str, str]:
-        return {layer.name: layer.execution for layer in self.layers}
+        return {layer.module: layer.execution for layer in self.layers}
 
     def apply(self, model: nn.Module) -> None:
         missing = sorted(set(self.executions) - {name for name, _ in lowrank_layers(model)})
@@ -150,7 +152,7 @@ class ExecutionPlan:
         for layer in self.layers:
             times = [f"{s * 1e3:.3g}" if s is not None else "—" for s in (layer.factorized_s, layer.composed_s)]
             given = "×".join(map(str, layer.input_shape)) if layer.input_shape else "—"
-            lines.append(f"| {layer.name} | {given} | {times[0]} | {times[1]} | {layer.execution} | {layer.reason} |")
+            lines.append(f"| {layer.layer} | {given} | {times[0]} | {times[1]} | {layer.execution} | {layer.reason} |")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -278,14 +280,15 @@ def plan_execution(
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     layers = lowrank_layers(model)
+    names = layer_names(model)
     if execution != "auto":
         if execution == "composed":
             refused = [name for name, layer in layers if layer.between is not None]
             if refused:
                 raise ValueError(f"'composed' is impossible for {', '.join(refused)}: BatchNorm sits between V and H"
                                  " (its batch statistics make the pair non-linear in training); use 'auto' or 'factorized'")
-        return ExecutionPlan(execution, meta, [LayerPlan(name, execution, f"model.lowrank.execution: {execution}")
-                                               for name, _ in layers])
+        reason = f"model.lowrank.execution: {execution}"
+        return ExecutionPlan(execution, meta, [LayerPlan(name, names[name], execution, reason) for name, _ in layers])
 
     started = time.perf_counter()
     # shapes from a batch of 2 (BatchNorm in training needs more than one value per channel), on a
@@ -299,10 +302,10 @@ def plan_execution(
     plans = []
     for name, layer in layers:
         if layer.between is not None:
-            plans.append(LayerPlan(name, "factorized", "BatchNorm between V and H: no composed form"))
+            plans.append(LayerPlan(name, names[name], "factorized", "BatchNorm between V and H: no composed form"))
             continue
         if name not in inputs:
-            plans.append(LayerPlan(name, "factorized", "not on the forward path: not timed"))
+            plans.append(LayerPlan(name, names[name], "factorized", "not on the forward path: not timed"))
             continue
         given = LayerInput((int(input_shape[0]), *inputs[name].shape[1:]), inputs[name].requires_grad)
         key = layer_key(layer, given, env)
@@ -315,7 +318,8 @@ def plan_execution(
         slower = "factorized" if faster == "composed" else "composed"
         reason = (f"{faster} faster ({entry[f'{slower}_s'] / entry[f'{faster}_s']:.2f}×)"
                   + (f", cached {entry.get('date', '')[:10]}" if cached else ""))
-        plans.append(LayerPlan(name, faster, reason, given.shape, entry["factorized_s"], entry["composed_s"], cached))
+        plans.append(LayerPlan(name, names[name], faster, reason, given.shape, entry["factorized_s"], entry["composed_s"],
+                               cached))
     meta["timing_s"] = time.perf_counter() - started
     if new and cache is not None:
         try:

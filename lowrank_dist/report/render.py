@@ -2,7 +2,12 @@
 
 Times in the table are medians per batch in milliseconds; a speedup is dense time / low-rank time
 (above 1: the low-rank layer is faster), for the factorized form, the composed one and the plan's.
-CSV and JSON keep the quartiles (the run's own spread) and, in JSON, every sample.
+CSV and JSON keep the quartiles (the run's own spread) and, in JSON, every sample. Layers are
+named as the paper names them (the `layer` column, also in the chart and the TensorBoard tags);
+CSV and JSON keep the module path beside it (`module`).
+
+These are functions of a report's data: they read its fields and call nothing in speed.py, which
+imports this module (not the reverse) and offers them as SpeedReport methods.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def markdown(report: SpeedReport) -> str:
         kernel = _shape(cost.kernel) + (f" /{cost.groups}g" if cost.groups > 1 else "")
         composed = [_ms(t.median) if t is not None else "—" for t in (row.composed_forward, row.composed_train)]
         lines.append(
-            f"| {row.name} | {kernel} | {cost.rank if cost.rank is not None else 'dense'} | {_shape(row.input_shape)}"
+            f"| {row.layer} | {kernel} | {cost.rank if cost.rank is not None else 'dense'} | {_shape(row.input_shape)}"
             f" | {cost.dense_macs / 1e6:,.1f} → {cost.lowrank_macs / 1e6:,.1f} | {row.theoretical:.2f}×"
             f" | {_ms(row.dense_forward.median)} | {_ms(row.lowrank_forward.median)} | {composed[0]}"
             f" | {_ms(row.dense_train.median)} | {_ms(row.lowrank_train.median)} | {composed[1]}"
@@ -119,7 +124,7 @@ def csv_rows(report: SpeedReport) -> list[dict]:
     for row in report.rows:
         cost = row.cost
         rows.append({
-            "layer": row.name, "kernel": _shape(cost.kernel), "groups": cost.groups,
+            "layer": row.layer, "module": row.module, "kernel": _shape(cost.kernel), "groups": cost.groups,
             "rank": "" if cost.rank is None else cost.rank, "input_shape": _shape(row.input_shape),
             "output": _shape(cost.output), "dense_macs": cost.dense_macs, "lowrank_macs": cost.lowrank_macs,
             "theoretical_speedup": row.theoretical,
@@ -165,7 +170,7 @@ def _figure(report: SpeedReport, rows, plt):
     for offset, (label, values, color) in zip((-1.5 * width, -0.5 * width, 0.5 * width, 1.5 * width), series):
         axes.bar([p + offset for p in positions], values, width, label=label, color=color)
     axes.axhline(1.0, color="black", linewidth=0.8)
-    axes.set_xticks(list(positions), [row.name for row in rows], rotation=60, ha="right", fontsize=8)
+    axes.set_xticks(list(positions), [row.layer for row in rows], rotation=60, ha="right", fontsize=8)
     axes.set_ylabel("speedup (dense time / low-rank time)")
     axes.set_title(heading(report), fontsize=9)
     axes.legend(fontsize=8)
@@ -175,7 +180,7 @@ def _figure(report: SpeedReport, rows, plt):
 def write_files(report: SpeedReport, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {kind: out_dir / f"speed.{kind}" for kind in ("md", "csv", "json", "png")}
-    files["md"].write_text(report.to_markdown() + "\n")
+    files["md"].write_text(markdown(report) + "\n")
     rows = csv_rows(report)
     with open(files["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["layer"])
@@ -187,27 +192,28 @@ def write_files(report: SpeedReport, out_dir: Path) -> dict[str, Path]:
 
 
 def log_tensorboard(report: SpeedReport, writer, step: int = 0, prefix: str = "speed") -> None:
-    """Per layer `{prefix}/layer/<name>/{theoretical,forward,train}` speedups, the whole model's
-    images/s and speedups under `{prefix}/model/`, the table as text and the chart as a figure."""
+    """Per layer `{prefix}/layer/<layer>/{theoretical,forward,train,planned_train,composed_train}`
+    speedups (the paper's layer name, e.g. speed/layer/conv4_2/train), the whole model's images/s
+    and speedups under `{prefix}/model/`, the table as text and the chart as a figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     for row in report.rows:
-        writer.add_scalar(f"{prefix}/layer/{row.name}/theoretical", row.theoretical, step)
-        writer.add_scalar(f"{prefix}/layer/{row.name}/forward", row.forward_speedup, step)
-        writer.add_scalar(f"{prefix}/layer/{row.name}/train", row.train_speedup, step)
-        writer.add_scalar(f"{prefix}/layer/{row.name}/planned_train", row.planned_train_speedup, step)
+        writer.add_scalar(f"{prefix}/layer/{row.layer}/theoretical", row.theoretical, step)
+        writer.add_scalar(f"{prefix}/layer/{row.layer}/forward", row.forward_speedup, step)
+        writer.add_scalar(f"{prefix}/layer/{row.layer}/train", row.train_speedup, step)
+        writer.add_scalar(f"{prefix}/layer/{row.layer}/planned_train", row.planned_train_speedup, step)
         if row.composed_train is not None:
-            writer.add_scalar(f"{prefix}/layer/{row.name}/composed_train",
+            writer.add_scalar(f"{prefix}/layer/{row.layer}/composed_train",
                               row.dense_train.median / row.composed_train.median, step)
     model = report.model
     if model is not None:
         for key, value in model.as_dict().items():
             if isinstance(value, float):
                 writer.add_scalar(f"{prefix}/model/{key}", value, step)
-    writer.add_text(f"{prefix}/table", report.to_markdown(), step)
+    writer.add_text(f"{prefix}/table", markdown(report), step)
     rows = [row for row in report.rows if row.cost.rank is not None] or report.rows
     if rows:
         writer.add_figure(f"{prefix}/chart", _figure(report, rows, plt), step)  # add_figure closes it

@@ -8,6 +8,14 @@ writes and reads back its K-channel intermediate (docs/design.md#speed). The rep
     report = speed_report(dense, lowrank, (64, 3, 224, 224), "cuda", torch.bfloat16, "runs/x/speed")
     print(report.to_markdown())
 
+This module measures and holds the data (SpeedReport, LayerSpeed, ModelSpeed); render.py turns
+that data into markdown, CSV, JSON, a chart and TensorBoard entries. The dependency runs one way:
+speed.py calls render.py (SpeedReport.to_markdown, write and log_tensorboard are its functions
+offered as methods); render.py reads a report's fields and calls nothing here.
+
+Layers are named as the paper names them (conv1_2, inception_3a/3x3: models/layer_names.py), with
+the module path (features.2) kept beside the name in the CSV and JSON.
+
 Each factorized layer is also timed composed (one dense conv of its composed kernel, the same
 function and parameters; report/execution.py), and the report says which form the execution plan
 runs: a run's plan, or by default the faster forward+backward measured here. The whole model is
@@ -29,12 +37,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..models import conv_layers
 from ..runtime import check_dtype, dtype_name, select_device
+from . import render
 from .costs import LayerCost, conv_costs
 from .execution import set_execution
 from .timing import (
-    Timing, capture_inputs, device_description, layer_functions, measure, model_functions, timed_layers,
+    Timing, capture_inputs, device_description, layer_functions, measure, model_functions,
 )
+
 
 class DenseVsLowRank:
     """Timings of the same work, dense and low-rank, forward and train; speedup = dense / low-rank.
@@ -93,8 +104,12 @@ class LayerSpeed(DenseVsLowRank):
     execution: str = "dense"  # the plan's: "factorized" | "composed"; "dense" for a layer kept dense
 
     @property
-    def name(self) -> str:
-        return self.cost.name
+    def module(self) -> str:
+        return self.cost.module
+
+    @property
+    def layer(self) -> str:
+        return self.cost.layer
 
     @property
     def theoretical(self) -> float:
@@ -111,7 +126,7 @@ class LayerSpeed(DenseVsLowRank):
     def as_dict(self) -> dict:
         composed = {key: getattr(self, key).as_dict() if getattr(self, key) is not None else None
                     for key in ("composed_forward", "composed_train")}
-        return asdict(self.cost) | {
+        return {"layer": self.layer} | asdict(self.cost) | {
             "input_shape": list(self.input_shape),
             "theoretical_speedup": self.theoretical,
             "execution": self.execution,
@@ -156,9 +171,7 @@ class SpeedReport:
     files: dict[str, Path] = field(default_factory=dict)  # what `write` produced
 
     def to_markdown(self) -> str:
-        from .render import markdown
-
-        return markdown(self)
+        return render.markdown(self)
 
     def as_dict(self) -> dict:
         return {
@@ -170,15 +183,11 @@ class SpeedReport:
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """speed.md, speed.csv, speed.json and speed.png in `out_dir`."""
-        from .render import write_files
-
-        self.files = write_files(self, Path(out_dir))
+        self.files = render.write_files(self, Path(out_dir))
         return self.files
 
     def log_tensorboard(self, writer, step: int = 0, prefix: str = "speed") -> None:
-        from .render import log_tensorboard
-
-        log_tensorboard(self, writer, step, prefix)
+        render.log_tensorboard(self, writer, step, prefix)
 
 
 def _switched(model: nn.Module, executions, fn):
@@ -236,11 +245,11 @@ def speed_report(
     example = torch.randn(tuple(input_shape), device=device).contiguous(memory_format=memory_format)
     timing_options = {"repeats": repeats, "warmup": warmup, "min_sample_s": min_sample_s}
 
-    costs = {row.name: row for row in conv_costs(lowrank, tuple(input_shape[1:]))}
+    costs = {row.module: row for row in conv_costs(lowrank, tuple(input_shape[1:]))}
     inputs = capture_inputs(lowrank, example)
     dense_layers = dict(dense.named_modules())
     rows = []
-    for name, layer in timed_layers(lowrank):
+    for name, layer in conv_layers(lowrank):
         if name not in inputs or name not in costs:
             continue  # not on the inference path (GoogLeNet's auxiliary heads run in training only)
         reference = dense_layers.get(name)
@@ -271,7 +280,7 @@ def speed_report(
         rows.append(LayerSpeed(costs[name], inputs[name].shape, forward["dense"], forward["factorized"],
                                train["dense"], train["factorized"], forward.get("composed"), train.get("composed"),
                                execution))
-    executions = {row.name: row.execution for row in rows if row.execution != "dense"}
+    executions = {row.module: row.execution for row in rows if row.execution != "dense"}
 
     model_speed = None
     if whole_model:

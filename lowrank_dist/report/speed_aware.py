@@ -10,8 +10,9 @@ gets the largest candidate K with
 
 (the largest, because a higher rank keeps more of the dense layer's capacity), or stays dense if
 none qualifies. Layers the base policy keeps dense are not timed. The result is an explicit rank
-table (layer name → K, or None for dense) that `models.build_model` takes as
-`lowrank: {ranks: {...}}`, with a reason per layer, written into a YAML config by `to_yaml`.
+table (module path → K, or None for dense) that `models.build_model` takes as
+`lowrank: {ranks: {...}}`, with a reason per layer, written into a YAML config by `to_yaml`; the
+markdown table and the YAML comments give each layer's paper name.
 
 The timing function is a parameter (`timer`) so that the decision rule can be tested with made-up
 timings; `device_timer` is the real one.
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..ranks import SPEEDUP_ABOVE, ExplicitRanks, RankPolicy, TargetSpeedup
 from ..layers import LowRankConv2d
-from ..models import choose_ranks, factorizable_convs
+from ..models import choose_ranks, factorizable_convs, layer_names
 from ..runtime import check_dtype, dtype_name, select_device
 from .costs import conv_costs
 from .timing import LayerInput, capture_inputs, device_description, layer_functions, measure
@@ -77,7 +78,8 @@ def device_timer(
 
 @dataclass
 class RankChoice:
-    name: str
+    module: str  # the module path (features.2): the key of the rank table
+    layer: str  # the paper's name (conv1_2; models/layer_names.py): what the table shows
     kernel: tuple[int, int, int, int]
     rank: int | None  # chosen; None: dense
     reason: str
@@ -90,7 +92,7 @@ class RankChoice:
 
     def as_dict(self) -> dict:
         return {
-            "name": self.name, "kernel": list(self.kernel), "rank": self.rank, "reason": self.reason,
+            "layer": self.layer, "module": self.module, "kernel": list(self.kernel), "rank": self.rank, "reason": self.reason,
             "dense_s": self.dense_s,
             "candidates": [
                 {"rank": k, "lowrank_s": s, "measured_speedup": self.measured(k), "theoretical_speedup": self.theoretical[k]}
@@ -106,8 +108,8 @@ class SpeedAwareRanks:
 
     @property
     def ranks(self) -> dict[str, int | None]:
-        """Every factorizable conv → its rank, None where it stays dense."""
-        return {choice.name: choice.rank for choice in self.choices}
+        """Every factorizable conv's module path → its rank, None where it stays dense."""
+        return {choice.module: choice.rank for choice in self.choices}
 
     def policy(self) -> RankPolicy:
         """The choice as a rank policy for models.convert / choose_ranks."""
@@ -128,13 +130,14 @@ class SpeedAwareRanks:
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {c.name} | {'×'.join(map(str, c.kernel))} | {c.rank if c.rank is not None else 'dense'} | {c.reason} |"
+            f"| {c.layer} | {'×'.join(map(str, c.kernel))} | {c.rank if c.rank is not None else 'dense'} | {c.reason} |"
             for c in self.choices
         ]
         return "\n".join(lines)
 
     def to_yaml(self, model: Mapping, base: Mapping | None = None) -> str:
-        """A YAML config whose model.lowrank is this rank table, one comment per layer saying why.
+        """A YAML config whose model.lowrank is this rank table keyed by module path, one comment
+        per layer with its paper name and why.
 
         `model` is the build dict of the model (name, batch_norm, ...); `base`, if given, is a whole
         config tree (a parsed config file) to copy everything else from: its lowrank mode and
@@ -151,7 +154,7 @@ class SpeedAwareRanks:
         if isinstance(tree.get("run"), dict):
             tree["run"].pop("name", None)
         text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
-        reasons = {c.name: c.reason for c in self.choices}
+        reasons = {c.module: f"{c.layer}: {c.reason}" if c.layer != c.module else c.reason for c in self.choices}
         lines, in_ranks = [], False
         for line in text.splitlines():  # model: / lowrank: / ranks: / one `name: K` line per layer
             if in_ranks and line.startswith("      "):
@@ -229,12 +232,13 @@ def speed_aware_ranks(
     model = copy.deepcopy(dense_model).to(device)
     proposed = choose_ranks(model, base, factorize_first)
     inputs = capture_inputs(model, torch.randn(tuple(input_shape), device=device))
+    names = layer_names(model)
     choices = []
     for name, conv in factorizable_convs(model):
         kernel = tuple(conv.weight.shape)
         if name not in proposed or name not in inputs:
             why = "the base policy keeps it dense" if name not in proposed else "not on the forward path"
-            choices.append(RankChoice(name, kernel, None, f"dense: {why} (not timed)"))
+            choices.append(RankChoice(name, names[name], kernel, None, f"dense: {why} (not timed)"))
             continue
         ranks = _candidates(conv, proposed[name], search)
         case = LayerCase(name, conv, {k: LowRankConv2d.from_scratch_like(conv, k, bn_between) for k in ranks}, inputs[name])
@@ -243,7 +247,7 @@ def speed_aware_ranks(
             raise ValueError(f"timer returned unusable times for {name}: dense {dense_s}, low-rank {lowrank_s}")
         # exact MACs on this input (conv_costs), so strided layers agree with the speed report
         theoretical = {k: conv_costs(layer, inputs[name].shape[1:])[0].speedup for k, layer in case.lowrank.items()}
-        choice = RankChoice(name, kernel, None, "", dense_s, {k: lowrank_s[k] for k in ranks}, theoretical)
+        choice = RankChoice(name, names[name], kernel, None, "", dense_s, {k: lowrank_s[k] for k in ranks}, theoretical)
         choice.rank, choice.reason = _decide(choice, target)
         choices.append(choice)
     meta = {

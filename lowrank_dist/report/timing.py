@@ -1,9 +1,10 @@
 """Measuring time on the device: per conv layer in isolation, and whole-model steps.
 
 Why each rule is there:
-- **Device clock.** On a GPU the host returns long before the kernels finish, so a sample is timed
-  with CUDA events recorded on the stream (start → the calls → end, then wait for `end`). On the CPU
-  the work is synchronous and `time.perf_counter` around the calls is the clock.
+- **Device clock.** On a GPU the host returns long before the kernels finish, so a sample waits
+  for the device before reading `time.perf_counter` at both ends (torch.utils.benchmark.Timer's
+  clock): it spans exactly the sample's kernels, and the wait's own few microseconds are amortised
+  over a sample of at least `min_sample_s`. On the CPU the work is synchronous: perf_counter alone.
 - **Warm-up.** The first calls pay for cuDNN's algorithm search, allocator growth, lazy kernel
   loading and cold caches; they are run and thrown away.
 - **Calls per sample.** A single call of a small layer lasts microseconds, near the clock's and the
@@ -14,6 +15,16 @@ Why each rule is there:
 - **Alternation.** The functions being compared run in turn within each round, in reversed order
   on every other round (A B, B A, A B, ...), so a drift in clock speed or temperature during the
   run weighs on all of them alike instead of on whichever ran last.
+
+Why this is not `torch.utils.benchmark.Timer`: Timer measures one statement at a time
+(`blocked_autorange`, `adaptive_autorange`), so it cannot alternate the forms being compared; its
+`timeit(number)`, the one call that times a single block, first runs max(2, number/100) untimed
+calls, which would triple the cost of a whole-model sample (one call each); its block size is a
+power of ten past `min_run_time`, so samples up to 10× longer than needed, multiplying the time an
+execution plan takes to time every layer at the start of a run; and importing it loads the C++
+extension builder, which logs a warning on every CUDA build of torch without a GPU (CPU test
+machines), in every process that imports this module (the trainer does). Its clock is two lines,
+written out here; tests/test_report.py uses Timer as the independent reference for this harness.
 
 A layer is timed with its true input: `capture_inputs` runs the real model once with forward hooks
 and records each conv's input shape and whether the model needs that input's gradient (the first
@@ -35,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LowRankConv2d
+from ..models import conv_layers
 from ..runtime import autocast_for, logits_of
+
 
 def device_description(device: torch.device) -> str:
     """The card's name, or the CPU with its cores and torch's threads (CPU times depend on both)."""
@@ -74,20 +86,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 def _sample(fn: Callable[[], object], number: int, device: torch.device) -> float:
-    """Seconds for `number` back-to-back calls of `fn`, on the device's own clock."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
-    start = time.perf_counter()
+    """Seconds for `number` back-to-back calls of `fn`, the device waited for at both ends."""
+    start = _clock(device)
     for _ in range(number):
         fn()
-    return time.perf_counter() - start
+    return _clock(device) - start
 
 
 def measure(
@@ -107,7 +117,6 @@ def measure(
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    synchronize(device)
     number = {}
     for name in names:
         once = max(_sample(fns[name], 1, device), 1e-9)
@@ -129,27 +138,13 @@ class LayerInput:
     requires_grad: bool  # whether training back-propagates into this input
 
 
-def timed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every conv layer of `model` in module order: LowRankConv2d as one layer, plain Conv2d
-    elsewhere (the two convs inside a LowRankConv2d are not separate rows) — the rows of
-    report.costs.conv_costs."""
-    layers, inner = [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankConv2d):
-            inner.update(module.modules())
-            layers.append((name, module))
-        elif isinstance(module, nn.Conv2d) and module not in inner:
-            layers.append((name, module))
-    return layers
-
-
 def capture_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInput]:
-    """Input shape of every conv layer (see `timed_layers`) in one training-mode forward of
+    """Input shape of every conv layer (models.conv_layers) in one training-mode forward of
     `example`. Layers the forward does not reach are left out. The forward runs on `model` itself,
     in train mode (BatchNorm running statistics move): pass a copy if that matters."""
     found: dict[str, LayerInput] = {}
     hooks = []
-    for name, layer in timed_layers(model):
+    for name, layer in conv_layers(model):
         def hook(_module, args, _output, name=name):
             found[name] = LayerInput(tuple(args[0].shape), bool(args[0].requires_grad))
         hooks.append(layer.register_forward_hook(hook))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..models import layer_names
 from .engines import CheckpointWriteFailed, Engine
 from .checkpoint import CheckpointManager, rng_states
 from .distributed import DistContext
@@ -189,7 +190,8 @@ def project(run: Run, step: int) -> None:
     differ by an ulp between ranks)."""
     residuals = run.projector.project()
     run.dist_ctx.broadcast_parameters(run.model)
-    run.log.scalars(step, {f"projection/residual/{name}": r for name, r in residuals.items()})
+    names = layer_names(run.model)  # tags by the paper's layer names: projection/residual/conv4_2
+    run.log.scalars(step, {f"projection/residual/{names[name]}": r for name, r in residuals.items()})
 
 
 def log_window(run: Run, state: TrainState, meter: Meter) -> None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_errors
 from ..data import build_loaders
-from ..models import build_model, model_spec
+from ..models import build_model, layer_names, model_spec
 from ..report.execution import ExecutionPlan, plan_for_run
 from ..runtime import amp_dtype, select_device
 from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
@@ -253,8 +253,9 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         log.text("config", "```yaml\n" + yaml.safe_dump(cfg.resolved(), sort_keys=False) + "```")
         if dist_ctx.is_main:
             (cfg.run.folder / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-        log.scalars(0, {f"ranks/{name}": rank for name, rank in setup.ranks.items()})
-        log.scalars(0, {f"decomposition/relative_error/{n}": e for n, e in setup.decomposition_errors.items()})
+        names = layer_names(setup.model)  # tags by the paper's layer names: ranks/conv4_2
+        log.scalars(0, {f"ranks/{names[n]}": rank for n, rank in setup.ranks.items()})
+        log.scalars(0, {f"decomposition/relative_error/{names[n]}": e for n, e in setup.decomposition_errors.items()})
     return run, checkpoint
 
 

@@ -1,0 +1,63 @@
+"""Each conv layer's name as the paper and the authors' prototxts give it (conv1_2, conv4_2,
+inception_3a/3x3), beside its module path (features.2, features.19, inception3a.branch2.1.conv).
+
+The names are the model registry's: each ModelSpec may carry a `layer_names` rule, written beside
+the model (vgg.py, googlenet.py, ...), and `layer_names(model)` applies the rule of the spec the
+model was built from (`build_model` marks the model with its registry name, as timm marks its
+models with their config). A model built otherwise, or from a spec without a rule, is named by its
+module paths. Reports, plots and TensorBoard tags show these names; CSV and JSON keep the module
+path beside them, because the path is what addresses the layer in PyTorch (state dicts, execution
+plans). A config's `ranks` mapping takes either (models.convert.choose_ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..layers import LowRankConv2d
+from .registry import MODELS
+
+# The attribute build_model sets on a model it builds: the registry name, which finds its naming.
+REGISTERED_AS = "registered_as"
+
+LayerNaming = Callable[[nn.Module], "dict[str, str]"]  # model → {module path: paper name}
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every conv layer of `model` in module order, with its module path: a LowRankConv2d as one
+    layer (the two convs inside it are not layers of their own), a plain Conv2d elsewhere."""
+    layers, inner = [], set()
+    for path, module in model.named_modules():
+        if isinstance(module, LowRankConv2d):
+            inner.update(module.modules())
+            layers.append((path, module))
+        elif isinstance(module, nn.Conv2d) and module not in inner:
+            layers.append((path, module))
+    return layers
+
+
+def in_order(*names: str) -> LayerNaming:
+    """A naming that gives the conv layers these names in module order (the model must have
+    exactly as many conv layers: a model changed under its naming fails loudly, not misnamed)."""
+
+    def naming(model: nn.Module) -> dict[str, str]:
+        paths = [path for path, _ in conv_layers(model)]
+        if len(paths) != len(names):
+            raise ValueError(
+                f"{getattr(model, REGISTERED_AS, type(model).__name__)}: {len(paths)} conv layers, but the"
+                f" naming has {len(names)} names ({', '.join(names)})"
+            )
+        return dict(zip(paths, names))
+
+    return naming
+
+
+def layer_names(model: nn.Module) -> dict[str, str]:
+    """Module path → paper name for every conv layer of `model` (see `conv_layers`), in module
+    order; the module path itself where the model has no paper names."""
+    spec = MODELS.get(getattr(model, REGISTERED_AS, None))
+    if spec is None or spec.layer_names is None:
+        return {path: path for path, _ in conv_layers(model)}
+    return spec.layer_names(model)
