@@ -37,10 +37,11 @@ RESERVED_CPUS = 2
 # (VGG-16 compiled, the others eager; docs/design.md#speed): the rate a node's CPUs must feed each GPU at.
 GPU_IMAGES_PER_S = {"alexnet": 36_128, "vgg16": 5_710, "googlenet": 6_701}
 # Images per CPU-second the host side of each data path sustains (python bench/loaders.py, 500×375
-# JPEGs in page cache, 2-core CPU; README "Data loading speed"): with DALI on the GPU the host reads
-# and plans (--no-decode: 23,500–26,400, taken as 20,000 for nvJPEG's host-side share, which no GPU
-# here could measure); on the CPU it also decodes, crops and resizes (DALI 446–456, torchvision 304–336).
-HOST_IMAGES_PER_CORE = {"dali-gpu": 20_000, "dali-cpu": 440, "torchvision": 300}
+# JPEGs in page cache, 2-core CPU, otherwise idle; README "Data loading speed"): with DALI on the GPU
+# the host reads and plans (--no-decode: 15,300–17,600, taken as 15,000 for nvJPEG's host-side
+# share, which no GPU here could measure); on the CPU it also decodes, crops and resizes (DALI
+# 259–294, torchvision 209–232). A busy machine measured higher per core: idle threads spin less.
+HOST_IMAGES_PER_CORE = {"dali-gpu": 15_000, "dali-cpu": 260, "torchvision": 210}
 
 
 @dataclass

@@ -534,3 +534,34 @@ def test_dali_cpu_resizes_into_a_few_reused_buffers_off_the_training_thread(phot
             del images
     assert len(threads) == 16 and threading.main_thread() not in threads
     assert 1 <= allocations.count(torch.uint8) <= AHEAD + 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_data_thread_never_changes_torchs_process_wide_thread_pools(photos, backend, monkeypatch):
+    """torch.set_num_threads from the data thread resizes pools the training thread's ops are using
+    (it crashed a max_pool2d in `make demo`); the data thread limits only its own OpenMP threads."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    data = loaders(photos, backend, batch_size=2, image_size=24)
+    read_epoch(data.train, 0)
+    list(data.val)
+    assert calls == []
+
+
+@pytest.mark.skipif(not dali_module.dali_available(), reason="needs DALI")
+def test_dali_on_the_cpu_survives_many_passes_with_two_threads(tmp_path):
+    """DALI 2.4.0's CPU image_slice crashed the process (SIGSEGV in its decoder threads) within a few
+    passes like these, about one run in two; in a subprocess, so a crash fails this test only."""
+    make_synthetic(tmp_path, classes=4, train_per_class=100, val_per_class=25, seed=3, min_side=48, max_side=96)
+    script = (
+        "import sys, torch\n"
+        "from lowrank_dist.data import build_loaders\n"
+        "data = build_loaders(sys.argv[1], backend='dali', dali_device='cpu', batch_size=32, image_size=32,"
+        " workers=2, device=torch.device('cpu'))\n"
+        "for epoch in range(8):\n"
+        "    for images, labels in data.train.epoch(epoch): pass\n"
+        "    for images, labels, valid in data.val: pass\n"
+        "print('done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]

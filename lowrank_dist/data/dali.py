@@ -3,15 +3,16 @@
 The host plans each pass (an epoch from its start batch, or the val set) in one go: which sample
 fills each slot (the index's bad images replaced, `loaders.fill_slots`) and every crop window and
 mirror flag (`CropPlan.boxes`, vectorised over the index's image sizes). DALI then does the rest:
-fn.readers.file reads exactly those files, in that order, in its own loader thread, and
-fn.decoders.image_slice decodes just each crop window (libjpeg-turbo on the CPU, nvJPEG for
-"mixed"). On the GPU, fn.resize scales the crops to S×S with an antialiased linear filter like
-PIL's and fn.flip mirrors them, so the batch stays on the device end to end; on the CPU, where
-DALI's resize costs more than the decoding, torch's antialiased bilinear resize does it
-(`_resized`). The crop windows reach DALI through a batch-mode fn.external_source whose callback
-only slices the planned arrays (a few µs per batch). All of this runs in DALI's threads and in the
-loaders' background thread (`loaders.Ahead`), with DALI's prefetch_queue_depth and the loaders'
-queue keeping batches in flight while the step runs: nothing per image on the training thread.
+fn.readers.file reads exactly those files, in that order, in its own loader thread. On the GPU,
+fn.decoders.image_slice decodes just each crop window (nvJPEG, "mixed"), fn.resize scales it to
+S×S with an antialiased linear filter like PIL's and fn.flip mirrors it, so the batch stays on the
+device end to end. On the CPU, fn.decoders.image decodes each image (libjpeg-turbo), fn.slice cuts
+the window, and torch's antialiased bilinear resize scales and mirrors it (`_resized`): DALI's CPU
+resize costs more than the decoding. The crop windows reach DALI through a batch-mode
+fn.external_source whose callback only slices the planned arrays (a few µs per batch). All of
+this runs in DALI's threads and in the loaders' background thread (`loaders.Ahead`), with DALI's
+prefetch_queue_depth and the loaders' queue keeping batches in flight while the step runs: nothing
+per image on the training thread.
 The output is uint8 N×S×S×3 of our own; the loaders normalise it on their device.
 
 The reader gets one rank's files in the planned order, unshuffled and unsharded: DALI has no
@@ -127,10 +128,15 @@ class DaliBackend:
                 pipe.set_outputs(positions, sizes, anchors, shapes, *mirrors)
             else:
                 # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
-                images = fn.decoders.image_slice(
-                    encoded, anchors, shapes, axis_names="WH", output_type=types.RGB, adjust_orientation=False,
-                    device="mixed" if self.dali_device == "gpu" else "cpu",
-                )
+                if self.dali_device == "gpu":  # nvJPEG decodes just the window
+                    images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", output_type=types.RGB,
+                                                     adjust_orientation=False, device="mixed")
+                else:
+                    # the whole image, then the window: DALI 2.4.0's CPU image_slice crashes the
+                    # process (SIGSEGV in its decoder's thread pool) within a few epochs with 2+
+                    # threads; decoding whole images costs ~15% more CPU here
+                    images = fn.decoders.image(encoded, output_type=types.RGB, adjust_orientation=False)
+                    images = fn.slice(images, anchors, shapes, axis_names="WH")
                 if self.dali_device == "gpu":
                     images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR,
                                        antialias=True)

@@ -149,10 +149,9 @@ class Ahead:
         return False
 
     def _fill(self, items: Iterator) -> None:
-        # this thread's own torch ops (a resize, a copy) on one core: the setting is per thread, and
-        # a parallel region for one 224² image costs more in waiting threads than it saves
-        # (measured on 2 cores: 0.65 ms of CPU per resized image on one thread, 4.9 ms on two)
-        torch.set_num_threads(1)
+        # No thread settings here: torch.set_num_threads from this thread (and threadpoolctl's
+        # OpenMP limit) made DALI with 2 threads crash the process within a few epochs of `make
+        # demo`; this thread's torch ops use torch's defaults, as the training thread's do.
         try:
             for item in items:
                 if not self._put(item):
