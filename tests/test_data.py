@@ -538,8 +538,8 @@ def test_dali_cpu_resizes_into_a_few_reused_buffers_off_the_training_thread(phot
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_data_thread_never_changes_torchs_process_wide_thread_pools(photos, backend, monkeypatch):
-    """torch.set_num_threads from the data thread resizes pools the training thread's ops are using
-    (it crashed a max_pool2d in `make demo`); the data thread limits only its own OpenMP threads."""
+    """torch.set_num_threads from the data thread would resize pools the training thread's ops are
+    using; the data thread leaves torch's thread settings alone."""
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
     data = loaders(photos, backend, batch_size=2, image_size=24)

@@ -128,20 +128,18 @@ class DaliBackend:
                 pipe.set_outputs(positions, sizes, anchors, shapes, *mirrors)
             else:
                 # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
-                if self.dali_device == "gpu":  # nvJPEG decodes just the window
+                if self.dali_device == "gpu":  # nvJPEG decodes just the window; resized and mirrored here
                     images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", output_type=types.RGB,
                                                      adjust_orientation=False, device="mixed")
-                else:
-                    # the whole image, then the window: DALI 2.4.0's CPU image_slice crashes the
-                    # process (SIGSEGV in its decoder's thread pool) within a few epochs with 2+
-                    # threads; decoding whole images costs ~15% more CPU here
-                    images = fn.decoders.image(encoded, output_type=types.RGB, adjust_orientation=False)
-                    images = fn.slice(images, anchors, shapes, axis_names="WH")
-                if self.dali_device == "gpu":
                     images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR,
                                        antialias=True)
                     images = fn.flip(images, horizontal=mirrors[0])
-                # on the CPU the crops come out as decoded: `_resized` scales and mirrors them
+                else:
+                    # the whole image, then the window: DALI 2.4.0's CPU image_slice crashes the
+                    # process (SIGSEGV in its decoder's thread pool) within a few epochs with 2+
+                    # threads. The windows come out as decoded: `_resized` scales and mirrors them.
+                    images = fn.decoders.image(encoded, output_type=types.RGB, adjust_orientation=False)
+                    images = fn.slice(images, anchors, shapes, axis_names="WH")
                 pipe.set_outputs(positions, sizes, images)
         pipe.build()
         return pipe

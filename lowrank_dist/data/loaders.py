@@ -149,9 +149,8 @@ class Ahead:
         return False
 
     def _fill(self, items: Iterator) -> None:
-        # No thread settings here: torch.set_num_threads from this thread (and threadpoolctl's
-        # OpenMP limit) made DALI with 2 threads crash the process within a few epochs of `make
-        # demo`; this thread's torch ops use torch's defaults, as the training thread's do.
+        # No torch.set_num_threads here: besides this thread's OpenMP count it resizes pools that
+        # every thread shares, under the training thread's running ops.
         try:
             for item in items:
                 if not self._put(item):
