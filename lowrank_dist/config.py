@@ -77,7 +77,7 @@ class LowRankConfig(Section):
 
     def policy_dict(self) -> dict:
         """The `lowrank` dict that models.build_model accepts (policy only, no training mode)."""
-        keys = ("preset", "ranks", "speedup", "energy", "factorize_first")
+        keys = ("preset", *POLICIES, "factorize_first")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None} | {"bn_between": self.bn_between}
 
 

@@ -25,7 +25,7 @@ from .layer_names import REGISTERED_AS, conv_layers, layer_names
 from .registry import MODELS, ModelSpec, model_spec, register_model
 
 MODEL_KEYS = {"name", "num_classes", "batch_norm", "dropout", "lowrank"}
-LOWRANK_KEYS = {"preset", "ranks", "speedup", "energy", "factorize_first", "bn_between"}
+LOWRANK_KEYS = {"preset", *POLICIES, "factorize_first", "bn_between"}
 
 
 def lowrank_policy(spec: ModelSpec, lowrank: Mapping) -> dict:

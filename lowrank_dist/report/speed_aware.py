@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..ranks import SPEEDUP_ABOVE, ExplicitRanks, RankPolicy, TargetSpeedup
+from ..ranks import POLICIES, SPEEDUP_ABOVE, ExplicitRanks, RankPolicy, TargetSpeedup
 from ..layers import LowRankConv2d
 from ..models import choose_ranks, factorizable_convs, layer_names
 from ..runtime import check_dtype, dtype_name, select_device
@@ -148,7 +148,7 @@ class SpeedAwareRanks:
         tree = copy.deepcopy(dict(base)) if base is not None else {}
         model_section = dict(tree.get("model") or {}) or {k: v for k, v in model.items() if k != "lowrank"}
         lowrank = {k: v for k, v in dict(model_section.get("lowrank") or model.get("lowrank") or {}).items()
-                   if k not in ("preset", "ranks", "speedup", "energy", "factorize_first")}
+                   if k not in ("preset", *POLICIES, "factorize_first")}
         model_section["lowrank"] = lowrank | {"ranks": self.ranks}
         tree["model"] = model_section
         if isinstance(tree.get("run"), dict):
