@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from .check import inspect_file
 from .integrity import BadImage
 from .samples import DataError, Samples, class_folders, read_list, scan_split
@@ -169,13 +170,10 @@ def save(path: Path, root: Path, samples: Samples, meta: dict) -> None:
     prefix = str(root) + os.sep
     relative = [p[len(prefix):] if p.startswith(prefix) else p for p in samples.paths]
     bad = sorted(samples.bad)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(partial, "wb") as f:  # a file object: np.savez would add .npz to a name
+    with atomic_write(path) as f:  # a file object: np.savez would add .npz to a name
         np.savez(f, meta=_blob([json.dumps(meta)]), paths=_blob(relative), labels=samples.labels,
                  sizes=samples.sizes, widths=samples.widths, heights=samples.heights,
                  bad_index=np.asarray(bad, dtype=np.int64), bad_why=_blob([samples.bad[i] for i in bad]))
-    os.replace(partial, path)  # readers see the old index or the new one, never half of one
 
 
 def load(path: Path, root: Path) -> tuple[Samples, dict] | None:

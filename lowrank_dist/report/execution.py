@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import nn
 
+from ..files import write_text_atomic
 from ..layers import LowRankConv2d
 from ..models import layer_names
 from ..runtime import amp_dtype, check_dtype, dtype_name, select_device
@@ -221,10 +221,7 @@ def write_cache(path: Path, entries: Mapping[str, dict]) -> None:
     """Merge `entries` into the cache file, atomically (a reader never sees half a file; a run
     writing at the same time loses at most its own new entries, which are timed again next time)."""
     merged = {**read_cache(path), **entries} if path.exists() else dict(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps({"version": CACHE_VERSION, "layers": merged}, indent=1) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps({"version": CACHE_VERSION, "layers": merged}, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,20 +25,19 @@ of it runs. Checkpoints of lowrank-dist before this format pickled NumPy's RNG s
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import TEMPORARY_FILE, atomic_write, copy_atomic
+
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
 SHARD_FILE = re.compile(r"^step_(\d{9})\.rank\d{5}-of-\d{5}\.pt$")
-TEMPORARY_FILE = re.compile(r"^\..+\.tmp-\d+$")  # atomic_save's, left behind by a process killed mid-write
 
 
 def rng_states() -> dict:
@@ -66,23 +65,8 @@ def restore_rng_states(states: dict) -> None:
 
 def atomic_save(payload: dict, path: Path) -> None:
     """torch.save to `path` so that a crash or a full disk leaves any previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # make the rename itself durable
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 class CheckpointError(ValueError):
@@ -201,7 +185,7 @@ class CheckpointManager:
         path = self.path_for(step)
         atomic_save(payload, path)
         if is_best:
-            self._copy_atomic(path, self.folder / "best.pt")
+            copy_atomic(path, self.folder / "best.pt")
         self.prune()
         return path
 
@@ -216,13 +200,3 @@ class CheckpointManager:
             elif (match := SHARD_FILE.match(path.name)) and f"step_{match.group(1)}" not in kept:
                 if int(match.group(1)) <= newest:  # newer shards may be another rank's save in progress
                     path.unlink()
-
-    @staticmethod
-    def _copy_atomic(source: Path, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
