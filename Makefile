@@ -31,7 +31,7 @@ demo: setup
 
 # Per-layer theoretical costs (MACs, parameters) of every low-rank model.
 costs: setup
-	$(PY) -m lowrank_dist.report.costs
+	$(PY) -m lowrank_dist.speed.costs
 
 test: setup
 	$(PY) -m pytest -q

@@ -34,7 +34,7 @@ def child(method: str) -> None:
     import numpy as np
     import torch
 
-    from lowrank_dist.svd import decompose_kernel, unfold
+    from lowrank_dist.lowrank.svd import decompose_kernel, unfold
     from lowrank_dist.models import build_model, factorizable_convs
 
     torch.manual_seed(0)

@@ -4,11 +4,11 @@ low-rank VGG-16 train faster? Dense, all factorized, all composed and the `auto`
     python bench/execution_cpu.py                                # VGG-16, authors' ranks, fp32, batch 8, 112×112
     python bench/execution_cpu.py --batch 4 --image-size 64 --repeats 3 --out results.json
 
-First the plan: every factorized layer timed forward+backward both ways (report.execution, the
-same code as `model.lowrank.execution: auto`), printed as a table. Then the train step (forward,
+First the plan: every factorized layer timed forward+backward both ways (speed.execution, the
+same code as `precision.execution: auto`), printed as a table. Then the train step (forward,
 cross-entropy, backward, SGD update) of the dense model and of the low-rank model run all
 factorized, all composed and under the plan, timed in alternation by the project's harness
-(report.timing.measure: warm-up, calibrated calls per sample, median of repeats, order reversed
+(speed.timing.measure: warm-up, calibrated calls per sample, median of repeats, order reversed
 every other round), so that a neighbour's load weighs on all four alike. The three low-rank
 variants are one model whose layers are switched between calls (the same parameters: only
 `LowRankConv2d.execution` changes), which also keeps memory at two VGG-16s.
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_dist.models import build_model  # noqa: E402
-from lowrank_dist.report.execution import plan_execution, set_execution  # noqa: E402
-from lowrank_dist.report.timing import device_description, measure, model_functions  # noqa: E402
+from lowrank_dist.speed.execution import plan_execution, set_execution  # noqa: E402
+from lowrank_dist.speed.timing import device_description, measure, model_functions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,11 @@ and the tolerances, each stated with its reason):
 3. `nccl`: a process group of one over NCCL (process_group(group_of_one=True)), the trainer on it
    (DDP, every all-reduce through NCCL), then the evaluation's exactly-once count over 3 shards;
 4. `speed`: for each model, dense against four low-rank variants: the authors' ranks (where
-   published), a 2× per-layer theoretical target, speed-aware ranks (lowrank_dist.report.speed_aware:
+   published), a 2× per-layer theoretical target, speed-aware ranks (lowrank_dist.speed.speed_aware:
    the default policy's ranks and those of 2/3/4× targets, each layer kept factorized only where it is
    measured faster on this card), and `auto`: the default policy's ranks (the authors' for AlexNet and
    VGG-16, 2× for GoogLeNet) with each layer run factorized or composed, whichever its forward+backward
-   is measured faster here (lowrank_dist.report.execution, as `model.lowrank.execution: auto` does at a
+   is measured faster here (lowrank_dist.speed.execution, as `precision.execution: auto` does at a
    run's start; the plan is printed). Measured: train-step images/s (forward, backward, SGD update) in
    eager mode and under torch.compile, bf16 autocast, channels_last, each variant alternated with
    dense; per model the layer table of the auto variant (dense, factorized and composed per layer, the
@@ -96,13 +96,13 @@ import torch.nn.functional as F  # noqa: E402
 from gpu_checks import CHECKS, ESTIMATE_S, Checks, run_check  # noqa: E402
 from lowrank_dist.data import build_loaders  # noqa: E402
 from lowrank_dist.data.synthetic import make_synthetic  # noqa: E402
-from lowrank_dist.layers import LowRankConv2d  # noqa: E402
+from lowrank_dist.lowrank.layers import LowRankConv2d  # noqa: E402
 from lowrank_dist.models import build_model, choose_ranks, lowrank_policy, model_spec  # noqa: E402
-from lowrank_dist.report.costs import DEFAULT_LOWRANK, conv_costs  # noqa: E402
-from lowrank_dist.report.execution import plan_execution, set_execution  # noqa: E402
-from lowrank_dist.report.speed import device_description, speed_report  # noqa: E402
-from lowrank_dist.report.speed_aware import speed_aware_ranks  # noqa: E402
-from lowrank_dist.report.timing import Timing, measure, model_functions, synchronize  # noqa: E402
+from lowrank_dist.speed.costs import DEFAULT_LOWRANK, conv_costs  # noqa: E402
+from lowrank_dist.speed.execution import plan_execution, set_execution  # noqa: E402
+from lowrank_dist.speed.report import device_description, speed_report  # noqa: E402
+from lowrank_dist.speed.speed_aware import speed_aware_ranks  # noqa: E402
+from lowrank_dist.speed.timing import Timing, measure, model_functions, synchronize  # noqa: E402
 from lowrank_dist.runtime import autocast_for, logits_of  # noqa: E402
 from lowrank_dist.training.projection import Projector  # noqa: E402
 from report_vs_hand import hand_check  # noqa: E402

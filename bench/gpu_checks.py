@@ -41,10 +41,10 @@ from lowrank_dist.data import build_loaders
 from lowrank_dist.data.dali import dali_available
 from lowrank_dist.data.sampling import split_batches
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import build_model
-from lowrank_dist.report.costs import DEFAULT_LOWRANK
-from lowrank_dist.report.execution import set_execution
+from lowrank_dist.speed.costs import DEFAULT_LOWRANK
+from lowrank_dist.speed.execution import set_execution
 from lowrank_dist.runtime import logits_of
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Does the speed report measure what a stopwatch measures? Every layer's report time beside a
 timing of the same layer by hand, in the same run.
 
-The report (lowrank_dist.report.speed) times each conv layer with its own machinery: device
+The report (lowrank_dist.speed.report) times each conv layer with its own machinery: device
 events on a GPU, a calibrated number of calls per sample, dense and low-rank alternated, the
 median of repeats. Here each layer is timed again by the plainest code there is, sharing nothing
 with it but the layer and the input shape: synchronize, `time.perf_counter()`, call the layer
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_dist.models import build_model  # noqa: E402
-from lowrank_dist.report.speed import SpeedReport, device_description, speed_report  # noqa: E402
+from lowrank_dist.speed.report import SpeedReport, device_description, speed_report  # noqa: E402
 from lowrank_dist.runtime import DTYPES, select_device  # noqa: E402
 
 

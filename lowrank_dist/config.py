@@ -8,7 +8,6 @@ it into a one-line message and exit code 2.
 from __future__ import annotations
 
 import copy
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -17,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .data.integrity import OnBadImage
-from .ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
+from .lowrank.ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
 
 class ConfigError(ValueError):
@@ -40,21 +39,13 @@ class LowRankConfig(Section):
     bn_between: bool = False
     dense_checkpoint: Path | None = None  # decomposed mode: the trained dense model to start from
     project_every: int = Field(default=100, ge=1)  # projected mode: optimizer steps between projections
-    # How each factorized layer runs — the same parameters and function either way: as its two thin
-    # convs, as one dense conv of its composed kernel, or whichever is measured faster per layer at
-    # start-up (report/execution.py). Not part of the model: a checkpoint resumes under any of them.
-    # null: auto on a GPU, factorized on the CPU (measured slower composed there, see CPU_DEFAULT).
-    execution: Literal["auto", "factorized", "composed"] | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _old_spelling(cls, tree: Any) -> Any:
-        if isinstance(tree, dict) and "factorise_first" in tree:
-            if "factorize_first" in tree:
-                raise ValueError("give factorize_first once (factorise_first is its old spelling)")
-            print("note: model.lowrank.factorise_first is now spelled factorize_first; the old spelling"
-                  " still works for now", file=sys.stderr)
-            tree = {("factorize_first" if k == "factorise_first" else k): v for k, v in tree.items()}
+    def _moved_keys(cls, tree: Any) -> Any:
+        if isinstance(tree, dict) and "execution" in tree:
+            raise ValueError("model.lowrank.execution has moved to precision.execution (how layers run is not"
+                             " what the model is); move the line there")
         return tree
 
     @model_validator(mode="after")
@@ -66,9 +57,6 @@ class LowRankConfig(Section):
             raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
         if self.mode == "decomposed" and self.dense_checkpoint is None:
             raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
-        if self.execution == "composed" and self.bn_between:
-            raise ValueError("execution 'composed' is impossible with bn_between: BatchNorm between V and H normalises"
-                             " the intermediate by batch statistics, so the pair is not one kernel; use 'auto' or 'factorized'")
         if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be >= 1 (or null for a dense layer), got {self.ranks}")
         if isinstance(self.ranks, dict) and any(r is not None and r < 1 for r in self.ranks.values()):
@@ -184,9 +172,16 @@ class OptimConfig(Section):
 
 
 class PrecisionConfig(Section):
+    """How the model runs — none of it changes the model or its checkpoints."""
+
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     compile: bool = False
+    # How each factorized layer runs — the same parameters and function either way: as its two thin
+    # convs, as one dense conv of its composed kernel, or whichever is measured faster per layer at
+    # start-up (speed/execution.py). A checkpoint resumes under any of them.
+    # null: auto on a GPU, factorized on the CPU (measured slower composed there, see CPU_DEFAULT).
+    execution: Literal["auto", "factorized", "composed"] | None = None
 
 
 class DistributedConfig(Section):
@@ -253,6 +248,15 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _composed_needs_one_kernel(self):
+        lowrank = self.model.lowrank
+        if self.precision.execution == "composed" and lowrank is not None and lowrank.bn_between:
+            raise ValueError("precision.execution 'composed' is impossible with model.lowrank.bn_between: BatchNorm"
+                             " between V and H normalises the intermediate by batch statistics, so the pair is not one"
+                             " kernel; use 'auto' or 'factorized'")
+        return self
 
     @model_validator(mode="after")
     def _what_deepspeed_cannot_do(self):

@@ -128,12 +128,17 @@ def test_energy_policy_needs_trained_weights(tmp_path, mode):
     assert load_config(path).model.lowrank.energy == 0.9  # decomposed: the dense model's spectrum
 
 
-def test_the_old_spelling_factorise_first_still_loads_with_a_note(tmp_path, capsys):
+def test_a_moved_or_dropped_key_is_one_line_naming_where_it_went(tmp_path, capsys):
+    """model.lowrank.execution moved to precision.execution; the factorise_first spelling is gone."""
     tree = base(tmp_path)
+    tree["model"]["lowrank"]["execution"] = "auto"
+    path = write(tmp_path, tree)
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.lowrank.execution has moved to precision.execution" in err[0], err
+    del tree["model"]["lowrank"]["execution"]
+    tree["precision"] = {"execution": "auto"}
+    assert load_config(write(tmp_path, tree)).precision.execution == "auto"
     tree["model"]["lowrank"]["factorise_first"] = True
-    cfg = load_config(write(tmp_path, tree))
-    assert cfg.model.lowrank.factorize_first is True
-    assert "factorise_first is now spelled factorize_first" in capsys.readouterr().err
-    tree["model"]["lowrank"]["factorize_first"] = False
-    with pytest.raises(ConfigError, match="factorize_first once"):
+    with pytest.raises(ConfigError, match="factorise_first"):
         load_config(write(tmp_path, tree))

@@ -24,11 +24,12 @@ from lowrank_dist.config import ConfigError, config_from_dict, load_config
 from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
 from lowrank_dist.training.distributed import DistContext, Rendezvous, process_group
 from lowrank_dist.training.trainer import fit
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import build_model
-from lowrank_dist.report import execution
-from lowrank_dist.report.execution import ExecutionPlan, plan_execution, plan_for_run, read_cache, set_execution
-from lowrank_dist.report.speed import speed_report
+from lowrank_dist.speed import execution
+from lowrank_dist.speed.execution import ExecutionPlan, plan_execution, read_cache, set_execution
+from lowrank_dist.training.model_setup import plan_for_run
+from lowrank_dist.speed.report import speed_report
 
 from .helpers import write_config
 
@@ -107,7 +108,7 @@ def test_composed_trains_only_v_and_h_and_keeps_the_rank():
     assert [name for name, _ in layer.named_parameters()] == names == ["vertical.weight", "horizontal.weight",
                                                                          "horizontal.bias"]
     assert all(not torch.equal(before[name], p) for name, p in layer.named_parameters())
-    from lowrank_dist.svd import unfold
+    from lowrank_dist.lowrank.svd import unfold
 
     kernel = layer.dense_weight().detach().double()  # composed in fp32: singular values beyond K are rounding
     per_group = layer.rank // layer.groups
@@ -141,9 +142,9 @@ def test_batch_norm_between_has_no_composed_form(tmp_path):
         plan_execution(model, (2, 3, 16, 16), "composed", "cpu")
     plan = plan_execution(model, (2, 3, 16, 16), "auto", "cpu")  # auto keeps such layers factorized, untimed
     assert set(plan.executions.values()) == {"factorized"} and all(layer.factorized_s is None for layer in plan.layers)
-    tree = {"model": {"name": "tiny_vgg", "lowrank": {"speedup": 2.0, "bn_between": True, "execution": "composed"}},
-            "data": {"root": str(tmp_path)}}
-    with pytest.raises(ConfigError, match="model.lowrank: execution 'composed' is impossible with bn_between"):
+    tree = {"model": {"name": "tiny_vgg", "lowrank": {"speedup": 2.0, "bn_between": True}},
+            "precision": {"execution": "composed"}, "data": {"root": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="precision.execution 'composed' is impossible with model.lowrank.bn_between"):
         config_from_dict(tree, "cfg.yaml")
 
 
@@ -309,7 +310,7 @@ def run_config(out_dir: Path, execution_: str | None = "auto", **sections) -> di
         "data": {"root": str(out_dir), "batch_size": 8, "image_size": 32},
     }
     if execution_ is not None:
-        tree["model"]["lowrank"]["execution"] = execution_
+        tree["precision"] = {"execution": execution_}
     for section, values in sections.items():
         tree[section] = tree.get(section, {}) | values
     return tree
@@ -349,7 +350,7 @@ def test_the_cpu_default_is_the_measured_choice_and_a_dense_model_has_no_plan(fa
     log = Log()
     plan = plan_for_run(cfg, tiny(), torch.device("cpu"), DistContext(), log)
     assert plan.mode == execution.CPU_DEFAULT == "factorized" and fake.calls == []
-    assert "model.lowrank.execution not set: factorized on the CPU" in log.printed[0]
+    assert "precision.execution not set: factorized on the CPU" in log.printed[0]
     assert execution.default_execution(torch.device("cuda")) == "auto"
     dense = config_from_dict(run_config(tmp_path, None) | {"model": {"name": "tiny_vgg"}}, "cfg.yaml", check_paths=False)
     assert plan_for_run(dense, build_model({"name": "tiny_vgg"}), torch.device("cpu"), DistContext(), Log()) is None
@@ -398,7 +399,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 def test_a_resume_under_another_plan_takes_the_same_step(tmp_path, synthetic):
     """Step 1 factorized, then step 2 twice from its checkpoint: factorized (the original run) and
-    composed (a resume with model.lowrank.execution changed, which check_resumable must accept).
+    composed (a resume with precision.execution changed, which check_resumable must accept).
 
     Tolerance: the two step-2 updates w2 − w1 agree to 1e-3 of the largest update of that tensor,
     plus 1e-7 absolute. Both forms compute the same sums in another order, so the loss and the
@@ -412,7 +413,7 @@ def test_a_resume_under_another_plan_takes_the_same_step(tmp_path, synthetic):
         return write_config(folder / "cfg.yaml", {}, {
             "run": {"out_dir": str(folder / "runs"), "name": "t", "seed": 0, "device": "cpu", "checkpoint_every": 1,
                     "keep_last": 10, "max_steps": 2, "speed_report": False},
-            "model": {"name": "tiny_vgg", "dropout": 0.2, "lowrank": {"speedup": 2.0, "execution": form}},
+            "model": {"name": "tiny_vgg", "dropout": 0.2, "lowrank": {"speedup": 2.0}}, "precision": {"execution": form},
             "data": {"root": str(synthetic), "backend": "torchvision", "batch_size": 16, "image_size": 32, "workers": 0},
             "optim": {"epochs": 1, "lr": 0.05},
         })

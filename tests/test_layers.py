@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_dist.svd import decompose_kernel, recompose
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.svd import decompose_kernel, recompose
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import build_model, factorizable_convs
 
 

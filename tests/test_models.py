@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_dist.svd import max_rank, singular_values
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.svd import max_rank, singular_values
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import MODELS, build_model, conv_layers, convert, decompose_model, factorizable_convs, layer_names
-from lowrank_dist.report.costs import conv_costs
+from lowrank_dist.speed.costs import conv_costs
 
 # VGG-16 convs: (C, N) and the authors' ranks (Tai et al. 2016; chengtaipu/lowrankcnn, imagenet/models_vgg/config.json).
 VGG16_CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
@@ -129,7 +129,7 @@ def test_bad_model_configs(cfg, message):
 
 
 def test_cost_table_command_prints_a_row_per_conv_and_totals(capsys):
-    from lowrank_dist.report.costs import main
+    from lowrank_dist.speed.costs import main
 
     assert main(["--model", "nin", "--speedup", "2"]) == 0
     out = capsys.readouterr().out
@@ -140,7 +140,7 @@ def test_cost_table_command_prints_a_row_per_conv_and_totals(capsys):
 
 
 def test_cost_table_command_rejects_a_bad_preset(capsys):
-    from lowrank_dist.report.costs import main
+    from lowrank_dist.speed.costs import main
 
     assert main(["--model", "nin", "--preset", "tai2016_2.4x"]) == 2
     assert "nin has no preset 'tai2016_2.4x'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from lowrank_dist.training.distributed import DistContext
 from lowrank_dist.runtime import logits_of
 from lowrank_dist.training.optim import build_optimizer, build_scheduler
 from lowrank_dist.training.trainer import build_model_for, loaders_for
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import build_model
 
 from .helpers import write_cifar_batches, write_jpeg_folder

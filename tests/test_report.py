@@ -23,14 +23,14 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from lowrank_dist.config import load_config
-from lowrank_dist.ranks import TargetSpeedup
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.ranks import TargetSpeedup
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import build_model, convert, factorizable_convs, layer_names
-from lowrank_dist.report import render
-from lowrank_dist.report.__main__ import main
-from lowrank_dist.report.speed import speed_report
-from lowrank_dist.report.speed_aware import speed_aware_ranks
-from lowrank_dist.report.timing import measure
+from lowrank_dist.speed import render
+from lowrank_dist.speed.__main__ import main
+from lowrank_dist.speed.report import speed_report
+from lowrank_dist.speed.speed_aware import speed_aware_ranks
+from lowrank_dist.speed.timing import measure
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (2, 3, 64, 64)  # the smallest square input AlexNet's pooling takes is 63
@@ -335,10 +335,10 @@ def test_cli_reads_a_training_config(tmp_path, capsys):
     """--config: model, batch and image size, bf16 and channels_last come from the config (here
     the flags override batch and size; channels_last stays the config's; the config's bf16 becomes
     fp32 on the CPU, where bf16 convolutions say nothing about a GPU run). The config's
-    model.lowrank.execution is the report's plan."""
+    precision.execution is the report's plan."""
     out = tmp_path / "from_config"
     argv = ["--config", str(REPO / "configs/alexnet_lr.yaml"), "--set", "model.num_classes=10", "--device", "cpu",
-            "--set", "model.lowrank.execution=composed", "--batch", "2", "--image-size", "64", "--repeats", "1",
+            "--set", "precision.execution=composed", "--batch", "2", "--image-size", "64", "--repeats", "1",
             "--warmup", "0", "--layers-only", "--out", str(out)]
     assert main(argv) == 0
     assert "alexnet, low-rank (preset=tai2016): measured speed" in capsys.readouterr().out
@@ -365,7 +365,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_cli_usage_errors_exit_2_with_one_line():
-    result = subprocess.run([sys.executable, "-m", "lowrank_dist.report", "--model", "nope"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "lowrank_dist.speed", "--model", "nope"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "invalid choice" in result.stderr
 
 

@@ -8,7 +8,7 @@ import torch
 
 from lowrank_dist.config import ConfigError, config_errors, config_from_dict
 from lowrank_dist.models import build_model
-from lowrank_dist.ranks import SPEEDUP_ABOVE, EnergyFraction, TargetSpeedup
+from lowrank_dist.lowrank.ranks import SPEEDUP_ABOVE, EnergyFraction, TargetSpeedup
 from lowrank_dist.runtime import select_device
 from lowrank_dist.training.checkpoint import CheckpointError
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_dist.ranks import EnergyFraction, ExplicitRanks, TargetSpeedup, policy_from_config
-from lowrank_dist.svd import decompose_kernel, max_rank, recompose, singular_values
+from lowrank_dist.lowrank.ranks import EnergyFraction, ExplicitRanks, TargetSpeedup, policy_from_config
+from lowrank_dist.lowrank.svd import decompose_kernel, max_rank, recompose, singular_values
 
 SHAPES = [  # N, C, kh, kw — square, wide, tall, kh != kw, single input channel
     (8, 5, 3, 3),

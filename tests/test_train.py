@@ -10,13 +10,13 @@ from torch import nn
 
 from lowrank_dist.config import load_config
 from lowrank_dist.data.synthetic import make_synthetic
-from lowrank_dist.svd import unfold
+from lowrank_dist.lowrank.svd import unfold
 from lowrank_dist.training import checkpoint as checkpoint_module
 from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
 from lowrank_dist.training.optim import build_optimizer, lr_factor
 from lowrank_dist.training.projection import Projector
 from lowrank_dist.training.trainer import fit
-from lowrank_dist.layers import LowRankConv2d
+from lowrank_dist.lowrank.layers import LowRankConv2d
 from lowrank_dist.models import build_model, choose_ranks, layer_names
 from lowrank_dist.train import main
 
@@ -286,7 +286,7 @@ def test_a_finished_low_rank_run_writes_its_speed_report_and_a_cut_short_one_doe
     assert set(result_ranks(finished)) <= set(timed) and len(timed) == 4  # tiny_vgg's four convs
     assert report["meta"]["input_shape"] == [16, 3, 32, 32]  # the training batch and crop
     # the run's execution plan (on the CPU by default every layer factorized) is the report's plan
-    assert report["meta"]["plan"] == "the run's plan, model.lowrank.execution factorized"
+    assert report["meta"]["plan"] == "the run's plan, precision.execution factorized"
     assert {row["execution"] for row in timed.values() if row["rank"] is not None} == {"factorized"}
     assert all(row["composed_train"]["median_s"] > 0 for row in timed.values() if row["rank"] is not None)
     assert (finished.folder / "execution_plan.md").read_text().startswith("### execution plan (factorized;")

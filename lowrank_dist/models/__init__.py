@@ -18,7 +18,7 @@ from typing import Mapping
 
 from torch import nn
 
-from ..ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, POLICIES, one_policy
+from ..lowrank.ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, POLICIES, one_policy
 from . import alexnet, caffenet, googlenet, nin, tiny, vgg  # noqa: F401  (registration)
 from .convert import LayerError, choose_ranks, convert, decompose_model, factorizable_convs
 from .layer_names import REGISTERED_AS, conv_layers, layer_names

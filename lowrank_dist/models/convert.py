@@ -16,9 +16,9 @@ from typing import Iterator, Mapping
 
 from torch import nn
 
-from ..ranks import ExplicitRanks, RankPolicy, policy_from_config
-from ..layers import LowRankConv2d
-from ..svd import check_rank, decompose_kernel
+from ..lowrank.ranks import ExplicitRanks, RankPolicy, policy_from_config
+from ..lowrank.layers import LowRankConv2d
+from ..lowrank.svd import check_rank, decompose_kernel
 from .layer_names import layer_names
 
 

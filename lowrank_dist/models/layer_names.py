@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d
 from .registry import MODELS
 
 # The attribute build_model sets on a model it builds: the registry name, which finds its naming.

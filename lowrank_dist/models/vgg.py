@@ -12,7 +12,7 @@ LAYER_NAMES = [f"conv{block}_{index}" for block, convs in enumerate((2, 2, 3, 3,
 
 # Tai et al.'s three rank settings for conv1_1 .. conv5_3. The first is the one of their released
 # config (chengtaipu/lowrankcnn, imagenet/models_vgg/config.json); the other two, one with higher and one
-# with lower ranks, are named by the theoretical conv speedup they give at 224×224 (report.costs;
+# with lower ranks, are named by the theoretical conv speedup they give at 224×224 (speed.costs;
 # 3.10× for the released one).
 TAI2016_RANKS = [5, 24, 48, 48, 64, 128, 160, 192, 192, 256, 320, 320, 320]
 TAI2016_2_4X_RANKS = [  # 2.42×

@@ -1,7 +1,7 @@
 """The two ways several processes train one model, behind one small interface, so that the trainer
 never asks which one it runs.
 
-    engine = build_engine(model, cfg, dist_ctx, device, steps_per_epoch)
+    engine = build_engine(model, cfg, dist_ctx, device)
     with engine.micro_batch(boundary):          # forward and backward of one micro-batch
         loss = criterion(engine.forward(x), y)
         engine.backward(loss / group_size)
@@ -36,7 +36,7 @@ from ..config import Config
 from ..runtime import amp_dtype, autocast_for
 from .checkpoint import CheckpointManager
 from .distributed import DistContext
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, scaled_lr
 
 
 def global_batch(cfg: Config, dist_ctx: DistContext) -> int:
@@ -53,12 +53,25 @@ class CheckpointWriteFailed(RuntimeError):
 
 
 class Engine:
-    """What the trainer uses: `forward`, `micro_batch`, `backward`, `step`, `lr`, `save`/`load`
-    (and `state_dict`/`load_state_dict` under them), and the `optimizer` and `scheduler` they drive."""
+    """What the trainer uses: `forward`, `micro_batch`, `backward`, `step`, `lr`/`set_lr`, `save`/`load`
+    (and `state_dict`/`load_state_dict` under them), and the `optimizer` they drive. `peak_lr` is
+    the lr of the schedule's peak at this run's global batch (optim.scaled_lr)."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    peak_lr: float
     optimizer_sharded: bool  # each rank holds only its part of the optimizer state
+
+    def set_lr(self, lr: float) -> None:
+        """The lr of the next step (the trainer computes it from the run's position: optim.learning_rate)."""
+        for group in self._param_groups():
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self._param_groups()[0]["lr"]
+
+    def _param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
 
     def save(self, checkpoints: CheckpointManager, payload: dict, step: int, dist_ctx: DistContext,
              is_best: bool = False) -> Path | None:
@@ -99,12 +112,12 @@ class DDPEngine(Engine):
 
     optimizer_sharded = False  # every rank holds the whole optimizer state
 
-    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
+    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device):
         self.module = model
         self.device = device
         self.autocast = autocast_for(device, amp_dtype(cfg.precision.amp))
+        self.peak_lr = scaled_lr(cfg.optim, global_batch(cfg, dist_ctx))
         self.optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
-        self.scheduler = build_scheduler(self.optimizer, steps_per_epoch, cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
         self._ddp = None
         if dist_ctx.distributed:
@@ -138,25 +151,18 @@ class DDPEngine(Engine):
         self.scaler.scale(loss).backward()
 
     def step(self) -> torch.Tensor:
-        """Optimizer step (skipped on the device if a gradient is not finite), zero the gradients,
-        move the lr schedule on. Returns the device flag: 1.0 if the update was skipped."""
+        """Optimizer step (skipped on the device if a gradient is not finite), zero the gradients.
+        Returns the device flag: 1.0 if the update was skipped."""
         self.scaler.step(self.optimizer)  # fp16: unscale, and also skip an overflowing step
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return self.optimizer.skipped
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
 
@@ -191,7 +197,7 @@ class DeepSpeedEngine(Engine):
 
     optimizer_sharded = True  # at ZeRO >= 1 each rank holds only its partition
 
-    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
+    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device):
         import logging
 
         import deepspeed
@@ -201,13 +207,12 @@ class DeepSpeedEngine(Engine):
         self.device = device
         self.autocast = nullcontext()  # DeepSpeed's bf16/fp16 modes hold the weights in that dtype
         self.input_dtype = None if cfg.precision.amp == "none" else amp_dtype(cfg.precision.amp)
+        self.peak_lr = scaled_lr(cfg.optim, global_batch(cfg, dist_ctx))
         optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
         self._engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist_ctx.world_size),
             dist_init_required=False,
         )
-        # the lr schedule acts on the optimizer DeepSpeed wraps (its param_groups are the same dicts)
-        self.scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
         self._base_optimizer = optimizer
 
     def forward(self, images: torch.Tensor):
@@ -234,16 +239,14 @@ class DeepSpeedEngine(Engine):
         the device. Either way the flag says whether the update was skipped."""
         self._base_optimizer.skipped = None
         self._engine.step()
-        self.scheduler.step()
         skipped = self._base_optimizer.skipped
         return torch.ones((), device=self.device) if skipped is None else skipped  # None: DeepSpeed skipped it
 
-    @property
-    def lr(self) -> float:
-        return self._base_optimizer.param_groups[0]["lr"]
+    def _param_groups(self) -> list[dict]:
+        return self._base_optimizer.param_groups  # the lr acts on the optimizer DeepSpeed wraps
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self._engine.zero_optimization_stage() > 0:
@@ -253,15 +256,14 @@ class DeepSpeedEngine(Engine):
             self.optimizer.load_state_dict(partitions, load_from_fp32_weights=True)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
 
 
-def build_engine(model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int):
+def build_engine(model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device):
     if cfg.distributed.sync_batchnorm and dist_ctx.distributed:
         if device.type != "cuda":
             raise ValueError("distributed.sync_batchnorm: torch's SyncBatchNorm runs on CUDA GPUs only; set it false on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP/DeepSpeed wrap it (DeepSpeed#502)
-    return ENGINES[cfg.distributed.engine](model, cfg, dist_ctx, device, steps_per_epoch)
+    return ENGINES[cfg.distributed.engine](model, cfg, dist_ctx, device)

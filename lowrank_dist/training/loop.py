@@ -36,6 +36,7 @@ from ..models import layer_names
 from .engines import CheckpointWriteFailed, Engine
 from .checkpoint import CheckpointManager, rng_states
 from .distributed import DistContext
+from .optim import learning_rate
 from .projection import Projector
 
 
@@ -104,11 +105,15 @@ class Run:
     progress: Any  # tqdm
     last_step: int = 0  # set by the resume: run.max_steps or the end of the schedule
     total_steps: int = 0  # the end of the schedule
-    plan: Any = None  # report.execution.ExecutionPlan the factorized layers run under (None: none factorized)
+    plan: Any = None  # speed.execution.ExecutionPlan the factorized layers run under (None: none factorized)
 
     @property
     def micro_batches(self) -> int:
         return len(self.loaders.train)
+
+    @property
+    def steps_per_epoch(self) -> int:  # the last optimizer step of an epoch may have fewer micro-batches
+        return math.ceil(self.micro_batches / self.cfg.optim.accumulate)
 
 
 class _Pending:
@@ -246,6 +251,7 @@ def train_one_epoch(run: Run, state: TrainState, meter: Meter) -> bool:
         state.batch += 1
         if not boundary:
             continue  # accumulate more micro-batches
+        engine.set_lr(learning_rate(cfg.optim, engine.peak_lr, run.steps_per_epoch, state.epoch, group_start // accumulate))
         skipped = engine.step() > 0  # on the device: no update on any rank if a gradient was not finite
         for copy, buffer in zip(kept, buffers):  # …and, if so, this step's BN statistics undone
             buffer.copy_(torch.where(skipped, copy, buffer))

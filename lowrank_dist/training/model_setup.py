@@ -1,10 +1,11 @@
 """The model a run's config describes — the one place that turns a config into a model, for
 training (`lowrank_dist.train`) and evaluation (`lowrank_dist.evaluate`). The architecture and the
 rank policy come from `models.build_model`, which checks every model rule; this adds the modes and
-the checkpoints."""
+the checkpoints; `plan_for_run` then sets how its factorized layers run (precision.execution)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +13,12 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d
+from ..runtime import amp_dtype
+from ..speed.execution import ExecutionPlan, default_execution, lowrank_layers, plan_execution
 from ..models import build_model, choose_ranks, convert, decompose_model, lowrank_policy, model_spec
 from .checkpoint import CheckpointError, load_checkpoint
+from .distributed import DistContext
 from .projection import Projector
 
 
@@ -91,3 +95,44 @@ def build_model_for(cfg: Config, num_classes: int, saved: dict | None = None) ->
         return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
     ranks = choose_ranks(dense, policy, lowrank.factorize_first)
     return ModelSetup(dense, ranks, Projector(dense, ranks))
+
+
+def plan_for_run(cfg: Config, model: nn.Module, device: torch.device, dist_ctx: DistContext, log) -> ExecutionPlan | None:
+    """The trainer's one call, after the model is on its device and before an engine wraps it:
+    rank 0 plans (`precision.execution`, by default auto on a GPU and CPU_DEFAULT on the CPU)
+    at the run's batch, crop, dtype and memory format, with the cache `run.out_dir/execution_cache.json`;
+    every rank applies rank 0's plan (a per-rank timing could differ by noise, and DDP needs every
+    rank to run the same graph). The plan is printed, written to the run folder
+    (execution_plan.md/.json) and TensorBoard (execution/plan). None for a model without
+    factorized layers (dense, or the projected mode)."""
+    if cfg.model.lowrank is None or not lowrank_layers(model):
+        return None
+    execution = cfg.precision.execution or default_execution(device)
+    shape = (cfg.data.batch_size, model_spec(cfg.model.name).input_size[0], cfg.data.image_size, cfg.data.image_size)
+    dtype = amp_dtype(cfg.precision.amp)
+    payload, failure = None, None
+    if dist_ctx.is_main:
+        try:
+            plan = plan_execution(model, shape, execution, device, dtype, cfg.precision.channels_last,
+                                  cache=cfg.run.out_dir / "execution_cache.json")
+            payload = {"plan": plan.as_dict()}
+        except Exception as error:  # every rank must stop together, not wait for a plan that never comes
+            failure, payload = error, {"error": f"{type(error).__name__}: {error}"}
+    payload = dist_ctx.broadcast_object(payload)
+    if failure is not None:
+        raise failure
+    if "error" in payload:
+        raise RuntimeError(f"rank 0 could not plan the layers' execution: {payload['error']}")
+    plan = ExecutionPlan.from_dict(payload["plan"])
+    plan.apply(model)
+    if dist_ctx.is_main:
+        if cfg.precision.execution is None:
+            plan.meta["note"] = f"precision.execution not set: {execution} on the {device.type.upper()}"
+        markdown = plan.to_markdown()
+        log.print(markdown if execution == "auto" else plan.summary())
+        log.text("execution/plan", markdown)
+        try:
+            plan.write(cfg.run.folder)
+        except OSError as error:
+            print(f"warning: could not write the execution plan to {cfg.run.folder} ({error})", file=sys.stderr)
+    return plan

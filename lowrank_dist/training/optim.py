@@ -1,4 +1,4 @@
-"""SGD with the usual ImageNet exclusions, and per-step learning-rate schedules."""
+"""SGD with the usual ImageNet exclusions, and the learning rate as a pure function of the position in the run."""
 
 from __future__ import annotations
 
@@ -108,6 +108,10 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
     return max(cfg.min_lr / cfg.lr, cfg.gamma ** passed)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, cfg: OptimConfig):
-    """A LambdaLR stepped once per optimizer step; its state_dict makes resume exact."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
+def learning_rate(cfg: OptimConfig, peak: float, steps_per_epoch: int, epoch: int, step_in_epoch: int) -> float:
+    """The lr of the optimizer step `step_in_epoch` (0-based) of `epoch`: peak · lr_factor(position),
+    position = epoch · steps_per_epoch + step_in_epoch. A pure function of where the run is (as
+    nanoGPT's get_lr), so a resume needs no schedule state — also one at another world size, where
+    the steps per epoch and the peak (the global batch, under linear scaling) change from that
+    epoch on."""
+    return peak * lr_factor(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch, cfg)

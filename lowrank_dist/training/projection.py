@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..svd import decompose_kernel, recompose
+from ..lowrank.svd import decompose_kernel, recompose
 from ..models import decompose_model
 
 

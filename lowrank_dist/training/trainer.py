@@ -27,15 +27,15 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, config_errors
 from ..data import build_loaders
 from ..models import build_model, layer_names, model_spec
-from ..report.execution import ExecutionPlan, plan_for_run
+from ..speed.execution import ExecutionPlan
 from ..runtime import amp_dtype, select_device
 from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
 from .distributed import DistContext
 from .engines import build_engine, global_batch
 from .evaluate import evaluate
 from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
-from .optim import scaled_lr
-from .model_setup import build_model_for
+from .optim import learning_rate, scaled_lr
+from .model_setup import build_model_for, plan_for_run
 
 __all__ = ["fit", "Preempted", "TrainingError", "loaders_for", "build_model_for"]
 
@@ -166,21 +166,6 @@ def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext)
         )
 
 
-def rebase_schedule(engine, cfg: Config, position: int, batch: int) -> float:
-    """After a resume at another world size (always at an epoch boundary, see check_resumable): the
-    lr schedule goes on from the same epoch, now `position` steps of the new size in, from the peak
-    lr of the new global batch `batch` (the same lr unless optim.lr_scaling is 'linear').
-    Returns the lr of the next step."""
-    peak = scaled_lr(cfg.optim, batch)
-    scheduler = engine.scheduler
-    scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
-    scheduler.last_epoch = position
-    for group, factor in zip(engine.optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"], group["lr"] = peak, peak * factor(position)
-    scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
-    return scheduler._last_lr[0]
-
-
 def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog,
                    plan: ExecutionPlan | None = None):
     """The end-of-run speed report: every factorized layer timed against its dense twin (same
@@ -190,7 +175,7 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
     about a GPU run). The run's execution plan is the report's plan when it was made in the same
     dtype; otherwise the report picks each layer's faster form itself. Printed, and written to
     out_dir and TensorBoard."""
-    from ..report.speed import speed_report
+    from ..speed.report import speed_report
 
     dense = build_model(cfg.model.build_dict(num_classes), dense=True)
     run_dtype = amp_dtype(cfg.precision.amp)
@@ -200,7 +185,7 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
     report = speed_report(dense, lowrank, shape, device, dtype, out_dir, writer=log.writer,
                           channels_last=cfg.precision.channels_last, title=f"{cfg.model.name} (run {cfg.run.name})",
                           plan=plan.executions if same else None,
-                          plan_source=f"the run's plan, model.lowrank.execution {plan.mode}" if same else None)
+                          plan_source=f"the run's plan, precision.execution {plan.mode}" if same else None)
     log.print(report.to_markdown())
     return report
 
@@ -240,7 +225,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         checkpoint["path"] = Path(resume)
         model.load_state_dict(checkpoint["model"])  # before the engine: DeepSpeed copies the weights it starts from
     with config_errors():
-        engine = build_engine(model, cfg, dist_ctx, device, math.ceil(len(loaders.train) / cfg.optim.accumulate))
+        engine = build_engine(model, cfg, dist_ctx, device)
     progress = tqdm(desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
     run = Run(cfg, dist_ctx, engine, engine.module,  # SyncBatchNorm conversion may have replaced BN layers
               loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress, plan=plan)
@@ -277,7 +262,7 @@ def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
     """The TrainState to go on from (engine state, counters and RNG restored from `checkpoint`), and
     the step the run ends at (`run.last_step`)."""
     cfg, log, dist_ctx = run.cfg, run.log, run.dist_ctx
-    steps_per_epoch = math.ceil(run.micro_batches / cfg.optim.accumulate)
+    steps_per_epoch = run.steps_per_epoch
     state = TrainState()
     if checkpoint is not None:
         run.engine.load(run.checkpoints, checkpoint["path"], checkpoint, dist_ctx)
@@ -286,7 +271,7 @@ def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
         log.print(f"resumed from {checkpoint['path']}: step {state.step}, epoch {state.epoch}, batch {state.batch}")
         written_by = checkpoint.get("world_size", 1)
         if written_by != dist_ctx.world_size:  # at an epoch boundary (check_resumable)
-            lr = rebase_schedule(run.engine, cfg, state.epoch * steps_per_epoch, global_batch(cfg, dist_ctx))
+            lr = learning_rate(cfg.optim, run.engine.peak_lr, steps_per_epoch, state.epoch, 0)
             log.print(f"written by {written_by} process(es), resumed by {dist_ctx.world_size}: from epoch"
                       f" {state.epoch + 1} on each epoch is sharded over {dist_ctx.world_size} in {steps_per_epoch} steps"
                       f" of global batch {global_batch(cfg, dist_ctx)}; the schedule goes on at lr {lr:g}")

@@ -28,8 +28,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..ranks import POLICIES, SPEEDUP_ABOVE, ExplicitRanks, RankPolicy, TargetSpeedup
-from ..layers import LowRankConv2d
+from ..lowrank.ranks import POLICIES, SPEEDUP_ABOVE, ExplicitRanks, RankPolicy, TargetSpeedup
+from ..lowrank.layers import LowRankConv2d
 from ..models import choose_ranks, factorizable_convs, layer_names
 from ..runtime import check_dtype, dtype_name, select_device
 from .costs import conv_costs
@@ -59,7 +59,7 @@ def device_timer(
     min_sample_s: float = 1e-3,
     channels_last: bool = False,
 ) -> LayerTimer:
-    """The real timer: the dense layer and every candidate timed together (report.timing.measure,
+    """The real timer: the dense layer and every candidate timed together (speed.timing.measure,
     in turn and alternated), forward+backward (`objective="train"`) or forward only ("forward")."""
     if objective not in ("train", "forward"):
         raise ValueError(f"objective must be 'train' or 'forward', got {objective!r}")

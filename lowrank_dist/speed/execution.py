@@ -8,7 +8,7 @@ once per call to build Ŵ, which at training batch sizes is a few percent of the
 not arithmetic, bounds a layer (large maps, few channels), or where a 1×k kernel has no fast
 implementation, composed can win although it does more MACs. Which one wins depends on the
 device, dtype, memory format, batch and image size, so `plan_execution` times both, per layer,
-forward+backward (the plan is for training), with the project's harness (report.timing: warm-up,
+forward+backward (the plan is for training), with the project's harness (speed.timing: warm-up,
 alternation, median of repeats), and picks the faster.
 
     plan = plan_execution(model, (256, 3, 224, 224), "auto", "cuda", torch.bfloat16, channels_last=True,
@@ -35,23 +35,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from ..files import write_text_atomic
-from ..layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d
 from ..models import layer_names
-from ..runtime import amp_dtype, check_dtype, dtype_name, select_device
+from ..runtime import check_dtype, dtype_name, select_device
 from .timing import LayerInput, capture_inputs, device_description, layer_functions, measure
 
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..training.distributed import DistContext
-
 EXECUTIONS = ("auto", "factorized", "composed")
-# model.lowrank.execution when the config leaves it out. On a GPU: auto. On the CPU: factorized —
+# precision.execution when the config leaves it out. On a GPU: auto. On the CPU: factorized —
 # measured (bench/execution_cpu.py, VGG-16 at the authors' ranks, fp32, batch 8, 112×112, 2 shared
 # cores): CPUs are bound by arithmetic, and composed forward+backward was 1.4–5.5× slower than
 # factorized on 12 of the 13 layers; only conv1_1 (3 input channels, rank 5) was faster composed.
@@ -284,7 +280,7 @@ def plan_execution(
             if refused:
                 raise ValueError(f"'composed' is impossible for {', '.join(refused)}: BatchNorm sits between V and H"
                                  " (its batch statistics make the pair non-linear in training); use 'auto' or 'factorized'")
-        reason = f"model.lowrank.execution: {execution}"
+        reason = f"precision.execution: {execution}"
         return ExecutionPlan(execution, meta, [LayerPlan(name, names[name], execution, reason) for name, _ in layers])
 
     started = time.perf_counter()
@@ -324,50 +320,3 @@ def plan_execution(
         except OSError as error:
             print(f"warning: could not write the execution plan cache {cache} ({error})", file=sys.stderr)
     return ExecutionPlan(execution, meta, plans)
-
-
-# ----------------------------------------------------------------------------------------------
-# In a training run
-
-
-def plan_for_run(cfg: Config, model: nn.Module, device: torch.device, dist_ctx: DistContext, log) -> ExecutionPlan | None:
-    """The trainer's one call, after the model is on its device and before an engine wraps it:
-    rank 0 plans (`model.lowrank.execution`, by default auto on a GPU and CPU_DEFAULT on the CPU)
-    at the run's batch, crop, dtype and memory format, with the cache `run.out_dir/execution_cache.json`;
-    every rank applies rank 0's plan (a per-rank timing could differ by noise, and DDP needs every
-    rank to run the same graph). The plan is printed, written to the run folder
-    (execution_plan.md/.json) and TensorBoard (execution/plan). None for a model without
-    factorized layers (dense, or the projected mode)."""
-    if cfg.model.lowrank is None or not lowrank_layers(model):
-        return None
-    from ..models import model_spec
-
-    execution = cfg.model.lowrank.execution or default_execution(device)
-    shape = (cfg.data.batch_size, model_spec(cfg.model.name).input_size[0], cfg.data.image_size, cfg.data.image_size)
-    dtype = amp_dtype(cfg.precision.amp)
-    payload, failure = None, None
-    if dist_ctx.is_main:
-        try:
-            plan = plan_execution(model, shape, execution, device, dtype, cfg.precision.channels_last,
-                                  cache=cfg.run.out_dir / "execution_cache.json")
-            payload = {"plan": plan.as_dict()}
-        except Exception as error:  # every rank must stop together, not wait for a plan that never comes
-            failure, payload = error, {"error": f"{type(error).__name__}: {error}"}
-    payload = dist_ctx.broadcast_object(payload)
-    if failure is not None:
-        raise failure
-    if "error" in payload:
-        raise RuntimeError(f"rank 0 could not plan the layers' execution: {payload['error']}")
-    plan = ExecutionPlan.from_dict(payload["plan"])
-    plan.apply(model)
-    if dist_ctx.is_main:
-        if cfg.model.lowrank.execution is None:
-            plan.meta["note"] = f"model.lowrank.execution not set: {execution} on the {device.type.upper()}"
-        markdown = plan.to_markdown()
-        log.print(markdown if execution == "auto" else plan.summary())
-        log.text("execution/plan", markdown)
-        try:
-            plan.write(cfg.run.folder)
-        except OSError as error:
-            print(f"warning: could not write the execution plan to {cfg.run.folder} ({error})", file=sys.stderr)
-    return plan

@@ -1,6 +1,6 @@
 """Measured speed of a low-rank model beside its dense twin: per conv layer and for the whole model.
 
-The theoretical speedup of a layer is its MAC ratio (report.costs.conv_costs); the measured one is
+The theoretical speedup of a layer is its MAC ratio (speed.costs.conv_costs); the measured one is
 dense time / low-rank time for the same layer on the same input. They differ because FLOPs are not
 time: a layer whose kernels wait on memory gains nothing from fewer MACs, and the factorized layer
 writes and reads back its K-channel intermediate (docs/design.md#speed). The report puts the two side by side.
@@ -10,7 +10,7 @@ writes and reads back its K-channel intermediate (docs/design.md#speed). The rep
 
 This module measures and holds the data (SpeedReport, LayerSpeed, ModelSpeed); render.py turns
 that data into markdown, CSV, JSON, a chart and TensorBoard entries. The dependency runs one way:
-speed.py calls render.py (SpeedReport.to_markdown, write and log_tensorboard are its functions
+report.py calls render.py (SpeedReport.to_markdown, write and log_tensorboard are its functions
 offered as methods); render.py reads a report's fields and calls nothing here.
 
 Layers are named as the paper names them (conv1_2, inception_3a/3x3: models/layer_names.py), with
@@ -223,7 +223,7 @@ def speed_report(
     dense conv of its composed kernel, report/execution.py). `plan` (layer name → "factorized" or
     "composed", e.g. a run's ExecutionPlan.executions; `plan_source` says where it came from)
     picks one per layer; by default each layer takes the form with the faster forward+backward
-    measured here, the rule of `model.lowrank.execution: auto`. The whole model is timed dense,
+    measured here, the rule of `precision.execution: auto`. The whole model is timed dense,
     with every layer factorized, and under the plan.
 
     The models are not touched: each is copied to the device. Layers run in `dtype` itself; the

@@ -6,7 +6,7 @@ CSV and JSON keep the quartiles (the run's own spread) and, in JSON, every sampl
 named as the paper names them (the `layer` column, also in the chart and the TensorBoard tags);
 CSV and JSON keep the module path beside it (`module`).
 
-These are functions of a report's data: they read its fields and call nothing in speed.py, which
+These are functions of a report's data: they read its fields and call nothing in report.py, which
 imports this module (not the reverse) and offers them as SpeedReport methods.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .speed import SpeedReport
+    from .report import SpeedReport
     from .timing import Timing
 
 

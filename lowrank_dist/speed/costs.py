@@ -7,8 +7,8 @@ input's width) plus its horizontal conv ((K/groups)·kw per output element, K th
 vertical filters of all groups). For stride 1 this is the paper's
 K·(C·kh + N·kw) per output pixel; the "dense" column is what the original kh×kw conv would cost.
 
-    python -m lowrank_dist.report.costs                      # every model, its default policy
-    python -m lowrank_dist.report.costs --model vgg16 --speedup 3
+    python -m lowrank_dist.speed.costs                      # every model, its default policy
+    python -m lowrank_dist.speed.costs --model vgg16 --speedup 3
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d
 from ..models import conv_layers, layer_names
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..models import MODELS, build_model, model_spec
 
     parser = argparse.ArgumentParser(
-        prog="python -m lowrank_dist.report.costs",
+        prog="python -m lowrank_dist.speed.costs",
         description="Per-layer theoretical cost of each low-rank model (MACs and parameters, dense vs factorized).",
     )
     parser.add_argument("--model", action="append", choices=sorted(MODELS), help="model (repeatable; default: all)")

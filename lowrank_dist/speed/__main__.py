@@ -1,12 +1,12 @@
 """Measured speed of a low-rank model beside its dense twin, per conv layer and whole model.
 
-    python -m lowrank_dist.report --config configs/vgg16_lr.yaml [--device cuda] [--dtype bf16] [--batch 64] [--execution auto]
-    python -m lowrank_dist.report --model vgg16 --preset tai2016 --device cpu --batch 2 --image-size 64
-    python -m lowrank_dist.report --model vgg16 --speed-aware --search 2,3,4 --write-config vgg16_fast.yaml
+    python -m lowrank_dist.speed --config configs/vgg16_lr.yaml [--device cuda] [--dtype bf16] [--batch 64] [--execution auto]
+    python -m lowrank_dist.speed --model vgg16 --preset tai2016 --device cpu --batch 2 --image-size 64
+    python -m lowrank_dist.speed --model vgg16 --speed-aware --search 2,3,4 --write-config vgg16_fast.yaml
 
 Writes speed.md, speed.csv, speed.json, speed.png and tensorboard/ into --out (default
 runs/speed/<model>-<device>-<dtype>-b<batch>) and prints the table. With --speed-aware it first
-chooses per-layer ranks by measured speed (report.speed_aware), writes them into a YAML config
+chooses per-layer ranks by measured speed (speed.speed_aware), writes them into a YAML config
 (--write-config) and then reports the chosen model against dense. Bad input: one line, exit 2.
 """
 
@@ -21,7 +21,7 @@ import torch
 from ..runtime import DTYPES, select_device
 from .costs import default_lowrank
 from .execution import lowrank_layers
-from .speed import speed_report
+from .report import speed_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     from ..models import MODELS
 
-    parser = _Parser(prog="python -m lowrank_dist.report", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m lowrank_dist.speed", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="a training config: model, batch size and image size from it")
     source.add_argument("--model", choices=sorted(MODELS), help="a model by name (no config needed)")
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                              " no fast bf16 convolutions, so bf16 times there say nothing about a GPU run)")
     parser.add_argument("--execution", choices=["auto", "factorized", "composed"],
                         help="the plan column: each layer's faster form measured here (auto), or one form for all;"
-                             " default: the config's model.lowrank.execution, else auto")
+                             " default: the config's precision.execution, else auto")
     parser.add_argument("--channels-last", action="store_true", default=None,
                         help="default: the config's precision.channels_last")
     parser.add_argument("--batch", type=int,
@@ -92,7 +92,7 @@ def _model_setup(args) -> tuple[dict, dict | None, dict]:
     defaults = {
         "batch": cfg.data.batch_size, "image_size": cfg.data.image_size,
         "dtype": "bf16" if cfg.precision.amp == "bf16" else "fp32", "channels_last": cfg.precision.channels_last,
-        "execution": cfg.model.lowrank.execution,
+        "execution": cfg.precision.execution,
     }
     return build, tree, defaults
 
