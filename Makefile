@@ -34,6 +34,7 @@ costs: setup
 	$(PY) -m lowrank_dist.speed.costs
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: setup

@@ -1,180 +1,35 @@
 #!/usr/bin/env python
-"""Submit a training run to SLURM through submitit, or run it here.
+"""Submit a training run to SLURM through submitit, or run it here: `python launch/submit.py --help`.
 
-    python launch/submit.py --config configs/googlenet_lr.yaml --nodes 4 --gpus-per-node 8
-    python launch/submit.py --config configs/debug.yaml --local --nodes 1 --tasks-per-node 2   # 2 processes here
-    python launch/submit.py --config configs/debug.yaml --debug                                 # this process
-    python launch/submit.py --config configs/vgg16_lr.yaml --nodes 2 --gpus-per-node 8 --dry-run
-
-One SLURM task per GPU (CPU tasks on a partition without GPUs); every task finds its rank from the
-job itself. Before submitting, SLURM is asked what the partition has (sinfo): defaults fit it (CPUs
-per task capped by what a node has, the time by its limit), and a request that can never run there
-is refused in one line naming the flag to change. The job folder is <run folder>/slurm/<job id>/
-(submitit's logs, one per task). On preemption or ~2 minutes before the time limit SLURM sends USR2:
-the run checkpoints at its next stop check (every
-run.stop_check_every steps) and is requeued, and the restart resumes from that checkpoint.
-
-Every failure is one line. Exit codes: 0 submitted (or, with --wait, finished); 1 the job failed
-(FAILED, NODE_FAIL, OUT_OF_MEMORY, ...; --wait), SLURM did not answer, or the job waits for what only
-an administrator can change (--wait); 2 bad input, a request the partition cannot meet, sbatch's
-refusal, or a job pending for a reason that never clears (cancelled; --wait); 3 stopped with a
-checkpoint (--debug/--local: run it again to continue). --local keeps the first failing rank's
-2 or 3; any other failure of its processes is 1.
+The command itself is lowrank_dist/launch/cli.py (also `python -m lowrank_dist.launch`). This file
+lets it run from a checkout as the README types it, with whichever `python` is on the PATH: an
+interpreter without the project's packages re-runs this command under the checkout's .venv (made
+by `make setup`), or says in one line how to get one.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lowrank_dist.config import ConfigError, load_config  # noqa: E402
-from lowrank_dist.launch import (  # noqa: E402
-    TrainJob, data_budget, job_ended_badly, job_stuck, make_executor, plan_resources, run_local, sbatch_script, slurm_available, submit,
-)
-from lowrank_dist.slurm import JobStatus, SlurmError, query_partition, slurm_command, stuck_reason, wait_for_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="launch/submit.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="training config (YAML)")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int,
-                        help="GPUs per node (one task each); 0: CPU tasks. Default: 0 when the config's run.device"
-                             " is cpu or the partition has no GPUs, else one per task (--tasks-per-node, or 1)")
-    parser.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, or 1)")
-    parser.add_argument("--cpus-per-task", type=int,
-                        help="default: data.workers + 2 (1 if data.workers is 0), at most what a node of the partition"
-                             " has per task; data.workers is then set to it − 2 (the training and NCCL threads)")
-    parser.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
-    parser.add_argument("--time", type=int, metavar="MIN",
-                        help="time limit per job, minutes (default: 1440, or the partition's limit if lower)")
-    parser.add_argument("--max-requeues", type=int, default=3, help="time-outs to requeue after (preemptions always are)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set optim.lr=0.05 (repeatable)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--local", action="store_true", help="nodes × tasks-per-node processes on this machine, no SLURM")
-    mode.add_argument("--debug", action="store_true", help="one process, here (one GPU or the CPU)")
-    mode.add_argument("--dry-run", action="store_true", help="print the resolved config and sbatch script; submit nothing")
-    parser.add_argument("--wait", action="store_true", help="SLURM: wait for the job and print its result")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        # a dry run may be prepared away from the cluster's file system: its data paths are not checked
-        cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
-        here = args.local or args.debug  # no SLURM: CPU tasks unless asked otherwise
-        resources, notes = plan_resources(cfg, args.nodes, 0 if here and args.gpus_per_node is None else args.gpus_per_node,
-                                          args.tasks_per_node, args.cpus_per_task, args.partition, args.time,
-                                          args.max_requeues)
-        workers, warning = data_budget(cfg, resources)
-        if workers != cfg.data.workers and not here:
-            print(f"note: data.workers {workers} (the {resources.cpus_per_task} CPUs per task − 2)", file=sys.stderr)
-            args.overrides.append(f"data.workers={workers}")
-            cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
-        if warning:
-            print(warning, file=sys.stderr)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-    if args.debug:
-        from lowrank_dist.train import main as train_main
-
-        return train_main(["--config", args.config] + [f"--set={o}" for o in args.overrides])
-    if args.local:
-        code = run_local(args.config, args.overrides, resources.world_size)
-        if code == 1:  # torchrun's summary is above: close with what happened and what to do
-            print(f"error: the {resources.world_size} local processes stopped; each rank's error is above, and the"
-                  f" 'Root Cause' names the first to fail. Last checkpoint: {latest_checkpoint(cfg) or 'none yet'};"
-                  " run the same command again to resume from it", file=sys.stderr)
-        return code
-
-    job_folder = (cfg.run.folder / "slurm").resolve()
-    if args.dry_run:
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        print("# resolved config")
-        print(json.dumps(cfg.resolved(), indent=2))
-        print(f"# sbatch script ({resources.nodes} node(s) × {resources.tasks_per_node} task(s) = {resources.world_size} processes)")
-        print(sbatch_script(cfg, resources, job_folder))
-        return 0
-    if not slurm_available():
-        print("error: SLURM is not available here (no sbatch on PATH). Use --local to run the processes on this"
-              " machine, --debug for one process, or slurm/start_local_cluster.sh for a local SLURM.", file=sys.stderr)
-        return 2
-
-    try:
-        partition = query_partition(args.partition)
-        resources, notes = plan_resources(cfg, args.nodes, args.gpus_per_node, args.tasks_per_node, args.cpus_per_task,
-                                          args.partition, args.time, args.max_requeues, partition)
-    except SlurmError as error:
-        print(f"error: could not ask SLURM what the partition has ({error}); check that its controller runs"
-              " (`scontrol ping`), or run here with --local or --debug", file=sys.stderr)
-        return 1
-    except ConfigError as error:  # no such partition, or a request it cannot meet
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    try:
-        job = submit(make_executor(cfg, resources, job_folder), TrainJob(str(Path(args.config).resolve()), args.overrides))
-    except SlurmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1 if "Unable to contact" in str(error) else 2  # the controller went away, or sbatch said no
-    print(f"submitted job {job.job_id}: {resources.nodes} node(s) × {resources.tasks_per_node} task(s)"
-          f" × {resources.cpus_per_task} CPU(s)" + (f" + {resources.gpus_per_node} GPU(s) per node" if resources.gpus_per_node
-                                                    else "") + f" on partition {partition.name}")
-    print(f"logs: {job.paths.stdout} (and .err; one pair per task in {job.paths.folder})")
-    print(f"run folder: {cfg.run.folder.resolve()}")
-    print(f"watch: tensorboard --logdir {(cfg.run.folder / 'tensorboard').resolve()}")
-    if args.wait:
-        return wait(job, cfg)
-    return 0
-
-
-def latest_checkpoint(cfg):
-    from lowrank_dist.training.checkpoint import CheckpointManager
-
-    return CheckpointManager(cfg.run.folder / "checkpoints", cfg.run.keep_last).latest()
-
-
-def wait(job, cfg) -> int:
-    """--wait: follow the job to its end; one line for whatever stops it."""
-    def show(status: JobStatus) -> None:
-        where = f" on {status.nodes}" if status.state == "RUNNING" and status.nodes else ""
-        print(f"job {job.job_id}: {status.state}{where}" + (f" ({status.reason})" if status.reason else ""), flush=True)
-
-    try:
-        status = wait_for_job(job.job_id, on_change=show)
-        if stuck_reason(status) is not None:
-            line, cancel = job_stuck(job.job_id, status)
-            if cancel:
-                slurm_command("scancel", job.job_id)
-            print(f"error: {line}", file=sys.stderr)
-            return 2 if cancel else 1
-        if status.state != "COMPLETED":
-            print(f"error: {job_ended_badly(job, status, latest_checkpoint(cfg))}", file=sys.stderr)
-            return 1
-    except SlurmError as error:
-        print(f"error: lost track of job {job.job_id} ({error}); `squeue -j {job.job_id}` shows where it is",
-              file=sys.stderr)
-        return 1
-    try:
-        result = job.results()[0]  # rank 0's summary
-    except Exception as error:  # noqa: BLE001 - submitit could not read what the task returned
-        print(f"error: job {job.job_id} completed but its result could not be read"
-              f" ({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); see {job.paths.folder}",
-              file=sys.stderr)
-        return 1
-    print(f"job {job.job_id} finished: {json.dumps(result)}")
-    return 0
+def packages_missing() -> list[str]:
+    return [name for name in ("torch", "yaml", "pydantic") if importlib.util.find_spec(name) is None]
 
 
 if __name__ == "__main__":
+    missing = packages_missing()
+    if missing and VENV_PYTHON.exists() and Path(sys.executable).resolve() != VENV_PYTHON.resolve():
+        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
+    if missing:
+        print(f"error: {sys.executable} lacks {', '.join(missing)}: run `make setup` in {ROOT} once (it makes .venv,"
+              " which this command then uses by itself), or activate an environment with the project installed",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+    from lowrank_dist.launch.cli import main
+
     sys.exit(main())

@@ -64,3 +64,23 @@ def select_device(requested: str | torch.device | None = "auto", local_rank: int
         raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two things torch does only through private functions. Each is used only through these
+# wrappers, and tests/test_torch_internals.py fails by name if a torch release changes one.
+
+
+def flag_non_finite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
+    """found (a 0-dim float tensor on the tensors' device) ← 1.0 if any of `tensors` holds an inf or
+    a NaN, else left as it is; the tensors are not changed. On the device, no host read: torch's
+    fused check that GradScaler runs, here with a scale of 1 (public torch has no fused one; a
+    per-tensor isfinite would launch two kernels per parameter)."""
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones((), device=found.device))
+
+
+def storage_holders(tensor: torch.Tensor) -> int:
+    """How many references the C++ side holds to `tensor`'s storage: every tensor and view sharing
+    it, plus one for the temporary storage object this call makes. Public torch cannot tell whether
+    a buffer is still referenced by a view a consumer kept; the data loaders' buffer rings need it."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)

@@ -14,43 +14,14 @@ Bad input (config, data, checkpoint) prints one line naming the file, key or val
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .training.signals import StopSignals
 
 
 EXIT_PREEMPTED = 3  # stopped on request with a checkpoint: run again (or requeue) to continue
-
-
-class StopSignals:
-    """Turns SLURM's warnings into a clean stop: USR2 (sbatch --signal=USR2@T, before the time limit
-    or preemption) and TERM (preemption, `scontrol requeue`, `scancel`; SIGKILL follows after
-    KillWait, 30 s by default) set `event`; at its next stop check (`run.stop_check_every` steps
-    at most) the trainer checkpoints that step on every rank and raises Preempted. `received` is the last signal caught."""
-
-    def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
-        self.event = threading.Event()
-        self.received: int | None = None
-        self.previous = {sig: signal.signal(sig, self._catch) for sig in signals}
-
-    def _catch(self, signum, frame) -> None:
-        self.received = signum
-        self.event.set()
-
-
-def lost_contact(error: BaseException) -> bool:
-    """Whether `error` is a collective failing because a peer is gone or silent (gloo's connection
-    errors and timeouts, NCCL's, torch.distributed's), rather than a bug to show in full."""
-    import torch.distributed as dist
-
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    signs = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "Timed out", "timed out",
-             "NCCL", "gloo")
-    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,24 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(cfg, resume: Path | None = None, rdv=None, stop=None):
-    """Join the job's process group (none for one process) and train; what launchers call.
-    `stop`: a threading.Event that ends the run with a checkpoint at the next stop check."""
-    from .runtime import device_type_for
-    from .training.distributed import process_group, rendezvous
-    from .training.trainer import fit
-
-    rdv = rdv or rendezvous()
-    with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
-        return fit(cfg, dist_ctx, resume, stop)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .data import DataError
     from .training.checkpoint import CheckpointError
-    from .training.distributed import rendezvous
-    from .training.trainer import Preempted, TrainingError
+    from .training.distributed import lost_contact, rendezvous
+    from .training.trainer import Preempted, TrainingError, run_training
 
     rdv = rendezvous()
     stop = StopSignals()
@@ -91,7 +50,7 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--resume: {str(args.resume)!r} is a folder; give a checkpoint file, e.g. its step_*.pt")
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
-        run(cfg, args.resume, rdv, stop.event)
+        run_training(cfg, args.resume, rdv, stop.event)
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error{who}: {error}", file=sys.stderr)
         return 2

@@ -196,7 +196,8 @@ def submit_long_job(tmp_path, synthetic, name, epochs=6):
     import submitit  # noqa: F401 - the tests below talk to the job through submitit
 
     from lowrank_dist.config import load_config
-    from lowrank_dist.launch import Resources, TrainJob, make_executor
+    from lowrank_dist.launch.jobs import TrainJob, make_executor
+    from lowrank_dist.launch.resources import Resources
 
     path = write_config(tmp_path, synthetic, name, optim={"epochs": epochs}, run={"checkpoint_every": 1})
     cfg = load_config(path)

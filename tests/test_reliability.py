@@ -44,6 +44,7 @@ from lowrank_dist.config import load_config
 from lowrank_dist.data.synthetic import make_synthetic
 from lowrank_dist.training import checkpoint as checkpoint_module
 from lowrank_dist.training import trainer as trainer_module
+from lowrank_dist.training import run_log as run_log_module
 from lowrank_dist.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from lowrank_dist.training.optim import lr_factor, scaled_lr
 from lowrank_dist.train import main
@@ -341,10 +342,10 @@ def base_checkpoint(tmp_path_factory, synthetic) -> Path:
 
 
 def load_submit():
-    spec = importlib.util.spec_from_file_location("submit", ROOT / "launch" / "submit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """What `python launch/submit.py` runs."""
+    from lowrank_dist.launch import cli
+
+    return cli
 
 
 def test_there_are_at_least_20_bad_input_cases():
@@ -597,7 +598,7 @@ def test_a_full_disk_for_the_logs_warns_once_and_training_goes_on(tmp_path, synt
     """From step 3 on, TensorBoard and metrics.jsonl writes fail with ENOSPC: one warning per sink,
     the run finishes (exit 0) with the uninterrupted weights, the log lines before the fault kept."""
     full = OSError(28, "No space left on device")
-    real_add_scalar = trainer_module.SummaryWriter.add_scalar
+    real_add_scalar = run_log_module.SummaryWriter.add_scalar
 
     def add_scalar(self, tag, value, step=None, *args, **kwargs):
         if step is not None and step >= 3:
@@ -618,14 +619,14 @@ def test_a_full_disk_for_the_logs_warns_once_and_training_goes_on(tmp_path, synt
         def __getattr__(self, name):
             return getattr(self.stream, name)
 
-    real_init = trainer_module.RunLog.__init__
+    real_init = run_log_module.RunLog.__init__
 
     def init(self, folder, enabled):
         real_init(self, folder, enabled)
         self.metrics = FullAfterStep2(self.metrics)
 
-    monkeypatch.setattr(trainer_module.SummaryWriter, "add_scalar", add_scalar)
-    monkeypatch.setattr(trainer_module.RunLog, "__init__", init)
+    monkeypatch.setattr(run_log_module.SummaryWriter, "add_scalar", add_scalar)
+    monkeypatch.setattr(run_log_module.RunLog, "__init__", init)
     config = write_config(tmp_path, synthetic)
     assert main(["--config", str(config)]) == 0
     err = capsys.readouterr().err

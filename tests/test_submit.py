@@ -11,7 +11,6 @@ the partition and time-limit parsing, the lines for states the local cluster can
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -25,8 +24,9 @@ import pytest
 from lowrank_dist.config import ConfigError, load_config
 from lowrank_dist.data.synthetic import make_synthetic
 from lowrank_dist.training.checkpoint import CheckpointManager
-from lowrank_dist.launch import Resources, TrainJob, job_ended_badly, job_stuck, make_executor, plan_resources, submit
-from lowrank_dist.slurm import JobStatus, Node, Partition, SlurmError, gpus_in, job_status, minutes_in, query_partition
+from lowrank_dist.launch.jobs import TrainJob, job_ended_badly, job_stuck, make_executor, submit
+from lowrank_dist.launch.resources import Resources, plan_resources
+from lowrank_dist.launch.slurm import JobStatus, Node, Partition, SlurmError, gpus_in, job_status, minutes_in, query_partition
 
 from . import helpers
 from .slurm_helpers import cancel, require_slurm, wait_for
@@ -36,10 +36,10 @@ SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
 
 
 def load_submit():
-    spec = importlib.util.spec_from_file_location("submit", ROOT / "launch" / "submit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """What `python launch/submit.py` runs."""
+    from lowrank_dist.launch import cli
+
+    return cli
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,16 @@ import random
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..files import TEMPORARY_FILE, atomic_write, copy_atomic
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .distributed import DistContext
 
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
 SHARD_FILE = re.compile(r"^step_(\d{9})\.rank\d{5}-of-\d{5}\.pt$")
@@ -200,3 +205,58 @@ class CheckpointManager:
             elif (match := SHARD_FILE.match(path.name)) and f"step_{match.group(1)}" not in kept:
                 if int(match.group(1)) <= newest:  # newer shards may be another rank's save in progress
                     path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# The resume policy: which checkpoints a run may continue from
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> tuple[str, str]:
+    """The settings where two nested dicts differ, as 'key=value, ...' for each side."""
+    there, here = [], []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            sub = _differences(x, y, f"{prefix}{key}.")
+            there += [sub[0]] if sub[0] else []
+            here += [sub[1]] if sub[1] else []
+        elif x != y:
+            there.append(f"{prefix}{key}={x!r}")
+            here.append(f"{prefix}{key}={y!r}")
+    return ", ".join(there), ", ".join(here)
+
+
+def _model_identity(section):
+    """The model section of a config as a checkpoint records it. Checkpoints written before
+    precision.execution existed kept that setting in model.lowrank: how layers run is not which
+    model it is, so it is left out of the comparison."""
+    if not isinstance(section, dict) or not isinstance(section.get("lowrank"), dict):
+        return section
+    return section | {"lowrank": {k: v for k, v in section["lowrank"].items() if k != "execution"}}
+
+
+def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext) -> None:
+    """Refuse, with the reason, a checkpoint this run cannot continue from."""
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"--resume {str(path)!r} is not a checkpoint of this trainer (no config in it)")
+    written_for, this = _model_identity(state["config"].get("model")), _model_identity(cfg.resolved()["model"])
+    if written_for != this:
+        there, here = _differences(written_for if isinstance(written_for, dict) else {}, this)
+        raise CheckpointError(f"--resume {str(path)!r} was written for model {there}, not this config's {here}:"
+                              " resume with the config it was written with, or give run.name another name to start anew")
+    if "engine" not in state:
+        raise CheckpointError(f"--resume {str(path)!r} is not a training checkpoint (no optimizer state); to start"
+                              " from its weights use model.lowrank.mode 'decomposed' with dense_checkpoint")
+    written_engine = state["config"].get("distributed", {}).get("engine", "ddp")
+    if written_engine != cfg.distributed.engine:
+        raise CheckpointError(f"--resume {str(path)!r} was written by distributed.engine {written_engine!r}; this"
+                              f" config uses {cfg.distributed.engine!r} and their optimizer states differ")
+    written_world = state.get("world_size", 1)
+    if written_world != dist_ctx.world_size and state["batch"] != 0:
+        # Mid-epoch, which samples are left depends on how the epoch was sharded. At an epoch
+        # boundary nothing is left over: the next epoch is re-sharded over the new world size (the
+        # global batch, and so the meaning of optim.lr, change with it).
+        raise CheckpointError(
+            f"--resume {str(path)!r} stopped mid-epoch with {written_world} processes; resume it with"
+            f" {written_world}, or from a checkpoint written at the end of an epoch"
+        )

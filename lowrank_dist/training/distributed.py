@@ -163,3 +163,13 @@ def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0,
         yield ctx
     finally:
         dist.destroy_process_group()
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because a peer is gone or silent (gloo's connection
+    errors and timeouts, NCCL's, torch.distributed's), rather than a bug to show in full."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    signs = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "Timed out", "timed out",
+             "NCCL", "gloo")
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs)

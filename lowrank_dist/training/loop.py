@@ -38,6 +38,7 @@ from .checkpoint import CheckpointManager, rng_states
 from .distributed import DistContext
 from .optim import learning_rate
 from .projection import Projector
+from .run_log import RunLog
 
 
 class TrainingError(RuntimeError):
@@ -97,7 +98,7 @@ class Run:
     model: nn.Module  # the unwrapped module (its BN buffers, its state_dict)
     loaders: Any  # data.Loaders: .train.epoch(e, start_batch) yields device-ready (images, labels)
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
-    log: Any  # trainer.RunLog
+    log: RunLog
     checkpoints: CheckpointManager
     ranks: dict[str, int]
     projector: Projector | None

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from ..runtime import flag_non_finite
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -37,8 +38,7 @@ class SkippingSGD(torch.optim.SGD):
             return super().step(closure)
         device = params[0].grad.device
         found = torch.zeros((), device=device)
-        # found ← 1 if any gradient holds an inf or NaN; the gradients are multiplied by 1 (unchanged)
-        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, torch.ones((), device=device))
+        flag_non_finite([p.grad for p in params], found)  # found ← 1 if any gradient holds an inf or NaN
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler around this call (fp16)
         if scaler_found is not None:
             found = torch.maximum(found, scaler_found.to(device))

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import threading
@@ -21,20 +20,20 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_errors
 from ..data import build_loaders
 from ..models import build_model, layer_names, model_spec
 from ..speed.execution import ExecutionPlan
-from ..runtime import amp_dtype, select_device
-from .checkpoint import CheckpointError, CheckpointManager, atomic_save, load_checkpoint, restore_rng_states
-from .distributed import DistContext
+from ..runtime import amp_dtype, device_type_for, select_device
+from .checkpoint import CheckpointManager, atomic_save, check_resumable, load_checkpoint, restore_rng_states
+from .distributed import DistContext, process_group, rendezvous
 from .engines import build_engine, global_batch
 from .evaluate import evaluate
 from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
 from .optim import learning_rate, scaled_lr
+from .run_log import RunLog
 from .model_setup import build_model_for, plan_for_run
 
 __all__ = ["fit", "Preempted", "TrainingError", "loaders_for", "build_model_for"]
@@ -52,60 +51,6 @@ def loaders_for(cfg: Config, dist_ctx: DistContext, device: torch.device, train:
     )
 
 
-class RunLog:
-    """TensorBoard, a metrics.jsonl file and the console; silent except on the main rank.
-
-    Logs are worth less than the training they describe: a write that fails (a full disk, a
-    vanished network folder) is reported once, that sink is dropped and the run goes on. The
-    checkpoints are what must not be lost, and a checkpoint that cannot be written stops the run."""
-
-    def __init__(self, folder: Path, enabled: bool):
-        self.enabled = enabled
-        self.writer = SummaryWriter(str(folder / "tensorboard")) if enabled else None
-        self.metrics = open(folder / "metrics.jsonl", "a") if enabled else None
-
-    def drop(self, sink: str, error: OSError) -> None:
-        """Stop writing `sink` ("tensorboard" or "metrics") after `error`, saying so once."""
-        print(f"warning: could not write {sink} ({error}); the run goes on without it", file=sys.stderr)
-        if sink == "tensorboard":
-            self.writer = None
-        else:
-            self.metrics = None
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            try:
-                for tag, value in values.items():
-                    self.writer.add_scalar(tag, value, step)
-            except OSError as error:
-                self.drop("tensorboard", error)
-        if self.metrics is not None:
-            try:
-                self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-                self.metrics.flush()
-            except OSError as error:
-                self.drop("metrics", error)
-
-    def text(self, tag: str, text: str) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.add_text(tag, text)
-            except OSError as error:
-                self.drop("tensorboard", error)
-
-    def print(self, message: str) -> None:
-        if self.enabled:
-            tqdm.write(message, file=sys.stdout)
-
-    def close(self) -> None:
-        for sink, stream in (("tensorboard", self.writer), ("metrics", self.metrics)):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError as error:
-                    self.drop(sink, error)
-
-
 @dataclass
 class TrainResult:
     top1: float
@@ -114,56 +59,6 @@ class TrainResult:
     step: int
     folder: Path
     exported: Path | None = None
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> tuple[str, str]:
-    """The settings where two nested dicts differ, as 'key=value, ...' for each side."""
-    there, here = [], []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            sub = _differences(x, y, f"{prefix}{key}.")
-            there += [sub[0]] if sub[0] else []
-            here += [sub[1]] if sub[1] else []
-        elif x != y:
-            there.append(f"{prefix}{key}={x!r}")
-            here.append(f"{prefix}{key}={y!r}")
-    return ", ".join(there), ", ".join(here)
-
-
-def _model_identity(section):
-    """The model section of a config without how its layers run (lowrank.execution): a checkpoint
-    is the same model under any execution plan."""
-    if not isinstance(section, dict) or not isinstance(section.get("lowrank"), dict):
-        return section
-    return section | {"lowrank": {k: v for k, v in section["lowrank"].items() if k != "execution"}}
-
-
-def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext) -> None:
-    """Refuse, with the reason, a checkpoint this run cannot continue from."""
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"--resume {str(path)!r} is not a checkpoint of this trainer (no config in it)")
-    written_for, this = _model_identity(state["config"].get("model")), _model_identity(cfg.resolved()["model"])
-    if written_for != this:
-        there, here = _differences(written_for if isinstance(written_for, dict) else {}, this)
-        raise CheckpointError(f"--resume {str(path)!r} was written for model {there}, not this config's {here}:"
-                              " resume with the config it was written with, or give run.name another name to start anew")
-    if "engine" not in state:
-        raise CheckpointError(f"--resume {str(path)!r} is not a training checkpoint (no optimizer state); to start"
-                              " from its weights use model.lowrank.mode 'decomposed' with dense_checkpoint")
-    written_engine = state["config"].get("distributed", {}).get("engine", "ddp")
-    if written_engine != cfg.distributed.engine:
-        raise CheckpointError(f"--resume {str(path)!r} was written by distributed.engine {written_engine!r}; this"
-                              f" config uses {cfg.distributed.engine!r} and their optimizer states differ")
-    written_world = state.get("world_size", 1)
-    if written_world != dist_ctx.world_size and state["batch"] != 0:
-        # Mid-epoch, which samples are left depends on how the epoch was sharded. At an epoch
-        # boundary nothing is left over: the next epoch is re-sharded over the new world size (the
-        # global batch, and so the meaning of optim.lr, change with it).
-        raise CheckpointError(
-            f"--resume {str(path)!r} stopped mid-epoch with {written_world} processes; resume it with"
-            f" {written_world}, or from a checkpoint written at the end of an epoch"
-        )
 
 
 def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: torch.device, out_dir: Path, log: RunLog,
@@ -356,3 +251,11 @@ def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResul
     )
     run.log.close()
     return TrainResult(metrics["top1"], metrics["top5"], metrics["loss"], state.step, folder, exported)
+
+
+def run_training(cfg: Config, resume: Path | None = None, rdv=None, stop: threading.Event | None = None):
+    """Join the job's process group (none for one process) and train; what launchers call.
+    `stop`: a threading.Event that ends the run with a checkpoint at the next stop check."""
+    rdv = rdv or rendezvous()
+    with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
+        return fit(cfg, dist_ctx, resume, stop)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import ConfigError
+from ..config import ConfigError
 
 COMMAND_TIMEOUT_S = 60  # an unreachable controller makes each command retry for ~10 s first
 
