@@ -198,54 +198,11 @@ def _switched(model: nn.Module, executions, fn):
     return run
 
 
-def speed_report(
-    dense_model: nn.Module,
-    lowrank_model: nn.Module,
-    input_shape: tuple[int, int, int, int],
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    out_dir: str | Path | None = None,
-    writer=None,
-    repeats: int = 10,
-    warmup: int = 3,
-    min_sample_s: float = 1e-3,
-    channels_last: bool = False,
-    whole_model: bool = True,
-    title: str | None = None,
-    step: int = 0,
-    plan: Mapping[str, str] | None = None,
-    plan_source: str | None = None,
-) -> SpeedReport:
-    """Time every conv layer of `lowrank_model` against the same-named layer of `dense_model`, and
-    both whole models, at `input_shape` = (B, C, H, W) on `device` in `dtype`.
-
-    Each factorized layer is timed three ways, alternated: dense, factorized and composed (one
-    dense conv of its composed kernel, report/execution.py). `plan` (layer name → "factorized" or
-    "composed", e.g. a run's ExecutionPlan.executions; `plan_source` says where it came from)
-    picks one per layer; by default each layer takes the form with the faster forward+backward
-    measured here, the rule of `precision.execution: auto`. The whole model is timed dense,
-    with every layer factorized, and under the plan.
-
-    The models are not touched: each is copied to the device. Layers run in `dtype` itself; the
-    whole models run with fp32 weights under autocast to `dtype`, as the trainer does. Files go to
-    `out_dir` (if given) and TensorBoard to `writer` (a SummaryWriter; if None and `out_dir` is
-    given, one is opened in out_dir/tensorboard). `whole_model=False` skips the whole-model timing.
-    """
-    if len(input_shape) != 4 or any(int(s) < 1 for s in input_shape):
-        raise ValueError(f"input_shape must be (B, C, H, W) with positive sizes, got {tuple(input_shape)}")
-    check_dtype(dtype)
-    if plan is not None and set(plan.values()) - {"factorized", "composed"}:
-        raise ValueError(f"a plan maps layers to 'factorized' or 'composed', got {sorted(set(plan.values()))}")
-    device = select_device(device, key="device")
-    batch = int(input_shape[0])
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    dense = copy.deepcopy(dense_model).to(device).to(memory_format=memory_format)
-    lowrank = copy.deepcopy(lowrank_model).to(device).to(memory_format=memory_format)
-    set_execution(lowrank, "factorized")  # the "low-rank" columns are the factorized form, whatever the model ran
-    example = torch.randn(tuple(input_shape), device=device).contiguous(memory_format=memory_format)
-    timing_options = {"repeats": repeats, "warmup": warmup, "min_sample_s": min_sample_s}
-
-    costs = {row.module: row for row in conv_costs(lowrank, tuple(input_shape[1:]))}
+def _layer_rows(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, device: torch.device,
+                dtype: torch.dtype, channels_last: bool, plan: Mapping[str, str] | None, timing_options: dict) -> list[LayerSpeed]:
+    """One LayerSpeed per conv of `lowrank` on the inference path: dense against its factorized
+    and composed forms, alternated; the form the plan (or the faster forward+backward) picks."""
+    costs = {row.module: row for row in conv_costs(lowrank, tuple(example.shape[1:]))}
     inputs = capture_inputs(lowrank, example)
     dense_layers = dict(dense.named_modules())
     rows = []
@@ -280,22 +237,77 @@ def speed_report(
         rows.append(LayerSpeed(costs[name], inputs[name].shape, forward["dense"], forward["factorized"],
                                train["dense"], train["factorized"], forward.get("composed"), train.get("composed"),
                                execution))
-    executions = {row.module: row.execution for row in rows if row.execution != "dense"}
+    return rows
 
+
+def _model_speed(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                 planned: Mapping[str, str], timing_options: dict) -> ModelSpeed:
+    """The whole model dense, all factorized and under `planned`, alternated."""
+    fns = {"dense": model_functions(dense, example, dtype), "factorized": model_functions(lowrank, example, dtype)}
+    if "composed" in planned.values():
+        # the plan is the same model with some layers switched: one copy, switched before each call
+        fns["planned"] = tuple(_switched(lowrank, planned, fn) for fn in fns["factorized"])
+        fns["factorized"] = tuple(_switched(lowrank, "factorized", fn) for fn in fns["factorized"])
+    forward = measure({key: pair[0] for key, pair in fns.items()}, device, **timing_options)
+    train = measure({key: pair[1] for key, pair in fns.items()}, device, **timing_options)
+    for timings in (forward, train):  # a plan that composes nothing is the all-factorized model
+        timings.setdefault("planned", timings["factorized"])
+    return ModelSpeed(int(example.shape[0]), forward["dense"], forward["factorized"], train["dense"], train["factorized"],
+                      forward["planned"], train["planned"])
+
+
+def speed_report(
+    dense_model: nn.Module,
+    lowrank_model: nn.Module,
+    input_shape: tuple[int, int, int, int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    out_dir: str | Path | None = None,
+    writer=None,
+    repeats: int = 10,
+    warmup: int = 3,
+    min_sample_s: float = 1e-3,
+    channels_last: bool = False,
+    whole_model: bool = True,
+    title: str | None = None,
+    step: int = 0,
+    plan: Mapping[str, str] | None = None,
+    plan_source: str | None = None,
+) -> SpeedReport:
+    """Time every conv layer of `lowrank_model` against the same-named layer of `dense_model`, and
+    both whole models, at `input_shape` = (B, C, H, W) on `device` in `dtype`.
+
+    Each factorized layer is timed three ways, alternated: dense, factorized and composed (one
+    dense conv of its composed kernel, speed/execution.py). `plan` (layer name → "factorized" or
+    "composed", e.g. a run's ExecutionPlan.executions; `plan_source` says where it came from)
+    picks one per layer; by default each layer takes the form with the faster forward+backward
+    measured here, the rule of `precision.execution: auto`. The whole model is timed dense,
+    with every layer factorized, and under the plan.
+
+    The models are not touched: each is copied to the device. Layers run in `dtype` itself; the
+    whole models run with fp32 weights under autocast to `dtype`, as the trainer does. Files go to
+    `out_dir` (if given) and TensorBoard to `writer` (a SummaryWriter; if None and `out_dir` is
+    given, one is opened in out_dir/tensorboard). `whole_model=False` skips the whole-model timing.
+    """
+    if len(input_shape) != 4 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be (B, C, H, W) with positive sizes, got {tuple(input_shape)}")
+    check_dtype(dtype)
+    if plan is not None and set(plan.values()) - {"factorized", "composed"}:
+        raise ValueError(f"a plan maps layers to 'factorized' or 'composed', got {sorted(set(plan.values()))}")
+    device = select_device(device, key="device")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    dense = copy.deepcopy(dense_model).to(device).to(memory_format=memory_format)
+    lowrank = copy.deepcopy(lowrank_model).to(device).to(memory_format=memory_format)
+    set_execution(lowrank, "factorized")  # the "low-rank" columns are the factorized form, whatever the model ran
+    example = torch.randn(tuple(input_shape), device=device).contiguous(memory_format=memory_format)
+    timing_options = {"repeats": repeats, "warmup": warmup, "min_sample_s": min_sample_s}
+
+    rows = _layer_rows(dense, lowrank, example, device, dtype, channels_last, plan, timing_options)
+    executions = {row.module: row.execution for row in rows if row.execution != "dense"}
     model_speed = None
     if whole_model:
-        fns = {"dense": model_functions(dense, example, dtype), "factorized": model_functions(lowrank, example, dtype)}
-        planned = plan if plan is not None else executions
-        if "composed" in planned.values():
-            # the plan is the same model with some layers switched: one copy, switched before each call
-            fns["planned"] = tuple(_switched(lowrank, planned, fn) for fn in fns["factorized"])
-            fns["factorized"] = tuple(_switched(lowrank, "factorized", fn) for fn in fns["factorized"])
-        forward = measure({key: pair[0] for key, pair in fns.items()}, device, **timing_options)
-        train = measure({key: pair[1] for key, pair in fns.items()}, device, **timing_options)
-        for timings in (forward, train):  # a plan that composes nothing is the all-factorized model
-            timings.setdefault("planned", timings["factorized"])
-        model_speed = ModelSpeed(batch, forward["dense"], forward["factorized"], train["dense"], train["factorized"],
-                                 forward["planned"], train["planned"])
+        model_speed = _model_speed(dense, lowrank, example, device, dtype, plan if plan is not None else executions,
+                                   timing_options)
 
     meta = {
         "device": str(device),
