@@ -3,7 +3,7 @@
 Every case runs through the real command line (`python -m lowrank_dist.train`'s `main`, or
 `launch/submit.py`), in this process where it can and in subprocesses where it must (several
 ranks, a process killed, proof that no traceback is printed). The promises checked here are the
-table "What happens when things go wrong" in the README:
+table in docs/troubleshooting.md:
 
 * a bad config, command line, data folder or checkpoint: one line on stderr naming the key, file
   or value and what is allowed, exit code 2;

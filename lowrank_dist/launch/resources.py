@@ -20,10 +20,10 @@ SIGNAL_LEAD_S = 120  # seconds before the time limit that SLURM warns the job
 # CPUs, DALI's worker threads (or DataLoader workers) the rest — data.workers = CPUs per task − 2.
 RESERVED_CPUS = 2
 # Train-step images/s of one H200 at bf16, the faster of dense and all-factorized at the authors' ranks
-# (VGG-16 compiled, the others eager; docs/design.md#speed): the rate a node's CPUs must feed each GPU at.
+# (VGG-16 compiled, the others eager; docs/benchmarks.md#training-speed-on-one-h200): the rate a node's CPUs must feed each GPU at.
 GPU_IMAGES_PER_S = {"alexnet": 36_128, "vgg16": 5_710, "googlenet": 6_701}
 # Images per CPU-second the host side of each data path sustains (python bench/loaders.py, 500×375
-# JPEGs in page cache, 2-core CPU, otherwise idle; README "Data loading speed"): with DALI on the GPU
+# JPEGs in page cache, 2-core CPU, otherwise idle; docs/benchmarks.md#data-loading): with DALI on the GPU
 # the host reads and plans (--no-decode: 15,300–17,600, taken as 15,000 for nvJPEG's host-side
 # share, which no GPU here could measure); on the CPU it also decodes, crops and resizes (DALI
 # 259–294, torchvision 209–232). A busy machine measured higher per core: idle threads spin less.
