@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+VENV = ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
 
 
 def packages_missing() -> list[str]:
@@ -22,7 +23,7 @@ def packages_missing() -> list[str]:
 
 if __name__ == "__main__":
     missing = packages_missing()
-    if missing and VENV_PYTHON.exists() and Path(sys.executable).resolve() != VENV_PYTHON.resolve():
+    if missing and VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV.resolve():  # not already in it
         os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
     if missing:
         print(f"error: {sys.executable} lacks {', '.join(missing)}: run `make setup` in {ROOT} once (it makes .venv,"

@@ -87,6 +87,36 @@ def run(command: list[str], timeout: float = 300, **kwargs) -> subprocess.Comple
 # -- no SLURM needed -------------------------------------------------------------------------------
 
 
+def _python_without_torch() -> str:
+    """The interpreter the venv was made from: it lacks the project's packages on a clean machine."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    probe = subprocess.run([base, "-c", "import torch"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{base} has torch: no interpreter without the project's packages to run the command with")
+    return base
+
+
+def test_the_headline_command_typed_as_written_with_a_bare_python_uses_the_venv(tmp_path):
+    """`python launch/submit.py ...` after `make setup`, no venv activated: it re-runs under .venv."""
+    if not (ROOT / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv in this checkout (make setup makes it)")
+    done = subprocess.run([_python_without_torch(), "launch/submit.py", "--config", "configs/googlenet_lr.yaml",
+                           "--nodes", "4", "--dry-run", "--set", f"run.out_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --nodes=4" in done.stdout
+
+
+def test_the_command_without_packages_or_venv_is_one_line(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / "launch").mkdir(parents=True)
+    (checkout / "launch" / "submit.py").write_text((ROOT / "launch" / "submit.py").read_text())
+    done = subprocess.run([_python_without_torch(), "launch/submit.py", "--config", "x.yaml"], cwd=checkout,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "lacks torch" in done.stderr and "make setup" in done.stderr, done.stderr
+
+
 def test_dry_run_prints_the_sbatch_script_for_4_nodes_of_8_gpus(tmp_path):
     done = run(SUBMIT + ["--config", "configs/googlenet_lr.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run",
                          "--set", f"run.out_dir={tmp_path}"])
