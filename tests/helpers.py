@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from lowrank_dist.data.sampling import IMAGENET_MEAN, IMAGENET_STD
+from lowrank_dist.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 STEP, BASE = 20, 30  # colour levels per code unit; JPEG keeps a solid colour within a few levels
 

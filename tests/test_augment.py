@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from lowrank_dist.data import build_loaders
-from lowrank_dist.data.sampling import IMAGENET_MEAN, CropPlan
+from lowrank_dist.data.augment import IMAGENET_MEAN, CropWindows
 from lowrank_dist.data.synthetic import make_synthetic
 
 from .test_data import BACKENDS, read_epoch
 
 
 def test_caffe_crop_is_a_random_square_of_the_image_resized_to_shorter_side_256():
-    plan = CropPlan(image_size=227, val_resize=256, augment="caffe")
+    plan = CropWindows(image_size=227, val_resize=256, augment="caffe")
     lefts, tops, flips = set(), set(), []
     for index in range(400):
         width, height = 300 + index % 211, 256 + index % 97

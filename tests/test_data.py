@@ -22,8 +22,9 @@ from PIL import Image
 
 from lowrank_dist.data import DataError, build_loaders
 from lowrank_dist.data import dali as dali_module
+from lowrank_dist.data.augment import CropWindows
 from lowrank_dist.data.loaders import AHEAD, Ahead
-from lowrank_dist.data.sampling import CropPlan, epoch_order
+from lowrank_dist.data.sampling import epoch_order
 from lowrank_dist.data.synthetic import make_synthetic
 
 from .helpers import read_codes, write_jpeg_folder
@@ -225,7 +226,7 @@ def test_channels_last_is_the_same_values_in_channels_last_memory(photos, backen
 
 
 def test_random_resized_crop_stays_inside_the_image_and_in_the_scale_range():
-    plan = CropPlan(image_size=32, val_resize=37, min_crop_scale=0.3)
+    plan = CropWindows(image_size=32, val_resize=37, min_crop_scale=0.3)
     for index in range(300):
         width, height = 40 + index % 37, 30 + index % 53
         box = plan.box(0, index, width, height)

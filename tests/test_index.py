@@ -15,9 +15,8 @@ import torch
 from lowrank_dist.data import DataError, build_loaders
 from lowrank_dist.data import dali as dali_module
 from lowrank_dist.data import index as index_module
-from lowrank_dist.data.index import FOLDER, main as index_main
-from lowrank_dist.data.samples import load_samples
-from lowrank_dist.data.sampling import CropPlan
+from lowrank_dist.data.augment import CropWindows
+from lowrank_dist.data.index import FOLDER, load_samples, main as index_main
 
 from .helpers import read_codes, write_jpeg_folder
 
@@ -172,7 +171,7 @@ def test_the_index_command_exits_2_naming_a_bad_root(tmp_path, capsys):
 
 
 def test_an_epochs_crop_windows_in_one_call_are_each_samples_own():
-    plan = CropPlan(image_size=32, val_resize=37, seed=3, min_crop_scale=0.1)
+    plan = CropWindows(image_size=32, val_resize=37, seed=3, min_crop_scale=0.1)
     rng = np.random.default_rng(0)
     indices = rng.permutation(5000)[:700]
     widths, heights = rng.integers(1, 600, 700), rng.integers(1, 600, 700)

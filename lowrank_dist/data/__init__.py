@@ -5,11 +5,11 @@
         ...
     for images, labels, valid in loaders.val:                          # count only `valid` samples
         ...
-    loaders.train.skipped.count, loaders.train.skipped.paths            # bad images (on_bad_image="skip")
+    loaders.train.replaced.count, loaders.train.replaced.paths          # bad images (on_bad_image="skip")
 
 The back-ends (DALI on the CPU or GPU, torchvision with PIL) crop the same windows of the same
 images in the same order; sharding, padding and the determinism guarantees are described in
-`sampling`; what a bad image is and what happens to it, in `integrity`. `python -m
+`sampling`, the crop windows in `augment`; what a bad image is and what happens to it, in `integrity`. `python -m
 lowrank_dist.data.synthetic --out DIR` writes a small learnable data set, `python -m
 lowrank_dist.data.check ROOT` lists every problem of a data set, `python -m lowrank_dist.data.index
 ROOT` builds the index every run starts from (`index`), `python -m lowrank_dist.data.bench ROOT`
@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
-from .augment import AUGMENTS, CAFFE_RESIZE
+from .augment import CAFFE_RESIZE, Augment, CropWindows
 from .cifar import CLASSES as CIFAR10_CLASSES, CifarBackend, load_cifar10
 from .dali import DaliBackend, check_dali, dali_available
-from .integrity import ON_BAD_IMAGE, Skipped
+from .integrity import OnBadImage, Replaced
 from .loaders import TrainLoader, ValLoader
-from .samples import DataError, load_samples
-from .sampling import CropPlan
+from .samples import DataError
 from .torchvision_loader import TorchvisionBackend
 
-__all__ = ["DataError", "Loaders", "Skipped", "build_loaders"]
+__all__ = ["DataError", "Loaders", "Replaced", "build_loaders"]
 
 
 @dataclass
@@ -75,7 +75,7 @@ def build_loaders(
     torchvision and decoding threads for DALI. `min_crop_scale` and `hflip` set the train
     augmentation: crop area fraction in (min_crop_scale, 1), random horizontal mirror.
     `on_bad_image` "error" stops at the first undecodable image with a DataError naming it; "skip"
-    replaces it by `integrity`'s rule and counts it in loaders.train/val.skipped.
+    replaces it by `integrity`'s rule and counts it in loaders.train/val.replaced.
     `train=False` (evaluation only) builds no train loader and does not list the train images: the
     classes still come from the train split's folders (or list). `decode=False` (the loader
     benchmark's --no-decode) reads and checks the files but yields None for the images.
@@ -88,8 +88,8 @@ def build_loaders(
         raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
     if dali_device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"dali_device must be 'auto', 'cpu' or 'gpu', got {dali_device!r}")
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+    if on_bad_image not in get_args(OnBadImage):
+        raise ValueError(f"on_bad_image must be one of {', '.join(get_args(OnBadImage))}, got {on_bad_image!r}")
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be ≥ 1 and workers ≥ 0, got {batch_size} and {workers}")
     if not 0 <= rank < world_size:
@@ -97,8 +97,8 @@ def build_loaders(
     if format not in ("imagenet", "cifar10"):
         raise ValueError(f"format must be 'imagenet' or 'cifar10', got {format!r}")
     augment = augment or ("none" if format == "cifar10" else "inception")
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if augment not in get_args(Augment):
+        raise ValueError(f"augment must be one of {', '.join(get_args(Augment))}, got {augment!r}")
     use_dali = backend == "dali" or (backend == "auto" and dali_available())
     if use_dali:
         dali_device = check_dali(dali_device)
@@ -109,14 +109,18 @@ def build_loaders(
     if val_resize < image_size:
         raise DataError(f"data.val_resize: {val_resize} is smaller than data.image_size {image_size}: the centre crop would not fit")
 
+    # imported here rather than at the top: `python -m lowrank_dist.data.index` imports this package
+    # first, and runpy warns if the module it is about to run as __main__ has been imported already
+    from .index import load_samples
+
     classes, train_samples, val = load_samples(root, train_list, val_list, with_train=train)
-    plan = CropPlan(image_size, val_resize, seed, min_crop_scale, hflip, augment)
+    windows = CropWindows(image_size, val_resize, seed, min_crop_scale, hflip, augment)
     device = torch.device(device)
 
     def backend_for(samples):
         if use_dali:
-            return DaliBackend(samples, plan, dali_device, workers, device, channels_last, decode)
-        return TorchvisionBackend(samples, plan, workers, device, channels_last, decode)
+            return DaliBackend(samples, windows, dali_device, workers, device, channels_last, decode)
+        return TorchvisionBackend(samples, windows, workers, device, channels_last, decode)
 
     val_backend = backend_for(val)
     train_loader = None
