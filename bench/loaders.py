@@ -80,9 +80,10 @@ def write_links(root: Path, photos: Path, images: int = 100_000, classes: int = 
 
 STARTUP = """
 import sys, time
+from lowrank_dist.config import DataConfig
 from lowrank_dist.data import build_loaders
 started = time.perf_counter()
-build_loaders(sys.argv[1], backend="dali", dali_device="cpu", batch_size=256, workers=2)
+build_loaders(DataConfig(root=sys.argv[1], backend="dali", dali_device="cpu", batch_size=256, workers=2))
 print(time.perf_counter() - started)
 """
 

@@ -21,12 +21,12 @@ import torch
 import yaml
 from PIL import Image
 
-from lowrank_dist.data import DataError, build_loaders
+from lowrank_dist.data import DataError
 from lowrank_dist.data import dali as dali_module
 from lowrank_dist.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lowrank_dist.data.check import check_images, main as check_main
 
-from .helpers import code_colour, read_codes, write_jpeg_folder
+from .helpers import code_colour, loaders_from, read_codes, write_jpeg_folder
 
 BACKENDS = ["torchvision"] + (["dali"] if dali_module.dali_available() else [])
 BAD = {"truncated": "truncated", "truncated-end": "truncated", "zero-byte": "zero-byte",
@@ -102,7 +102,7 @@ def filled_by(slot: int, count: int, bad: set[int]) -> int:
 
 def loaders(root, backend, **options):
     options = {"batch_size": 4, "image_size": 16, "workers": 0 if backend == "torchvision" else 1, **options}
-    return build_loaders(root, backend=backend, dali_device="cpu", **options)
+    return loaders_from(root, backend=backend, dali_device="cpu", **options)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_dist.data import DataError, build_loaders
+from lowrank_dist.data import DataError
 from lowrank_dist.data import dali as dali_module
 from lowrank_dist.data import index as index_module
 from lowrank_dist.data.augment import CropWindows
 from lowrank_dist.data.index import FOLDER, load_samples, main as index_main
 
-from .helpers import read_codes, write_jpeg_folder
+from .helpers import loaders_from, read_codes, write_jpeg_folder
 
 BACKENDS = ["torchvision"] + (["dali"] if dali_module.dali_available() else [])
 COUNTS = {"train": [4, 4, 3], "val": [2, 2, 2]}
@@ -26,7 +26,7 @@ COUNTS = {"train": [4, 4, 3], "val": [2, 2, 2]}
 
 def loaders(root, backend, **options):
     options = {"batch_size": 4, "image_size": 16, "workers": 0 if backend == "torchvision" else 1, **options}
-    return build_loaders(root, backend=backend, dali_device="cpu", **options)
+    return loaders_from(root, backend=backend, dali_device="cpu", **options)
 
 
 def settle():

@@ -103,12 +103,14 @@ def run(root: Path, backend: str = "dali", dali_device: str = "cpu", batch: int 
         seconds: float = 10.0, decode: bool = True, step_ms: float = 0.0, reference: bool = False,
         image_size: int = 224) -> dict:
     """One measurement, as the command line describes; the numbers as a dict."""
+    from ..config import DataConfig
     from . import build_loaders
 
     started = time.perf_counter()
-    loaders = build_loaders(root, backend=backend, dali_device=dali_device, batch_size=batch, workers=workers,
-                            image_size=image_size, decode=decode,
-                            device=torch.device("cuda" if dali_device == "gpu" else "cpu"))
+    # the loaders name a missing root themselves (a DataError, exit 2)
+    data = DataConfig.model_validate({"root": root, "backend": backend, "dali_device": dali_device, "batch_size": batch,
+                                      "workers": workers, "image_size": image_size}, context={"check_paths": False})
+    loaders = build_loaders(data, decode=decode, device=torch.device("cuda" if dali_device == "gpu" else "cpu"))
     startup_s = time.perf_counter() - started
     name = "dali fn.readers.file alone" if reference else loaders.backend + ("" if decode else " (no decode)")
     batches = reference_batches(loaders.train, batch, workers) if reference else _batches(loaders.train)
