@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 import threading
@@ -427,7 +428,7 @@ def test_dali_on_the_gpu_matches_torchvision(photos):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_loader_benchmark_reports_images_per_second_per_core_and_data_wait(coded, backend, tmp_path, capsys):
-    from lowrank_dist.data.bench import main as bench_main
+    bench_main = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "loaders.py"))["main"]
 
     common = [str(coded), "--backend", backend, "--batch", "4", "--image-size", "16", "--workers", "1", "--seconds", "0.3"]
     variants = [["--step-ms", "5"], ["--no-decode"]] + ([["--reference"]] if backend == "dali" else [])
