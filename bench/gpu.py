@@ -94,6 +94,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gpu_checks import CHECKS, ESTIMATE_S, Checks, run_check  # noqa: E402
+from lowrank_dist.config import DataConfig  # noqa: E402
 from lowrank_dist.data import build_loaders  # noqa: E402
 from lowrank_dist.data.synthetic import make_synthetic  # noqa: E402
 from lowrank_dist.lowrank.layers import LowRankConv2d  # noqa: E402
@@ -319,9 +320,9 @@ class Bench:
         synchronized at both ends, after the same warm-up): what the input pipeline costs a run."""
         model, batch = self.kept[(name, "auto")], self.settings["batch"][name]
         steps, warmup = self.settings["jpeg_steps"], self.settings["jpeg_warmup"]
-        loaders = build_loaders(self.photos(), batch_size=batch, image_size=self.size, device=self.device,
-                                channels_last=True, workers=self.settings["jpeg_threads"],
-                                dali_device="gpu" if self.device.type == "cuda" else "cpu")
+        data = DataConfig(root=self.photos(), batch_size=batch, image_size=self.size,
+                          workers=self.settings["jpeg_threads"], dali_device="gpu" if self.device.type == "cuda" else "cpu")
+        loaders = build_loaders(data, device=self.device, channels_last=True)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
 
         def step(images: torch.Tensor, labels: torch.Tensor) -> None:

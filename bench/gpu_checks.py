@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lowrank_dist.config import DataConfig
 from lowrank_dist.data import build_loaders
 from lowrank_dist.data.dali import dali_available
 from lowrank_dist.data.sampling import split_batches
@@ -150,9 +151,13 @@ def compare_backends(root: Path, reference: dict, candidate: dict, tolerance: st
                      threads: int) -> dict:
     """`candidate` ({backend, dali_device, device}) against `reference` on the same folder: the same
     samples, labels and byte counts exactly; the crops within DECODER_TOLERANCE[tolerance]."""
-    common = {"batch_size": batch, "image_size": size, "channels_last": True}
-    ref = build_loaders(root, workers=threads if reference["backend"] == "dali" else 0, **common, **reference)
-    cand = build_loaders(root, workers=threads if candidate["backend"] == "dali" else 0, **common, **candidate)
+    def loaders(options: dict):
+        data = DataConfig(root=root, batch_size=batch, image_size=size,
+                          workers=threads if options["backend"] == "dali" else 0,
+                          **{key: value for key, value in options.items() if key != "device"})
+        return build_loaders(data, device=options["device"], channels_last=True)
+
+    ref, cand = loaders(reference), loaders(candidate)
     epoch = 3
     a, b = _decoded(ref, epoch), _decoded(cand, epoch)
     control = _decoded(cand, epoch, crops_of=epoch + 1)["images"]
@@ -503,10 +508,10 @@ def check_nccl(checks: Checks) -> dict:
             engine = engines[-1]
             measured |= {"steps": result.step, "wrapped_in": type(engine._ddp).__name__, "val_top1": result.top1}
             model = engine.module
-            whole = evaluate(model, build_loaders(checks.jpegs(), **_val_options(checks, cfg, 0, 1)).val, ctx)
+            whole = evaluate(model, build_loaders(cfg.data, **_val_options(checks, cfg, 0, 1)).val, ctx)
     finally:
         trainer_module.build_engine = real_build
-    shards = [evaluate(model, build_loaders(checks.jpegs(), **_val_options(checks, cfg, rank, 3)).val, DistContext())
+    shards = [evaluate(model, build_loaders(cfg.data, **_val_options(checks, cfg, rank, 3)).val, DistContext())
               for rank in range(3)]
     num_val = s["classes"] * s["val_per_class"]
     measured |= {"val_images": num_val, "counted_in_group": whole["count"], "counted_in_3_shards": [r["count"] for r in shards],
@@ -529,9 +534,9 @@ def check_nccl(checks: Checks) -> dict:
 
 
 def _val_options(checks: Checks, cfg, rank: int, world_size: int) -> dict:
-    return {"backend": cfg.data.backend, "dali_device": cfg.data.dali_device, "batch_size": cfg.data.batch_size,
-            "image_size": cfg.data.image_size, "workers": cfg.data.workers, "device": checks.device,
-            "channels_last": cfg.precision.channels_last, "rank": rank, "world_size": world_size, "train": False}
+    """build_loaders' options besides the data section (cfg.data, whose root is checks.jpegs())."""
+    return {"device": checks.device, "channels_last": cfg.precision.channels_last, "rank": rank,
+            "world_size": world_size, "train": False}
 
 
 CHECKS = {"dali": check_dali, "train": check_train, "layer": check_layer, "executions": check_executions,

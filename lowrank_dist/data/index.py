@@ -7,15 +7,16 @@ Why. Without it, every rank of every (re)start lists the split's folders and sta
 files in 1,000 folders for ImageNet, times 32 ranks for 4 nodes, often on a network file system),
 and learns each image's size only by reading the file when it is batched — so crop windows could
 only be drawn one sample at a time, on the thread that fed the loader. With the index a rank reads
-one file, and the crop windows of a whole epoch are one vectorised call (`sampling.CropPlan.boxes`).
+one file, and the crop windows of a whole epoch are one vectorised call (`augment.CropWindows.boxes`).
 
 Where. ROOT/.lowrank_index/<split>.npz (a split given by a list file: list-<name>-<hash>.npz);
 when ROOT is not writable, ~/.cache/lowrank_dist/index/<hash of ROOT>/ instead. Paths are stored
 relative to ROOT, so the data set can move with its index.
 
 When. The first run builds what is missing (the command above does it ahead of time), reading each
-file's head and tail (`check.inspect_file`) in one process per CPU core. One process builds, under
-an exclusive lock on the index file's .lock; the others wait on the lock and then read what it wrote.
+file's head and tail (`integrity.inspect_file`) in one process per CPU core this process may use
+(`parallel`). One process builds, under an exclusive lock on the index file's .lock; the others wait
+on the lock and then read what it wrote.
 
 Stale. An index remembers the modification time of the split folder and of every folder holding
 its images (a list file: the list itself and the folders of the files it lists). Adding, removing
@@ -24,6 +25,8 @@ or renaming a file changes its folder's time, so a start-up check costs one stat
 rewritten in place with a new size leaves its folder's time alone: the loaders compare the bytes
 they read with the size the index holds and stop with a DataError naming the file. (Folder times
 have the file system's resolution: a change in the same few ms as the index was built can be missed.)
+
+`load_samples` is what the loaders call: the class names and both splits' samples, from the index.
 """
 
 from __future__ import annotations
@@ -35,16 +38,15 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..files import atomic_write
-from .check import inspect_file
-from .integrity import BadImage
-from .samples import DataError, Samples, class_folders, read_list, scan_split
+from .integrity import BadImage, inspect_file
+from .parallel import map_chunks, usable_cpus
+from .samples import DataError, Samples, class_folders, read_list, scan_folder, scan_split
 
 VERSION = 1
 FOLDER = ".lowrank_index"
@@ -81,9 +83,7 @@ def fingerprint(root: Path, split: str, list_file: Path | None, folders: list[st
     those holding the listed images, for a list file; for a folder split they are its subfolders."""
     if list_file is None:
         split_dir = root / split
-        with os.scandir(split_dir) as entries:
-            names = sorted(entry.name for entry in entries if entry.is_dir())
-        folders = [f"{split}/{name}" for name in names]
+        folders = [f"{split}/{name}" for name in scan_folder(split_dir).folders]
         return {"split": _mtime(split_dir), "folders": {f: _mtime(root / f) for f in folders}}
     stat = os.stat(list_file)
     return {"list": [stat.st_size, stat.st_mtime_ns], "folders": {f: _mtime(root / f) for f in folders or []}}
@@ -125,19 +125,6 @@ def _inspect_chunk(paths: list[str]) -> list[tuple[int, int, int, str | None]]:
     return out
 
 
-def inspect_all(paths: list[str], jobs: int) -> list[tuple[int, int, int, str | None]]:
-    if jobs <= 1 or len(paths) < 512:
-        return _inspect_chunk(paths)
-    size = max(64, min(2048, len(paths) // (jobs * 8)))
-    chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return [entry for chunk in pool.map(_inspect_chunk, chunks) for entry in chunk]
-
-
-def default_jobs() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build(root: Path, split: str, list_file: Path | None, classes: list[str] | None, num_classes: int | None,
           jobs: int) -> tuple[Samples, dict]:
     """List the split (raising DataError on layout problems, as samples does) and inspect every image."""
@@ -150,7 +137,7 @@ def build(root: Path, split: str, list_file: Path | None, classes: list[str] | N
         prefix = str(root) + os.sep
         folders = sorted({os.path.dirname(p[len(prefix):] if p.startswith(prefix) else p) for p in listed.paths})
         before = fingerprint(root, split, list_file, folders)
-    entries = inspect_all(listed.paths, jobs)
+    entries = map_chunks(_inspect_chunk, listed.paths, jobs)
     sizes, widths, heights, why = zip(*entries) if entries else ((), (), (), ())
     samples = Samples(listed.paths, listed.labels, sizes=np.asarray(sizes, dtype=np.int64),
                       widths=np.asarray(widths, dtype=np.int64), heights=np.asarray(heights, dtype=np.int64),
@@ -222,7 +209,7 @@ def split_samples(root: Path, split: str, *, classes: list[str] | None, list_fil
         if found is not None and why is None:
             return found[0]
         started = time.perf_counter()
-        samples, meta = build(root, split, list_file, classes, num_classes, jobs or default_jobs())
+        samples, meta = build(root, split, list_file, classes, num_classes, jobs or usable_cpus())
         save(path, root, samples, meta)
         if not quiet:
             print(f"data index {path}: {len(samples)} images, {len(samples.bad)} bad,"
@@ -230,19 +217,54 @@ def split_samples(root: Path, split: str, *, classes: list[str] | None, list_fil
         return samples
 
 
+def load_samples(
+    root: str | os.PathLike, train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None,
+    with_train: bool = True, jobs: int | None = None, rebuild: bool = False,
+) -> tuple[list[str], Samples | None, Samples]:
+    """(class names, train samples, val samples), from the data index (built or rebuilt first if it
+    is missing or stale). With a train list the classes are named "0".."K-1", K = its largest
+    label + 1, since a list carries numbers, not folder names. `with_train=False` (evaluation) finds
+    the classes without listing, checking or indexing the train images: train is None."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} does not exist")
+    train = None
+    if train_list is not None:
+        train_list = Path(train_list)
+        if with_train:
+            if not train_list.is_file():
+                raise DataError(f"list file {str(train_list)!r} does not exist")
+            train = split_samples(root, "train", classes=None, list_file=train_list, jobs=jobs, rebuild=rebuild)
+        else:
+            train = read_list(root, train_list, None, check_files=False)
+        classes = [str(label) for label in range(int(train.labels.max()) + 1)]
+    else:
+        classes = class_folders(root / "train")
+        if with_train:
+            train = split_samples(root, "train", classes=classes, jobs=jobs, rebuild=rebuild)
+    if val_list is not None:
+        val_list = Path(val_list)
+        if not val_list.is_file():
+            raise DataError(f"list file {str(val_list)!r} does not exist")
+        val = split_samples(root, "val", classes=classes, list_file=val_list, num_classes=len(classes), jobs=jobs,
+                            rebuild=rebuild)
+    else:
+        class_folders(root / "val")  # a missing val folder is named as such
+        val = split_samples(root, "val", classes=classes, jobs=jobs, rebuild=rebuild)
+    return classes, train if with_train else None, val
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lowrank_dist.data.index", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="data set folder holding train/<class>/*.JPEG and val/<class>/*.JPEG")
     parser.add_argument("--train-list", type=Path, metavar="FILE", help="the train split as a list file (data.train_list)")
     parser.add_argument("--val-list", type=Path, metavar="FILE", help="the val split as a list file (data.val_list)")
-    parser.add_argument("--jobs", type=int, default=default_jobs(), help="processes (default: the CPU cores this process may use)")
+    parser.add_argument("--jobs", type=int, default=usable_cpus(), help="processes (default: the CPU cores this process may use)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if the index is up to date")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from .samples import load_samples
-
     args = parse_args(argv)
     try:
         classes, train, val = load_samples(args.root, args.train_list, args.val_list, jobs=args.jobs, rebuild=args.rebuild)

@@ -207,7 +207,7 @@ def log_window(run: Run, state: TrainState, meter: Meter) -> None:
         "train/lr": run.engine.lr,
         "train/images_per_s": meter.images * run.dist_ctx.world_size / elapsed,
         "train/data_wait_fraction": meter.wait / elapsed,
-        "data/skipped_images": run.loaders.train.skipped.count,  # data.on_bad_image: skip (this rank's)
+        "data/skipped_images": run.loaders.train.replaced.count,  # data.on_bad_image: skip (this rank's)
         "train/skipped_nonfinite": state.skipped,  # optim.skip_nonfinite_steps: steps whose update was skipped
     })
     run.progress.set_postfix(loss=f"{meter.loss:.3f}")

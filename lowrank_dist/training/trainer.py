@@ -41,14 +41,8 @@ __all__ = ["fit", "Preempted", "TrainingError", "loaders_for", "build_model_for"
 
 def loaders_for(cfg: Config, dist_ctx: DistContext, device: torch.device, train: bool = True):
     """This rank's train and val loaders as the config's data section says (train=False: val only)."""
-    return build_loaders(
-        cfg.data.root, backend=cfg.data.backend, dali_device=cfg.data.dali_device, batch_size=cfg.data.batch_size,
-        image_size=cfg.data.image_size, val_resize=cfg.data.val_resize, workers=cfg.data.workers,
-        train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
-        world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
-        min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image, train=train,
-        format=cfg.data.format, augment=cfg.data.augment,
-    )
+    return build_loaders(cfg.data, rank=dist_ctx.rank, world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device,
+                         channels_last=cfg.precision.channels_last, train=train)
 
 
 @dataclass
