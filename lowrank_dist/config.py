@@ -15,6 +15,7 @@ from typing import Any, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .data.augment import Augment
 from .data.integrity import OnBadImage
 from .lowrank.ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
@@ -114,7 +115,7 @@ class DataConfig(Section):
     # train crop and input scaling: "inception" (random resized crop; the default for ImageNet),
     # "caffe" (the authors': shorter side 256, random image_size square, mirror, mean subtraction; val
     # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
-    augment: Literal["inception", "caffe", "none"] | None = None
+    augment: Augment | None = None
     on_bad_image: OnBadImage = "error"  # undecodable image: stop naming it, or replace and count it
     train_list: Path | None = None
     val_list: Path | None = None

@@ -29,6 +29,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from ..runtime import storage_holders
 from .augment import input_scaling
 from .integrity import Replaced
 from .samples import DataError, Samples
@@ -62,14 +63,9 @@ class BufferRing:
         self.device, self.dtype, self.size, self.memory_format = device, dtype, size, memory_format
         self.ring: list[torch.Tensor] = []
 
-    @staticmethod
-    def _holders(buffer: torch.Tensor) -> int:
-        # tensors (views included) sharing the buffer's storage, plus the temporary storage object
-        return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
-
     def get(self, shape: tuple[int, ...]) -> torch.Tensor:
         for buffer in self.ring:
-            if buffer.shape == shape and self._holders(buffer) == 2:  # the ring's own reference only
+            if buffer.shape == shape and storage_holders(buffer) == 2:  # the ring's own reference only (+ the call's)
                 return buffer
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
         self.ring = (self.ring + [buffer])[-self.size:]  # the oldest dropped is kept alive by its holder
