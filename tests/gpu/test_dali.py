@@ -19,7 +19,6 @@ of levels: the control (other windows, measured 40–48) must stay far outside e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lowrank_dist.data.dali import dali_available
 
 from .common import REPO
 from .dali_compare import compare
@@ -51,7 +52,7 @@ def test_torchvision_feeds_the_device_the_crops_it_feeds_the_cpu(jpegs, sizes, d
 def test_dali_crops_match_the_cpu_back_ends(jpegs, sizes, device, record_property):
     """On the GPU: DALI's GPU pipeline against its CPU pipeline; on the CPU: DALI's CPU pipeline
     against torchvision. In a child process: a crashing decoder fails this test alone."""
-    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+    if not dali_available():
         pytest.skip("nvidia.dali is not installed (optional; bench/gpu.py's phase 2 carries it to the GPU machine)")
     if device.type == "cuda":
         reference = {"backend": "dali", "dali_device": "cpu", "device": "cpu"}

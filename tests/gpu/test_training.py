@@ -22,11 +22,13 @@ import torch.nn.functional as F
 
 from .common import REPO, needs
 
+TRAINER_PACKAGES = ("pydantic", "yaml", "tensorboard", "tqdm")  # what the config and the trainer import
+
 
 def trainer_config(root: Path, work: Path, device: torch.device, sizes: dict, name: str, steps: int, log_every: int,
                    amp: str = "bf16"):
     """configs/debug.yaml on the generated JPEGs, on this device, stopping after `steps` steps."""
-    needs("pydantic", "yaml", "tensorboard", "tqdm")
+    needs(*TRAINER_PACKAGES)
     from lowrank_dist.config import load_config
 
     sets = [f"data.root={root}", "data.backend=torchvision", f"data.workers={sizes['threads'] if device.type == 'cuda' else 0}",
@@ -45,6 +47,7 @@ def logged_losses(folder: Path) -> list[float]:
 @pytest.fixture
 def engines(monkeypatch) -> list:
     """The engines the trainer builds, in order (the trainer's own build_engine, recorded)."""
+    needs(*TRAINER_PACKAGES)
     from lowrank_dist.training import trainer as trainer_module
 
     built, real = [], trainer_module.build_engine
