@@ -88,6 +88,7 @@ import gc  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -419,9 +420,20 @@ def main(argv: list[str] | None = None) -> int:
                "smoke": args.smoke, "phase": args.phase, "budget_s": args.budget_s,
                "settings": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in settings.items()},
                "targets": TARGETS, "sections": {}, "models": {}}
-    interrupted = False
-    for section in args.sections:
-        left, needed = bench.left(), ESTIMATE_S[section] if settings["estimates"] else 0
+    try:
+        run_sections(bench, args.sections, payload, lambda: save(stem, payload, header, started))
+    finally:
+        shutil.rmtree(bench.work, ignore_errors=True)  # the generated JPEGs; the results are in `out`
+    print("\n" + summary(payload))
+    print(f"wrote {stem.with_suffix('.json')} and .md ({payload['elapsed_s']:.0f} s)")
+    return 1 if any(s["status"] in ("failed", "interrupted") for s in payload["sections"].values()) else 0
+
+
+def run_sections(bench: Bench, sections: tuple[str, ...], payload: dict, save) -> None:
+    """Each section in turn, unless the budget left is below its estimate; the files are saved
+    after each. A SIGINT (or SIGTERM) marks the section running then as interrupted and stops."""
+    for section in sections:
+        left, needed = bench.left(), ESTIMATE_S[section] if bench.settings["estimates"] else 0
         if left < needed:
             result = {"status": "skipped", "reason": f"time budget ({left:.0f} s left, about {needed} s needed)"}
         else:
@@ -429,15 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = run_section(bench, section, payload["models"])
             except KeyboardInterrupt:  # `timeout -s INT`: keep what was measured, say where it stopped
-                result, interrupted = {"status": "interrupted", "reason": "the time limit (SIGINT/SIGTERM)"}, True
+                result = {"status": "interrupted", "reason": "the time limit (SIGINT/SIGTERM)"}
         payload["sections"][section] = result
         print(f"== {section}: {result['status']}" + (f" ({result['reason']})" if "reason" in result else ""), flush=True)
-        save(stem, payload, header, started)
-        if interrupted:
+        save()
+        if result["status"] == "interrupted":
             break
-    print("\n" + summary(payload))
-    print(f"wrote {stem.with_suffix('.json')} and .md ({payload['elapsed_s']:.0f} s)")
-    return 1 if any(s["status"] in ("failed", "interrupted") for s in payload["sections"].values()) else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
