@@ -158,7 +158,7 @@ def test_one_process_needs_no_process_group():
 
 
 def test_a_group_of_one_runs_the_collectives_through_the_backend(monkeypatch):
-    """group_of_one (bench/gpu.py's NCCL check on one GPU): the group exists, the context says
+    """group_of_one (tests/gpu's NCCL test on one GPU): the group exists, the context says
     distributed, and the sums go through torch.distributed; afterwards the group is gone."""
     calls = []
     real = dist.all_reduce

@@ -159,8 +159,12 @@ class DaliBackend:
             else:
                 # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
                 if self.dali_device == "gpu":  # nvJPEG decodes just the window; resized and mirrored here
+                    # jpeg_fancy_upsampling: libjpeg-turbo's chroma upsampling, as the CPU back-ends decode;
+                    # nvJPEG's default repeats each chroma sample, 2.8 grey levels off them on average
+                    # (bench/jpeg_upsampling.py: 0.18 with the flag)
                     images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", output_type=types.RGB,
-                                                     adjust_orientation=False, device="mixed")
+                                                     adjust_orientation=False, jpeg_fancy_upsampling=True,
+                                                     device="mixed")
                     images = fn.resize(images, size=[self.windows.image_size] * 2, interp_type=types.INTERP_LINEAR,
                                        antialias=True)
                     images = fn.flip(images, horizontal=mirrors[0])

@@ -148,7 +148,7 @@ def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0,
     error within that time instead of hanging for the default 30 minutes. `group_of_one` makes the
     group for a single process too, and its context says distributed, so DDP, the sync points'
     all-reduce and the evaluation's sums run through the backend as with several ranks: how
-    bench/gpu.py checks NCCL on a machine with one GPU (NCCL refuses two ranks on one device)."""
+    tests/gpu/ checks NCCL on a machine with one GPU (NCCL refuses two ranks on one device)."""
     ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank, grouped=group_of_one and rdv.world_size == 1)
     if rdv.world_size == 1 and not group_of_one:
         yield ctx
