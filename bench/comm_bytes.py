@@ -1,7 +1,8 @@
 """Bytes of gradients all-reduced per optimizer step, measured, side by side: dense and low-rank
-CaffeNet and VGG-16, plain fp32, bf16 and PowerSGD.
+CaffeNet and VGG-16 (convs at the paper's tai2016 ranks; fc6/fc7 factorized as LowRankLinear), plain
+fp32, bf16 and PowerSGD.
 
-    python bench/comm_bytes.py [--models caffenet,vgg16] [--rank 4] [--link-gbps 400] [--nodes 4] [--gpus-per-node 8]
+    python bench/comm_bytes.py [--models caffenet,vgg16] [--rank 4] [--fc-rank 256] [--link-gbps 400] [--nodes 4] [--gpus-per-node 8]
 
 Each variant trains 3 optimizer steps on 2 gloo processes on the CPU (batch 1 of random 64×64
 images: how many bytes a step sends does not depend on the images), through the trainer's own
@@ -30,32 +31,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lowrank_dist.config import config_from_dict  # noqa: E402
+from lowrank_dist.lowrank.layers import LowRankLinear  # noqa: E402
 from lowrank_dist.models import build_model  # noqa: E402
 from lowrank_dist.training.comm import expected_bytes_per_step  # noqa: E402
 from lowrank_dist.training.distributed import Rendezvous, process_group  # noqa: E402
 from lowrank_dist.training.engines import DDPEngine  # noqa: E402
 
 
-def variants(models: list[str], rank: int) -> list[tuple[str, str, dict | None, dict]]:
-    """(model, label, lowrank section, distributed section) in table order."""
+def variants(models: list[str], rank: int, fc_rank: int) -> list[tuple[str, str, dict | None, int | None, dict]]:
+    """(model, label, lowrank section, fc6/fc7 rank, distributed section) in table order."""
     psgd = {"grad_compression": "powersgd", "powersgd": {"rank": rank, "start_iter": 2}}
+    tai, fc = {"preset": "tai2016"}, f"tai2016 + fc6/fc7 rank {fc_rank}"
     rows = []
     for model in models:
-        rows += [(model, "dense, fp32", None, {}),
-                 (model, "dense, bf16", None, {"grad_compression": "bf16"}),
-                 (model, f"dense, PowerSGD rank {rank}", None, psgd),
-                 (model, "tai2016 (convs), fp32", {"preset": "tai2016"}, {}),
-                 (model, f"tai2016 (convs), PowerSGD rank {rank}", {"preset": "tai2016"}, psgd)]
+        rows += [(model, "dense, fp32", None, None, {}),
+                 (model, "dense, bf16", None, None, {"grad_compression": "bf16"}),
+                 (model, f"dense, PowerSGD rank {rank}", None, None, psgd),
+                 (model, "tai2016 (convs), fp32", tai, None, {}),
+                 (model, f"{fc}, fp32", tai, fc_rank, {}),
+                 (model, f"{fc}, PowerSGD rank {rank}", tai, fc_rank, psgd)]
     return rows
+
+
+def factorize_fc(model: nn.Module, rank: int) -> None:
+    """fc6 and fc7 (every nn.Linear of the classifier but the last) as LowRankLinear at `rank`.
+    Done here, by module, until model.lowrank takes FC ranks."""
+    linears = [(name, m) for name, m in model.classifier.named_children() if isinstance(m, nn.Linear)]
+    for name, linear in linears[:-1]:
+        setattr(model.classifier, name, LowRankLinear.from_scratch_like(linear, rank))
 
 
 def _rank(rank: int, port: int, rows: list, out: str) -> None:
     results = []
     with process_group(Rendezvous(rank, 0, 2, "127.0.0.1", port, "bench"), "cpu", timeout_s=600) as ctx:
-        for name, label, lowrank, options in rows:
+        for name, label, lowrank, fc_rank, options in rows:
             torch.manual_seed(0)
             spec = {"name": name, "num_classes": 1000} | ({"lowrank": lowrank} if lowrank else {})
             model = build_model(spec)
+            if fc_rank:
+                factorize_fc(model, fc_rank)
             cfg = config_from_dict({"model": {"name": name}, "data": {"root": out, "batch_size": 1},
                                     "optim": {"lr": 0.01}, "distributed": options}, "bench", check_paths=False)
             engine = DDPEngine(model, cfg, ctx, torch.device("cpu"))
@@ -95,11 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="caffenet,vgg16")
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD's rank")
+    parser.add_argument("--fc-rank", type=int, default=256, help="fc6/fc7's rank in the low-rank FC rows")
     parser.add_argument("--link-gbps", type=float, default=400.0, help="per-GPU link rate between nodes, Gb/s")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     args = parser.parse_args()
-    rows = variants(args.models.split(","), args.rank)
+    rows = variants(args.models.split(","), args.rank, args.fc_rank)
     with tempfile.TemporaryDirectory() as out, socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

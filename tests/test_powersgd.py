@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
 from lowrank_dist.config import ConfigError, config_from_dict, load_config
 from lowrank_dist.data.synthetic import make_synthetic
 from lowrank_dist.models import build_model
 from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
-from lowrank_dist.training.comm import expected_bytes_per_step
+from lowrank_dist.training.comm import CommHook, expected_bytes_per_step, factor_layout
 from lowrank_dist.training.distributed import DistContext, Rendezvous, process_group
 from lowrank_dist.training.engines import DDPEngine
 from lowrank_dist.training.trainer import communication_line, fit
@@ -95,6 +96,53 @@ def assert_same(x, y, where: str) -> None:
         assert torch.equal(x, y), where
     else:
         assert x == y, where
+
+
+class FakeBucket:
+    """What the hook reads of torch's GradBucket when assembling: its index and parameters."""
+
+    def __init__(self, index: int, params: list):
+        self._index, self._params = index, params
+
+    def index(self) -> int:
+        return self._index
+
+    def parameters(self) -> list:
+        return self._params
+
+
+def test_powersgd_state_survives_a_change_of_bucket_layout():
+    """The state saved per parameter from two buckets (as DDP lays them out at first) is put back
+    into one bucket of another order (as after a rebuild): every parameter's error feedback and
+    P/Q factors land where torch's hook reads them in the new layout, and come out the same."""
+    model = _two_layers()
+    params = dict(model.named_parameters())
+    hook = CommHook(model, "powersgd", powersgd.PowerSGDState(None, 2, 2))
+    layout = {0: ["2.bias", "2.weight"], 1: ["0.bias", "0.weight"]}  # fc2's weight: not compressed at rank 2
+    generator = torch.Generator().manual_seed(0)
+    for index, names in layout.items():
+        hook.layout[index] = tuple(names)
+        hook.state.error_dict[index] = torch.randn(sum(params[n].numel() for n in names), generator=generator)
+        factors = factor_layout({n: params[n].shape for n in names}, 2, 2.0)
+        hook.state.p_memory_dict[index] = torch.randn(sum(p for p, _ in factors.values()), generator=generator)
+        hook.state.q_memory_dict[index] = torch.randn(sum(q for _, q in factors.values()), generator=generator)
+    hook.state.iter = 7
+    shared, own = hook.state_dict()
+    assert set(shared["factors"]) == {"0.weight"} and shared["factors"]["0.weight"]["q"].numel() == 20 * 2
+    assert torch.equal(own["error"]["0.weight"]["error"], hook.state.error_dict[1][30:])
+
+    restored = CommHook(model, "powersgd", powersgd.PowerSGDState(None, 2, 2))
+    restored.load_state_dict(shared, own)
+    assert restored.state.iter == 7 and not restored.state.error_dict
+    assert restored.state_dict()[1]["error"].keys() == own["error"].keys()  # not yet in a bucket: still saved
+    order = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    restored.layout[0] = tuple(order)
+    restored._assemble(0, FakeBucket(0, [params[n] for n in order]))
+    assert not restored.pending
+    expected = torch.cat([own["error"][n]["error"] for n in order])
+    assert torch.equal(restored.state.error_dict[0], expected)
+    assert torch.equal(restored.state.q_memory_dict[0], shared["factors"]["0.weight"]["q"])
+    assert_same(restored.state_dict(), (shared, own), "state")
 
 
 # -- bytes on the wire ----------------------------------------------------------------------------------
