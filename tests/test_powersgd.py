@@ -78,6 +78,15 @@ def test_a_run_stopped_and_resumed_mid_epoch_with_powersgd_ends_bitwise_equal(tm
         assert_same(own_a, own_b, "error feedback")
         assert_same(a["model"], b["model"], "model")
         assert_same(a["engine"], b["engine"], "engine")
+    # comm/bytes_per_step (log_every 1): the plain steps send the whole fp32 bucket, then the factors
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs / "straight" / "tensorboard"))
+    events.Reload()
+    sent = {e.step: e.value for e in events.Scalars("comm/bytes_per_step")}
+    model = build_model({"name": "tiny_vgg", "num_classes": 4, "dropout": 0.2, "lowrank": {"speedup": 2.0}})
+    assert sent == {1: expected_bytes_per_step(model, "none"), 2: expected_bytes_per_step(model, "none")} | {
+        step: expected_bytes_per_step(model, "powersgd", rank=2) for step in range(3, 7)}
     errors = [CheckpointManager(runs / "straight" / "checkpoints", 20).load_shard(
         runs / "straight" / "checkpoints" / "step_000000006.pt", r, 2)["engine"]["error"] for r in range(2)]
     assert any(not torch.equal(errors[0][k]["error"], errors[1][k]["error"]) for k in errors[0])  # per rank
