@@ -185,6 +185,26 @@ class PrecisionConfig(Section):
     execution: Literal["auto", "factorized", "composed"] | None = None
 
 
+class PowerSGDConfig(Section):
+    """PowerSGD (Vogels et al. 2019) through torch's DDP hook: each gradient matrix all-reduced as two
+    rank-`rank` factors. Defaults are torch's (PowerSGDState), but for start_iter."""
+
+    rank: int = Field(default=1, ge=1)  # matrix_approximation_rank: lower sends less
+    # plain all-reduce for the first start_iter optimizer steps; null: the end of lr warm-up
+    # (optim.warmup_epochs), and at least 2 (DDP rebuilds its buckets after the first step)
+    start_iter: int | None = Field(default=None, ge=1)
+    error_feedback: bool = True  # add what compression left out to the next step's gradient (per rank)
+    warm_start: bool = True  # start each step's power iteration from the last step's Q factors
+    min_compression_rate: float = Field(default=2.0, gt=0.0)  # smaller gradients are sent as they are
+
+    @model_validator(mode="after")
+    def _torch_rule(self):
+        if self.start_iter is not None and self.start_iter < 2 and (self.error_feedback or self.warm_start):
+            raise ValueError(f"start_iter must be >= 2 with error_feedback or warm_start (got {self.start_iter}):"
+                             " DDP rebuilds its buckets after the first step")
+        return self
+
+
 class DistributedConfig(Section):
     """How several processes train one model. One process ignores all of it but `engine`'s checks."""
 
@@ -197,7 +217,9 @@ class DistributedConfig(Section):
     bucket_cap_mb: float = Field(default=25.0, gt=0.0)
     # DDP: "bf16" all-reduces the gradients in bfloat16 (half the bytes between nodes) and averages
     # them back in float32 — this changes the numerics (each gradient is rounded to 8 bits of mantissa)
-    grad_compression: Literal["none", "bf16"] = "none"
+    # "powersgd": rank-r factors of each gradient matrix (distributed.powersgd), with error feedback
+    grad_compression: Literal["none", "bf16", "powersgd"] = "none"
+    powersgd: PowerSGDConfig | None = None  # with grad_compression powersgd; null: the defaults
     # DDP: the autograd graph is the same every step (true of our models), so DDP can skip its
     # per-step search for unused parameters and overlap more; not with optim.accumulate > 1 (torch's
     # reducer fails under no_sync with a static graph), where it is left off
@@ -271,6 +293,19 @@ class Config(Section):
                              " fp32 copy of the weights, which a projection of the model's kernels would not reach")
         if self.precision.compile:
             raise ValueError("precision.compile: not supported with distributed.engine 'deepspeed' (use 'ddp')")
+        if self.distributed.grad_compression != "none":
+            raise ValueError(f"distributed.grad_compression {self.distributed.grad_compression!r} is a DDP comm hook;"
+                             " DeepSpeed reduces gradients itself: use engine 'ddp', or grad_compression 'none'")
+        return self
+
+    @model_validator(mode="after")
+    def _powersgd_section(self):
+        options = self.distributed
+        if options.powersgd is not None and options.grad_compression != "powersgd":
+            raise ValueError(f"distributed.powersgd is set but distributed.grad_compression is"
+                             f" {options.grad_compression!r}: set it to 'powersgd', or remove the powersgd section")
+        if options.grad_compression == "powersgd" and options.powersgd is None:
+            options.powersgd = PowerSGDConfig()
         return self
 
     def resolved(self) -> dict:

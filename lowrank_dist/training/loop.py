@@ -209,7 +209,8 @@ def log_window(run: Run, state: TrainState, meter: Meter) -> None:
         "train/data_wait_fraction": meter.wait / elapsed,
         "data/skipped_images": run.loaders.train.replaced.count,  # data.on_bad_image: skip (this rank's)
         "train/skipped_nonfinite": state.skipped,  # optim.skip_nonfinite_steps: steps whose update was skipped
-    })
+    } | ({"comm/bytes_per_step": comm.bytes_last_step}  # gradient bytes all-reduced by the last step (comm.py)
+         if (comm := getattr(run.engine, "comm", None)) is not None else {}))
     run.progress.set_postfix(loss=f"{meter.loss:.3f}")
     meter.__init__()
 

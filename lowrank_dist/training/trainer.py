@@ -29,7 +29,8 @@ from ..speed.execution import ExecutionPlan
 from ..runtime import amp_dtype, device_type_for, select_device
 from .checkpoint import CheckpointManager, atomic_save, check_resumable, load_checkpoint, restore_rng_states
 from .distributed import DistContext, process_group, rendezvous
-from .engines import build_engine, global_batch
+from .comm import expected_bytes_per_step
+from .engines import build_engine, global_batch, powersgd_start
 from .evaluate import evaluate
 from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
 from .optim import learning_rate, scaled_lr
@@ -114,7 +115,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         checkpoint["path"] = Path(resume)
         model.load_state_dict(checkpoint["model"])  # before the engine: DeepSpeed copies the weights it starts from
     with config_errors():
-        engine = build_engine(model, cfg, dist_ctx, device)
+        engine = build_engine(model, cfg, dist_ctx, device, math.ceil(len(loaders.train) / cfg.optim.accumulate))
     progress = tqdm(desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
     run = Run(cfg, dist_ctx, engine, engine.module,  # SyncBatchNorm conversion may have replaced BN layers
               loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress, plan=plan)
@@ -123,6 +124,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
               f" = global batch {batch}; peak lr {scaled_lr(cfg.optim, batch):g}"
               + (f" (lr {cfg.optim.lr:g} × {batch}/{cfg.optim.lr_batch}, linear scaling)"
                  if cfg.optim.lr_scaling == "linear" else ""))
+    log.print(communication_line(cfg, dist_ctx, setup.model, engine))
     if checkpoint is None:
         log.text("config", "```yaml\n" + yaml.safe_dump(cfg.resolved(), sort_keys=False) + "```")
         if dist_ctx.is_main:
@@ -131,6 +133,24 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         log.scalars(0, {f"ranks/{names[n]}": rank for n, rank in setup.ranks.items()})
         log.scalars(0, {f"decomposition/relative_error/{names[n]}": e for n, e in setup.decomposition_errors.items()})
     return run, checkpoint
+
+
+def communication_line(cfg: Config, dist_ctx: DistContext, model: nn.Module, engine) -> str:
+    """The start-up line: parameters, and the bytes of gradients all-reduced per optimizer step
+    (counted from the parameters here; measured at every step as comm/bytes_per_step)."""
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    options = cfg.distributed
+    line = f"model: {count / 1e6:.2f}M parameters"
+    if getattr(engine, "comm", None) is None:
+        note = (f"; distributed.grad_compression {options.grad_compression!r} has nothing to compress and is not used"
+                if options.grad_compression != "none" and cfg.distributed.engine == "ddp" else "")
+        return line + f"; one process: no gradient all-reduce{note}"
+    psgd = options.powersgd
+    sent = expected_bytes_per_step(model, options.grad_compression, *((psgd.rank, psgd.min_compression_rate) if psgd else ()))
+    how = {"none": "fp32", "bf16": "bf16",
+           "powersgd": f"PowerSGD rank {psgd.rank if psgd else 0} after {powersgd_start(cfg, engine.steps_per_epoch)} plain steps"}
+    return line + (f"; gradients all-reduced per step: {sent / 1e6:.2f} MB ({how[options.grad_compression]};"
+                   f" dense fp32 {4 * count / 1e6:.2f} MB), measured as comm/bytes_per_step")
 
 
 def loss_function(cfg: Config):
@@ -163,7 +183,9 @@ def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
             lr = learning_rate(cfg.optim, run.engine.peak_lr, steps_per_epoch, state.epoch, 0)
             log.print(f"written by {written_by} process(es), resumed by {dist_ctx.world_size}: from epoch"
                       f" {state.epoch + 1} on each epoch is sharded over {dist_ctx.world_size} in {steps_per_epoch} steps"
-                      f" of global batch {global_batch(cfg, dist_ctx)}; the schedule goes on at lr {lr:g}")
+                      f" of global batch {global_batch(cfg, dist_ctx)}; the schedule goes on at lr {lr:g}"
+                      + ("; PowerSGD's error feedback starts from zero (each old rank had its own)"
+                         if cfg.distributed.grad_compression == "powersgd" else ""))
         if state.epoch >= cfg.optim.epochs:
             log.print(f"the run is complete ({cfg.optim.epochs} epochs): evaluating its final weights only")
     # Steps are counted over the whole run; a resume at another world size changes the steps per
