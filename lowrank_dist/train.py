@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from .data import DataError
     from .training.checkpoint import CheckpointError
     from .training.distributed import lost_contact, rendezvous
+    from .training.run_lock import RunFolderBusy
     from .training.trainer import Preempted, TrainingError, run_training
 
     rdv = rendezvous()
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
         run_training(cfg, args.resume, rdv, stop.event)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, RunFolderBusy) as error:
         print(f"error{who}: {error}", file=sys.stderr)
         return 2
     except Preempted as preempted:

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from .engines import build_engine, global_batch
 from .evaluate import evaluate
 from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
 from .optim import learning_rate, scaled_lr
+from .run_lock import run_folder_lock
 from .run_log import RunLog
 from .model_setup import build_model_for, plan_for_run
 
@@ -200,23 +203,40 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
     `stop` (set from a signal handler, e.g. SLURM's USR2 before preemption or the time limit) ends
     the run at the next stop check (`run.stop_check_every` steps at most), on every rank together,
     with a checkpoint of that step: `Preempted` is raised."""
-    run, checkpoint = set_up(cfg, dist_ctx, resume, stop)
-    state = resume_state(run, checkpoint)
-    metrics: dict[str, float] = {}
-    meter = Meter()
-    while state.epoch < cfg.optim.epochs and state.step < run.last_step:
-        if not train_one_epoch(run, state, meter):
-            break  # stopped mid-epoch (run.max_steps): the checkpoint keeps where we are
-        state.epoch, state.batch = state.epoch + 1, 0
-        if state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs:
-            metrics = validate(run, state)
-            run.log.print(f"epoch {state.epoch}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
-                          f"  loss {metrics['loss']:.4f}")
-            save_checkpoint(run, state, metrics["best"])
-        else:
-            save_checkpoint(run, state)
-    run.progress.close()
-    return finish(run, state, metrics)
+    make_run_folder(cfg)
+    with run_folder_lock(cfg.run.folder, dist_ctx):  # one run per folder, from before anything is written there
+        run, checkpoint = set_up(cfg, dist_ctx, resume, stop)
+        state = resume_state(run, checkpoint)
+        metrics: dict[str, float] = {}
+        meter = Meter()
+        while state.epoch < cfg.optim.epochs and state.step < run.last_step:
+            if not train_one_epoch(run, state, meter):
+                break  # stopped mid-epoch (run.max_steps): the checkpoint keeps where we are
+            state.epoch, state.batch = state.epoch + 1, 0
+            if state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs:
+                metrics = validate(run, state)
+                run.log.print(f"epoch {state.epoch}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
+                              f"  loss {metrics['loss']:.4f}")
+                save_checkpoint(run, state, metrics["best"])
+            else:
+                save_checkpoint(run, state)
+        run.progress.close()
+        return finish(run, state, metrics)
+
+
+def make_run_folder(cfg: Config) -> None:
+    """Create run.out_dir/run.name, or say in one ConfigError why it cannot be."""
+    folder = cfg.run.folder
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"run.name: {str(folder)!r} is a file, not a run folder; give run.name (or run.out_dir)"
+                          " another value")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as error:
+        raise ConfigError(f"run.out_dir: cannot create or write the run folder {str(folder)!r}"
+                          f" ({error.strerror or error}); give run.out_dir a folder this user can write") from None
 
 
 def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResult:

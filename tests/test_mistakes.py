@@ -1,0 +1,101 @@
+"""Nothing a user does by mistake loses a run (issue 24): one run per run folder, a full disk is one
+line, no image can exhaust memory, every damaged file we wrote ourselves is rebuilt or named, a
+stop request (Ctrl-C too) checkpoints, and saving never changes the run.
+
+Each case runs the real command (`python -m lowrank_dist.train`'s `main`, in this process or in
+subprocesses where a second process, several ranks or a signal need it). `test_every_case` is the
+table (one row per case: exit code, one line naming the file or key, no traceback, nothing lost);
+the cases that need more than one command have their own tests below it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lowrank_dist.training.checkpoint import load_checkpoint
+from lowrank_dist.training.run_lock import LOCK_FILE, acquire
+from lowrank_dist.train import main
+
+from .test_reliability import (ROOT, TRAIN, Ranks, assert_same_state, checkpoints, reference,  # noqa: F401
+                               synthetic, wait_for_step, write_config)
+
+
+def one_line(err: str) -> str:
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# -- 1. one run per run folder ---------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_the_first_loses_nothing(tmp_path, synthetic, capsys):
+    """Two train commands on one run folder (lr 0.05, then lr 0.02 while the first runs): the second
+    exits 2 naming the first one's host and PID, having written nothing; the first finishes with
+    its own config.yaml, metrics and checkpoints only."""
+    first = write_config(tmp_path, synthetic, "r", optim={"epochs": 4})
+    running = subprocess.Popen(TRAIN + ["--config", str(first)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "runs" / "r"
+    try:
+        wait_for_step(folder, 1, [running])
+        second = write_config(tmp_path / "second", synthetic, "r", run={"out_dir": str(tmp_path / "runs")},
+                              optim={"epochs": 4, "lr": 0.02})
+        assert main(["--config", str(second)]) == 2
+        err = one_line(capsys.readouterr().err)
+        assert re.fullmatch(rf"error: run folder '{re.escape(str(folder))}' is in use by another run \(host"
+                            rf" {re.escape(socket.gethostname())}, PID {running.pid}, since [0-9: -]+\): wait for it"
+                            r" to end, or give this one another run\.name \(or run\.out_dir\)", err), err
+        _, first_err = running.communicate(timeout=300)
+    finally:
+        running.kill()
+    assert running.returncode == 0, first_err[-3000:]
+    assert yaml.safe_load((folder / "config.yaml").read_text())["optim"]["lr"] == 0.05
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics.jsonl holds one run's lines, in order"
+    final = load_checkpoint(checkpoints(folder).latest())
+    assert final["step"] == 24 and final["config"]["optim"]["lr"] == 0.05
+
+
+HOLD_LOCK = ("import sys, time; from pathlib import Path; from lowrank_dist.training.run_lock import acquire;"
+             " acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
+
+
+def test_a_held_folder_refuses_every_rank_and_a_dead_holder_leaves_no_lock(tmp_path, synthetic):
+    """Two gloo ranks on a folder another process holds: both exit 2 with the holder's PID and
+    nothing is written; once the holder is SIGKILLed the OS has dropped its lock."""
+    folder = tmp_path / "runs" / "r"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        ranks = Ranks(tmp_path / "logs", TRAIN + ["--config", str(write_config(tmp_path, synthetic))])
+        assert ranks.wait() == [2, 2], ranks.err(0)[-2000:] + ranks.err(1)[-2000:]
+        for rank in (0, 1):
+            err = one_line(ranks.err(rank))
+            assert err.startswith(f"error (rank {rank} of 2): run folder ") and f"PID {holder.pid}," in err, err
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE], "a refused run writes nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    descriptor = acquire(folder)  # SIGKILL dropped the lock: no stale lock to remove by hand
+    try:
+        with pytest.raises(BlockingIOError):  # and this process holds it now
+            with open(folder / LOCK_FILE) as other:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(descriptor)
