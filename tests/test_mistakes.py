@@ -99,3 +99,31 @@ def test_a_held_folder_refuses_every_rank_and_a_dead_holder_leaves_no_lock(tmp_p
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(descriptor)
+
+
+# -- 10. saving never changes the run --------------------------------------------------------------------------
+
+
+def test_a_two_rank_resume_from_a_step_the_uninterrupted_run_never_saved_is_bitwise_equal(tmp_path, synthetic):
+    """Two gloo ranks, checkpoints only at epoch ends (steps 3 and 6): one run straight through; one
+    stopped at step 2 (run.max_steps: it evaluates and saves there) and run again. Saving and
+    evaluating average the ranks' BN statistics for the checkpoint and the evaluation only, and the
+    checkpoint keeps each rank's own, so the resumed run ends with the same weights, optimizer
+    state, and each rank's own and mean statistics, bit for bit."""
+    def two_ranks(name: str, *extra: str) -> Path:
+        config = write_config(tmp_path / name, synthetic, name, run={"checkpoint_every": 0})
+        ranks = Ranks(tmp_path / name / "logs", TRAIN + ["--config", str(config), *extra])
+        assert ranks.wait() == [0, 0], ranks.err(0)[-2000:] + ranks.err(1)[-2000:]
+        return tmp_path / name / "runs" / name
+
+    straight = load_checkpoint(checkpoints(two_ranks("straight")).latest())
+    two_ranks("stopped", "--set", "run.max_steps=2")
+    stopped_at = load_checkpoint(checkpoints(tmp_path / "stopped" / "runs" / "stopped").latest())
+    assert stopped_at["step"] == 2 and stopped_at["batch"] == 2
+    resumed = load_checkpoint(checkpoints(two_ranks("stopped")).latest())
+    assert resumed["step"] == straight["step"] == 6
+    assert_same_state(resumed, straight, keys=("model", "engine", "rank_buffers"))
+    own = straight["rank_buffers"]
+    name = next(k for k in own[0] if k.endswith("running_mean"))
+    assert not torch.equal(own[0][name], own[1][name]), "each rank's own statistics are kept, not their mean"
+    assert torch.equal(straight["model"][name], (own[0][name] + own[1][name]) / 2)

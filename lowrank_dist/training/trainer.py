@@ -124,6 +124,8 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         model.load_state_dict(checkpoint["model"])  # before the engine: DeepSpeed copies the weights it starts from
     with config_errors():
         engine = build_engine(model, cfg, dist_ctx, device)
+    if checkpoint is not None:  # after the engine: DDP and DeepSpeed start every rank from rank 0's buffers
+        restore_own_buffers(engine.module, checkpoint, dist_ctx)
     progress = tqdm(desc=cfg.run.name, disable=not (dist_ctx.is_main and sys.stderr.isatty()))
     run = Run(cfg, dist_ctx, engine, engine.module,  # SyncBatchNorm conversion may have replaced BN layers
               loaders, loss_function(cfg), log, checkpoints, setup.ranks, setup.projector, stop, progress, plan=plan)
@@ -140,6 +142,19 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         log.scalars(0, {f"ranks/{names[n]}": rank for n, rank in setup.ranks.items()})
         log.scalars(0, {f"decomposition/relative_error/{names[n]}": e for n, e in setup.decomposition_errors.items()})
     return run, checkpoint
+
+
+def restore_own_buffers(model: nn.Module, checkpoint: dict, dist_ctx: DistContext) -> None:
+    """Each rank's own BN statistics, where the checkpoint holds them for as many ranks as this run
+    has; otherwise (one process, or another number of ranks) every rank goes on from their mean,
+    the checkpoint's model."""
+    own = checkpoint.get("rank_buffers")
+    if own is None or len(own) != dist_ctx.world_size:
+        return
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in own[dist_ctx.rank].items():
+            buffers[name].copy_(value)
 
 
 def loss_function(cfg: Config):
@@ -186,10 +201,10 @@ def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
 
 
 def validate(run: Run, state: TrainState) -> dict[str, float]:
-    """Val top-1/top-5/loss of the current weights (every rank: the same averaged BN statistics),
-    logged; returns them, and whether they are the best so far (`best`)."""
-    run.dist_ctx.average_buffers(run.model)
-    metrics = evaluate(run.model, run.loaders.val, run.dist_ctx, run.engine.autocast, run.engine.forward)
+    """Val top-1/top-5/loss of the current weights (every rank: the ranks' mean BN statistics; each
+    keeps its own for training on), logged; returns them, and whether they are the best so far (`best`)."""
+    with run.dist_ctx.buffers_averaged(run.model):
+        metrics = evaluate(run.model, run.loaders.val, run.dist_ctx, run.engine.autocast, run.engine.forward)
     run.log.scalars(state.step, {f"val/{k}": metrics[k] for k in ("top1", "top5", "loss")})
     metrics["best"] = metrics["top1"] > state.best_top1
     state.best_top1 = max(state.best_top1, metrics["top1"])
@@ -249,11 +264,13 @@ def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResul
         metrics = validate(run, state)  # the last evaluation (if any) does not describe the final weights
         save_checkpoint(run, state, metrics["best"])
     lowrank, exported = run.model, None
-    if run.projector is not None and run.dist_ctx.is_main:
-        exported = folder / "exported_lowrank.pt"
-        lowrank = run.projector.export(run.model)
-        atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorized": True, "config": cfg.resolved()},
-                    exported)
+    if run.projector is not None:
+        with run.dist_ctx.buffers_averaged(run.model):  # the model the run evaluated: the ranks' mean statistics
+            if run.dist_ctx.is_main:
+                exported = folder / "exported_lowrank.pt"
+                lowrank = run.projector.export(run.model)
+                atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorized": True,
+                             "config": cfg.resolved()}, exported)
     speed = None
     finished = state.step >= run.total_steps  # a run cut short by run.max_steps is a test or a debug session
     if run.ranks and cfg.run.speed_report and run.dist_ctx.is_main and finished:
