@@ -127,3 +127,101 @@ def test_a_two_rank_resume_from_a_step_the_uninterrupted_run_never_saved_is_bitw
     name = next(k for k in own[0] if k.endswith("running_mean"))
     assert not torch.equal(own[0][name], own[1][name]), "each rank's own statistics are kept, not their mean"
     assert torch.equal(straight["model"][name], (own[0][name] + own[1][name]) / 2)
+
+
+# -- 2. a full disk (a real one: a small tmpfs) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(kib)`: a new folder on a tmpfs of that size (needs root; skipped where mounting is
+    refused), unmounted after the test."""
+    mounted = []
+
+    def mount(kib: int) -> Path:
+        target = tmp_path / f"disk{len(mounted)}"
+        target.mkdir()
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(target)],
+                                  capture_output=True, text=True, timeout=30)
+        except OSError as error:
+            pytest.skip(f"a real full disk needs `mount -t tmpfs`: {error}")
+        if done.returncode != 0:
+            pytest.skip(f"a real full disk needs `mount -t tmpfs`, refused here: {done.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
+
+
+def resize(disk: Path, kib: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={kib}k", str(disk)], check=True, capture_output=True, timeout=30)
+
+
+def test_atomic_writes_on_a_full_disk_raise_the_os_error_and_leave_nothing(small_disk):
+    """torch.save into a tmpfs that fills at every 4 KiB step of a 64 KiB disk: wherever the disk
+    fills, the writer sees OSError ENOSPC (torch's zip writer wraps some as `RuntimeError: [enforce
+    fail at inline_container.cc] unexpected pos`), and no temporary file is left."""
+    from lowrank_dist.training.checkpoint import atomic_save
+
+    disk = small_disk(64)
+    payload = {"weights": torch.arange(40_000, dtype=torch.float32), "config": {"name": "x" * 3000}}
+    for free in range(0, 64, 4):
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * ((64 - free) * 1024))
+        with pytest.raises(OSError) as raised:
+            atomic_save(payload, disk / "step.pt")
+        assert raised.value.errno == 28 and type(raised.value) is OSError, (free, raised.value)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"], free
+        filler.unlink()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_resume_is_exact(tmp_path, synthetic, reference,
+                                                                          small_disk, capsys):
+    """The run folder on a disk with room for two and a half checkpoints: step 3's checkpoint finds
+    it full. One line, exit 1, steps 1 and 2 kept, no temporary left; with room again the same
+    command resumes and ends with the uninterrupted weights."""
+    import io
+
+    size = io.BytesIO()
+    torch.save(reference, size)
+    disk = small_disk(int(2.5 * len(size.getvalue()) / 1024) + 64)
+    config = write_config(tmp_path, synthetic, run={"out_dir": str(disk)})
+    assert main(["--config", str(config)]) == 1
+    folder = disk / "r" / "checkpoints"
+    assert one_line(capsys.readouterr().err) == (
+        f"training stopped: could not write the checkpoint of step 3 to {folder}: [Errno 28] No space left on device;"
+        f" the last complete checkpoint, {folder / 'step_000000002.pt'}, is kept: make room and run the same command"
+        " to resume")
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000000001.pt", "step_000000002.pt"]
+    resize(disk, 64 * 1024)
+    assert main(["--config", str(config)]) == 0
+    assert_same_state(load_checkpoint(checkpoints(disk / "r").latest()), reference, keys=("model", "engine"))
+
+
+def test_a_run_folder_without_room_stops_before_the_first_step_in_one_line(tmp_path, synthetic, small_disk, capsys):
+    disk = small_disk(4)  # the run's lock file takes its only page
+    config = write_config(tmp_path, synthetic, run={"out_dir": str(disk)})
+    assert main(["--config", str(config)]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"training stopped: could not write to the run folder {re.escape(str(disk / 'r'))} \(\[Errno 28\]"
+                        r" No space left on device.*\); nothing was trained: make room \(or fix its permissions\) and run"
+                        r" the same command again", err), err
+    assert not (disk / "r" / "checkpoints").exists()
+
+
+def test_tensorboard_on_a_full_disk_is_one_warning_and_the_run_goes_on(tmp_path, synthetic, reference, small_disk):
+    """TensorBoard's folder on a 4 KiB disk (its header fits, the scalars do not): its writer thread
+    fails on the way; the run says so once, without the thread's traceback, and ends as if nothing
+    happened (in a fresh process: the thread's report goes to the real stderr)."""
+    tiny = small_disk(4)
+    config = write_config(tmp_path, synthetic)
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "tensorboard").symlink_to(tiny)
+    done = subprocess.run(TRAIN + ["--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert one_line(done.stderr) == ("warning: could not write tensorboard ([Errno 28] No space left on device); the run"
+                                     " goes on without it")
+    assert_same_state(load_checkpoint(checkpoints(tmp_path / "runs" / "r").latest()), reference, keys=("model", "engine"))

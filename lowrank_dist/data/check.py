@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from ..files import exit_code_for, reason, write_text_atomic
 from .integrity import BadImage, ImageInfo, decode_rgb, inspect_image, read_bytes
 from .samples import IMAGE_EXTENSIONS
 
@@ -162,7 +163,11 @@ def main(argv=None) -> int:
     report(findings)
     problems = sorted(f.path for f in findings if f.problem)
     if args.list is not None:
-        args.list.write_text("".join(f"{path}\n" for path in problems))
+        try:
+            write_text_atomic(args.list, "".join(f"{path}\n" for path in problems), errors="surrogateescape")
+        except OSError as error:
+            print(f"error: --list: could not write {str(args.list)!r} ({reason(error)})", file=sys.stderr)
+            return exit_code_for(error)
     print(
         f"checked {len(images['train'])} train and {len(images['val'])} val images in {classes} classes"
         f" ({'decoded' if args.decode else 'headers only'}, {time.perf_counter() - started:.1f} s):"

@@ -16,8 +16,10 @@ import math
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_errors
 from ..data import build_loaders
+from ..files import write_text_atomic
 from ..models import build_model, layer_names, model_spec
 from ..speed.execution import ExecutionPlan
 from ..runtime import amp_dtype, device_type_for, select_device
@@ -97,7 +100,8 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     if cfg.precision.amp == "fp16" and device.type != "cuda":
         raise ConfigError("precision.amp: 'fp16' needs a CUDA GPU (use 'bf16' or 'none' on the CPU)")
     torch.manual_seed(cfg.run.seed)
-    log = RunLog(cfg.run.folder, dist_ctx.is_main)
+    with start_up_write(cfg.run.folder):
+        log = RunLog(cfg.run.folder, dist_ctx.is_main)
     loaders = loaders_for(cfg, dist_ctx, device)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(loaders.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(loaders.classes)} classes of"
@@ -137,7 +141,8 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     if checkpoint is None:
         log.text("config", "```yaml\n" + yaml.safe_dump(cfg.resolved(), sort_keys=False) + "```")
         if dist_ctx.is_main:
-            (cfg.run.folder / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+            with start_up_write(cfg.run.folder):
+                write_text_atomic(cfg.run.folder / "config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
         names = layer_names(setup.model)  # tags by the paper's layer names: ranks/conv4_2
         log.scalars(0, {f"ranks/{names[n]}": rank for n, rank in setup.ranks.items()})
         log.scalars(0, {f"decomposition/relative_error/{names[n]}": e for n, e in setup.decomposition_errors.items()})
@@ -239,6 +244,16 @@ def fit(cfg: Config, dist_ctx: DistContext = DistContext(), resume: Path | None 
         return finish(run, state, metrics)
 
 
+@contextmanager
+def start_up_write(folder: Path) -> Iterator[None]:
+    """A write error (a full disk) before the first step stops the run in one line: nothing was trained."""
+    try:
+        yield
+    except OSError as error:
+        raise TrainingError(f"could not write to the run folder {folder} ({error}); nothing was trained: make room"
+                            " (or fix its permissions) and run the same command again") from None
+
+
 def make_run_folder(cfg: Config) -> None:
     """Create run.out_dir/run.name, or say in one ConfigError why it cannot be."""
     folder = cfg.run.folder
@@ -269,8 +284,13 @@ def finish(run: Run, state: TrainState, metrics: dict[str, float]) -> TrainResul
             if run.dist_ctx.is_main:
                 exported = folder / "exported_lowrank.pt"
                 lowrank = run.projector.export(run.model)
-                atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorized": True,
-                             "config": cfg.resolved()}, exported)
+                try:
+                    atomic_save({"model": lowrank.state_dict(), "ranks": run.ranks, "factorized": True,
+                                 "config": cfg.resolved()}, exported)
+                except OSError as error:
+                    raise TrainingError(f"could not write the exported model {exported} ({error}); the run's last"
+                                        f" checkpoint, {run.checkpoints.latest()}, is complete: make room and run the"
+                                        " same command again to export it") from None
     speed = None
     finished = state.step >= run.total_steps  # a run cut short by run.max_steps is a test or a debug session
     if run.ranks and cfg.run.speed_report and run.dist_ctx.is_main and finished:
