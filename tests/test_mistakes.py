@@ -225,3 +225,39 @@ def test_tensorboard_on_a_full_disk_is_one_warning_and_the_run_goes_on(tmp_path,
     assert one_line(done.stderr) == ("warning: could not write tensorboard ([Errno 28] No space left on device); the run"
                                      " goes on without it")
     assert_same_state(load_checkpoint(checkpoints(tmp_path / "runs" / "r").latest()), reference, keys=("model", "engine"))
+
+
+# -- 8. Ctrl-C is a stop request -------------------------------------------------------------------------------
+
+
+def caught_signals(pid: int) -> set[int]:
+    """The signals process `pid` has a handler for (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            mask = int(line.split()[1], 16)
+            return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_ctrl_c_as_soon_as_the_command_starts_checkpoints_and_exits_3(tmp_path, synthetic):
+    """The stop handlers are installed before torch is imported, and Ctrl-C (SIGINT) then is a stop
+    request like TERM: the run checkpoints at its first stop check and exits 3 in one line."""
+    config = write_config(tmp_path, synthetic, run={"stop_check_every": 2})
+    process = subprocess.Popen(TRAIN + ["--config", str(config)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2} <= caught_signals(process.pid):
+            assert time.time() < deadline and process.poll() is None, "no handlers installed"
+            time.sleep(0.002)
+        assert b"libtorch" not in Path(f"/proc/{process.pid}/maps").read_bytes(), "handlers came after torch"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 3, err[-3000:]
+    line = re.fullmatch(r"preempted: stopped on request at step (\d+); checkpoint: (.*step_\d{9}\.pt)", one_line(err))
+    assert line, err  # the first stop check: step 1 (every log line, run.log_every 1, is one)
+    assert "stop requested (SIGINT): checkpointing at the next stop check" in out
+    assert load_checkpoint(Path(line.group(2)))["step"] == int(line.group(1)) == 1
