@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=
         try:
             model = build_model_for(cfg, cfg.model.num_classes or len(loaders.classes), saved=payload).model
             model.load_state_dict(payload["model"])
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:  # its parts are not ours
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not fit model {cfg.model.name} as configured:"
                 f" {' '.join(str(error).split())[:400]}"

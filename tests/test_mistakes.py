@@ -14,23 +14,291 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from lowrank_dist.files import TEMPORARY_FILE
+from lowrank_dist.training import trainer as trainer_module
 from lowrank_dist.training.checkpoint import load_checkpoint
 from lowrank_dist.training.run_lock import LOCK_FILE, acquire
 from lowrank_dist.train import main
 
-from .test_reliability import (ROOT, TRAIN, Ranks, assert_same_state, checkpoints, reference,  # noqa: F401
-                               synthetic, wait_for_step, write_config)
+from . import test_reliability as reliability
+from .test_reliability import (ROOT, TRAIN, Ranks, assert_same_state, base_checkpoint, checkpoints,  # noqa: F401
+                               reference, synthetic, wait_for_step, write_config)
+
+
+# -- the table: one row per case ------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One mistake: the command (train, evaluate, data.check, data.synthetic, data.index,
+    upgrade_checkpoint), its arguments built in a fresh folder, the exit code, the one line on
+    stderr (a regex; None: nothing on stderr), and what must still be there afterwards."""
+
+    number: int  # the case in issue 24
+    name: str
+    command: str
+    build: Callable[[Ctx], list[str]]
+    code: int
+    line: str | None
+    kept: Callable[[Ctx], None] | None = None
+
+
+class Ctx(reliability.Ctx):
+    """A case's fresh folder, the shared synthetic data and a checkpoint of the base model; tmpfs
+    disks (`disk`), and `monkeypatch` for faults injected in this process."""
+
+    def __init__(self, tmp_path, synthetic, checkpoint, small_disk, monkeypatch):
+        super().__init__(tmp_path, synthetic, checkpoint)
+        self.disk, self.monkeypatch, self.held = small_disk, monkeypatch, []
+
+    def full_disk(self) -> Path:
+        """A folder on a 4 KiB tmpfs that a file already fills."""
+        disk = self.disk(4)
+        (disk / "filler").write_bytes(b"\0" * 4096)
+        return disk
+
+    def read_only_disk(self) -> Path:
+        return self.disk(64, "ro")
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def train(self, changes: dict | None = None, *extra: str, root: Path | None = None) -> list[str]:
+        return ["--config", self.config(changes, root), *extra]
+
+    def saved(self, change: Callable[[dict], None], name: str = "edited.pt") -> Path:
+        """The base checkpoint, loaded, changed by `change` and written back under `name`."""
+        state = load_checkpoint(self.checkpoint)
+        change(state)
+        torch.save(state, self.tmp / name)
+        return self.tmp / name
+
+    @property
+    def run_folder(self) -> Path:
+        return self.tmp / "runs" / "r"
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    from lowrank_dist import evaluate, upgrade_checkpoint
+    from lowrank_dist.data import check, synthetic as synthetic_command
+
+    mains = {"train": main, "evaluate": evaluate.main, "data.check": check.main, "data.synthetic": synthetic_command.main,
+             "upgrade_checkpoint": upgrade_checkpoint.main}
+    return mains[command](argv)
+
+
+def busy_folder(ctx: Ctx) -> list[str]:
+    ctx.run_folder.mkdir(parents=True)
+    ctx.held.append(acquire(ctx.run_folder))  # this process holds it, as another run would
+    return ctx.train()
+
+
+def busy_folder_kept(ctx: Ctx) -> None:
+    os.close(ctx.held.pop())
+    assert sorted(p.name for p in ctx.run_folder.iterdir()) == [LOCK_FILE], "the refused run wrote nothing"
+
+
+def cache_with(ctx: Ctx, change: Callable[[dict], None]) -> list[str]:
+    """run.out_dir/execution_cache.json as a short run with precision.execution auto writes it, then
+    `change`d; the arguments of that run again."""
+    from lowrank_dist.config import load_config
+    from lowrank_dist.models import build_model
+    from lowrank_dist.speed.execution import plan_execution
+
+    changes = {"precision": {"execution": "auto"}, "run.max_steps": 1}
+    argv = ctx.train(changes)
+    cfg = load_config(argv[1])
+    model = build_model(cfg.model.build_dict(4))
+    cache = cfg.run.out_dir / "execution_cache.json"
+    plan_execution(model, (16, 3, 32, 32), "auto", "cpu", cache=cache)
+    data = json.loads(cache.read_text())
+    replaced = change(data)
+    cache.write_text(replaced if isinstance(replaced, str) else json.dumps(data))
+    return argv
+
+
+def dates_as_numbers(data: dict) -> None:
+    for entry in data["layers"].values():
+        entry["date"] = 20240101
+
+
+def interrupt_in_step_3(ctx: Ctx) -> list[str]:
+    """Ctrl-C (SIGINT to this process) while step 3's batch is loaded."""
+    real = trainer_module.build_loaders
+
+    def build_loaders(*args, **kwargs):
+        loaders = real(*args, **kwargs)
+        epoch_of = loaders.train.epoch
+
+        def epoch(number, start_batch=0):
+            for index, batch in enumerate(epoch_of(number, start_batch), start=start_batch):
+                if (number, index) == (0, 2):
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield batch
+
+        loaders.train.epoch = epoch
+        return loaders
+
+    ctx.monkeypatch.setattr(trainer_module, "build_loaders", build_loaders)
+    return ctx.train({"run.checkpoint_every": 0})
+
+
+def one_class_fewer(ctx: Ctx) -> list[str]:
+    """A run folder holding a checkpoint of the 4-class data, rerun on a data.root with 3 classes."""
+    (ctx.run_folder / "checkpoints").mkdir(parents=True)
+    shutil.copy(ctx.checkpoint, ctx.run_folder / "checkpoints" / "step_000000001.pt")
+
+    def drop_a_class(root: Path) -> None:
+        for split in ("train", "val"):
+            shutil.rmtree(sorted((root / split).iterdir())[-1])
+
+    return ctx.train(root=ctx.data_copy(drop_a_class))
+
+
+def legacy_checkpoint(ctx: Ctx, keys: np.ndarray) -> Path:
+    """A checkpoint as lowrank-dist wrote them before the weights-only format (NumPy's RNG state
+    pickled), with `keys` as the state's key array."""
+    state = load_checkpoint(ctx.checkpoint)
+    state["rng"]["numpy"] = ("MT19937", np.asarray(keys), 0, 0, 0.0)
+    torch.save(state, ctx.tmp / "old.pt")
+    return ctx.tmp / "old.pt"
+
+
+def broken_image(root: Path) -> None:
+    (next((root / "train").iterdir()) / "broken.JPEG").write_bytes(b"not a JPEG at all")
+
+
+def read_only(path: Path) -> Path:
+    path.chmod(0o444)
+    return path
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+CASES = [
+    Case(1, "a run folder that another run holds", "train", busy_folder, 2,
+         rf"error: run folder '.*/runs/r' is in use by another run \(host {re.escape(socket.gethostname())}, PID"
+         rf" {os.getpid()}, since .*\): wait for it to end, or give this one another run\.name \(or run\.out_dir\)",
+         busy_folder_kept),
+    Case(2, "a full disk before the first step", "train", lambda ctx: ctx.train({"run.out_dir": str(ctx.disk(4))}), 1,
+         r"training stopped: could not write to the run folder .*/r \(\[Errno 28\] No space left on device.*\); nothing"
+         r" was trained: make room \(or fix its permissions\) and run the same command again"),
+    Case(2, "evaluate --json on a full disk", "evaluate",
+         lambda ctx: [str(ctx.checkpoint), "--json", str(ctx.full_disk() / "result.json")], 1,
+         r"error: --json: could not write '.*/result\.json' \(\[Errno 28\] No space left on device\); the result is"
+         r" the line above"),
+    Case(2, "evaluate --json under a file", "evaluate",
+         lambda ctx: [str(ctx.checkpoint), "--json", str(ctx.saved(lambda s: None, "file") / "result.json")], 2,
+         r"error: --json: could not write '.*/file/result\.json' \(\[Errno 17\] File exists\); the result is the"
+         r" line above"),
+    Case(2, "data.check --list on a full disk", "data.check",
+         lambda ctx: [str(ctx.data_copy(broken_image)), "--list", str(ctx.full_disk() / "bad.txt"), "--jobs", "1"], 1,
+         r"error: --list: could not write '.*/bad\.txt' \(\[Errno 28\] No space left on device\)"),
+    Case(2, "data.synthetic --out on a full disk", "data.synthetic",
+         lambda ctx: ["--out", str(ctx.disk(64) / "set"), "--classes", "2", "--train-per-class", "40"], 1,
+         r"error: --out: could not write the data set to '.*/set' \(\[Errno 28\] No space left on device\)",
+         lambda ctx: files_under(ctx.tmp / "disk0" / "set") == [] or pytest.fail("half a data set was left")),
+    Case(2, "data.synthetic --out that is a file", "data.synthetic",
+         lambda ctx: ["--out", str(ctx.saved(lambda s: None, "file"))], 2, r"error: .*/file is a file, not a folder"),
+    Case(4, "a plan cache whose dates are numbers", "train", lambda ctx: cache_with(ctx, dates_as_numbers), 0, None),
+    Case(4, "a plan cache of 200,000 nested brackets", "train",
+         lambda ctx: cache_with(ctx, lambda data: "[" * 200_000 + "]" * 200_000), 0,
+         r"warning: ignoring the execution plan cache .*/runs/execution_cache\.json \(nested too deeply to be a plan"
+         r" cache\); timing every layer"),
+    Case(6, "a config with YAML aliases (billion laughs)", "train", lambda ctx: ["--config", str(ctx.write(
+        "laughs.yaml", "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"))], 2,
+         r"error: .*/laughs\.yaml: not valid YAML: found the alias \*a, which configs do not accept \(write the value out\)"
+         r" at line 2, column 8"),
+    Case(6, "a config that is not UTF-8", "train",
+         lambda ctx: ["--config", str(ctx.write("latin1.yaml", b"model: {name: tiny_vgg}\nrun: {name: caf\xe9}\n"))], 2,
+         r"error: .*/latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset 39\); save it as UTF-8"),
+    Case(6, "a run.name of 300 characters", "train", lambda ctx: ctx.train({"run.name": "x" * 300}), 2,
+         r"error: .*cfg\.yaml: run\.name: run name 'x{40}'… has 300 characters; at most 100"),
+    Case(6, "a run.name with a NUL", "train", lambda ctx: ctx.train({"run.name": "a\0b"}), 2,
+         r"error: .*cfg\.yaml: run\.name: run name 'a\\x00b' must be a plain folder name: printable characters, no / or"
+         r" \\, not starting with \. or -, no spaces at either end"),
+    Case(6, "a run.out_dir that is a file", "train",
+         lambda ctx: ctx.train({"run.out_dir": str(ctx.saved(lambda s: None, "out"))}), 2,
+         r"error: run\.out_dir: cannot create or write the run folder '.*/out/r' \(Not a directory\); give run\.out_dir a"
+         r" folder this user can write"),
+    Case(6, "a run.out_dir on a read-only file system", "train",
+         lambda ctx: ctx.train({"run.out_dir": str(ctx.read_only_disk())}), 2,
+         r"error: run\.out_dir: cannot create or write the run folder '.*/r' \(Read-only file system\); give"
+         r" run\.out_dir a folder this user can write"),
+    Case(7, "a rerun after data.root lost a class", "train", one_class_fewer, 2,
+         r"error: --resume '.*/step_000000001\.pt' was written for 4 classes; this run has 3 \(the class folders of"
+         r" data\.root '.*/data'\): give run\.name another name to start anew, or go back to the data it was trained on"),
+    Case(7, "--resume with a damaged RNG state", "train",
+         lambda ctx: ctx.train(None, "--resume", str(ctx.saved(lambda s: s["rng"].pop("python")))), 2,
+         r"error: --resume '.*/edited\.pt' is damaged or not a checkpoint of this trainer: its RNG state cannot be"
+         r" restored \('python'\)"),
+    Case(7, "--resume with a step that is not a number", "train",
+         lambda ctx: ctx.train(None, "--resume", str(ctx.saved(lambda s: s.update(step="3")))), 2,
+         r"error: --resume '.*/edited\.pt' is damaged or not a checkpoint of this trainer: its 'step' is '3', not a count"),
+    Case(7, "--resume whose model is not a state_dict", "train",
+         lambda ctx: ctx.train(None, "--resume", str(ctx.saved(lambda s: s.update(model=[1, 2])))), 2,
+         r"error: --resume '.*/edited\.pt' is damaged or not a checkpoint of this trainer: its 'model' is not a"
+         r" state_dict \(names → tensors\)"),
+    Case(7, "--resume with a tensor of another shape", "train",
+         lambda ctx: ctx.train(None, "--resume", str(ctx.saved(
+             lambda s: s["model"].update({k: torch.zeros(3) for k in list(s["model"])[:1]})))), 2,
+         r"error: --resume '.*/edited\.pt' does not fit this run's model \(4 classes, the class folders of data\.root"
+         r" '.*'\): \S+ is 3 there, \S+ here"),
+    Case(7, "dense_checkpoint whose config has no model section", "train",
+         lambda ctx: ctx.train({"model.lowrank": {"mode": "decomposed", "speedup": 2.0, "dense_checkpoint": str(
+             ctx.saved(lambda s: s.update(config={"model": 3})))}}), 2,
+         r"error: model\.lowrank\.dense_checkpoint '.*/edited\.pt' is damaged: its config has no model section, or its"
+         r" 'model' is not a state_dict \(names → tensors\)"),
+    Case(7, "upgrade_checkpoint --yes on a damaged older checkpoint", "upgrade_checkpoint",
+         lambda ctx: [str(legacy_checkpoint(ctx, np.zeros(5, dtype=np.uint32))), "--yes"], 2,
+         r"error: '.*/old\.pt' is damaged: its RNG state cannot be restored \(.*\); not converted"),
+    Case(7, "upgrade_checkpoint --yes on a read-only checkpoint", "upgrade_checkpoint",
+         lambda ctx: [str(read_only(legacy_checkpoint(ctx, np.zeros(624, dtype=np.uint32)))), "--yes"], 2,
+         r"error: '.*/old\.pt' is read-only: left as it is \(make it writable, e.g\. chmod u\+w, to convert it\)"),
+    Case(8, "Ctrl-C during a step", "train", interrupt_in_step_3, 3,
+         r"preempted: stopped on request at step 3; checkpoint: .*/runs/r/checkpoints/step_000000003\.pt",
+         lambda ctx: load_checkpoint(checkpoints(ctx.run_folder).latest())["step"] == 3 or pytest.fail("no checkpoint")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.number}: {c.name}" for c in CASES])
+def test_every_case(case, tmp_path, synthetic, base_checkpoint, small_disk, monkeypatch, capsys):
+    """Exit code, one line naming the file or key (or nothing on stderr), no traceback, nothing lost."""
+    ctx = Ctx(tmp_path, synthetic, base_checkpoint, small_disk, monkeypatch)
+    argv = case.build(ctx)
+    capsys.readouterr()
+    code = run_command(case.command, argv)
+    err = capsys.readouterr().err
+    if case.line is None:
+        assert err == "", err
+    else:
+        assert re.fullmatch(case.line, one_line(err)), err
+    assert code == case.code, err
+    if case.kept is not None:
+        case.kept(ctx)
+    assert not [p for p in tmp_path.rglob("*") if TEMPORARY_FILE.match(p.name)], "a temporary file was left"
+    if case.code:
+        assert not list(tmp_path.glob("runs/*/checkpoints/step_*")) or case.number in (7, 8), "a refused run trained"
 
 
 def one_line(err: str) -> str:
@@ -134,15 +402,16 @@ def test_a_two_rank_resume_from_a_step_the_uninterrupted_run_never_saved_is_bitw
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """`small_disk(kib)`: a new folder on a tmpfs of that size (needs root; skipped where mounting is
-    refused), unmounted after the test."""
+    """`small_disk(kib, options)`: a new folder on a tmpfs of that size (needs root; skipped where
+    mounting is refused), unmounted after the test."""
     mounted = []
 
-    def mount(kib: int) -> Path:
+    def mount(kib: int, options: str = "") -> Path:
         target = tmp_path / f"disk{len(mounted)}"
         target.mkdir()
         try:
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(target)],
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(filter(None, [f"size={kib}k", options])),
+                                   "tmpfs", str(target)],
                                   capture_output=True, text=True, timeout=30)
         except OSError as error:
             pytest.skip(f"a real full disk needs `mount -t tmpfs`: {error}")

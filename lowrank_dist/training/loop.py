@@ -184,7 +184,8 @@ def save_checkpoint(run: Run, state: TrainState, is_best: bool = False) -> Path 
     try:
         with run.dist_ctx.buffers_averaged(run.model):
             payload = {"model": run.model.state_dict(), **state.state_dict(), "rng": rng_states(),
-                       "config": run.cfg.resolved(), "ranks": run.ranks, "world_size": run.dist_ctx.world_size}
+                       "config": run.cfg.resolved(), "ranks": run.ranks, "world_size": run.dist_ctx.world_size,
+                       "num_classes": run.cfg.model.num_classes or len(run.loaders.classes)}
             if own is not None:
                 payload["rank_buffers"] = own
             return run.engine.save(run.checkpoints, payload, state.step, run.dist_ctx, is_best)

@@ -32,7 +32,8 @@ from ..files import write_text_atomic
 from ..models import build_model, layer_names, model_spec
 from ..speed.execution import ExecutionPlan
 from ..runtime import amp_dtype, device_type_for, select_device
-from .checkpoint import CheckpointManager, atomic_save, check_resumable, load_checkpoint, restore_rng_states
+from .checkpoint import (CheckpointError, CheckpointManager, atomic_save, check_fits, check_resumable, load_checkpoint,
+                         restore_rng_states)
 from .distributed import DistContext, process_group, rendezvous
 from .engines import build_engine, global_batch
 from .evaluate import evaluate
@@ -93,8 +94,8 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
 
 def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: threading.Event | None) -> tuple[Run, dict | None]:
     """Device, logs, data, model, engine; with the checkpoint to resume from (the run folder's latest
-    if `resume` is None), whose weights the model already holds, or None for a fresh start."""
-    cfg.run.folder.mkdir(parents=True, exist_ok=True)
+    if `resume` is None), whose weights the model already holds, or None for a fresh start. The run
+    folder exists and this run holds it (fit)."""
     with config_errors():
         device = select_device(cfg.run.device, dist_ctx.local_rank)
     if cfg.precision.amp == "fp16" and device.type != "cuda":
@@ -119,13 +120,7 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     if dist_ctx.is_main:  # no rank saves before rank 0 has joined the first step's collectives
         for stale in checkpoints.remove_temporaries():
             log.print(f"removed {stale.name}, left half-written by a process killed while saving")
-    resume = resume or checkpoints.latest()
-    checkpoint = None
-    if resume is not None:
-        checkpoint = load_checkpoint(Path(resume), map_location=device)
-        check_resumable(checkpoint, Path(resume), cfg, dist_ctx)
-        checkpoint["path"] = Path(resume)
-        model.load_state_dict(checkpoint["model"])  # before the engine: DeepSpeed copies the weights it starts from
+    checkpoint = load_resume(cfg, resume or checkpoints.latest(), model, len(loaders.classes), dist_ctx, device)
     with config_errors():
         engine = build_engine(model, cfg, dist_ctx, device)
     if checkpoint is not None:  # after the engine: DDP and DeepSpeed start every rank from rank 0's buffers
@@ -147,6 +142,25 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
         log.scalars(0, {f"ranks/{names[n]}": rank for n, rank in setup.ranks.items()})
         log.scalars(0, {f"decomposition/relative_error/{names[n]}": e for n, e in setup.decomposition_errors.items()})
     return run, checkpoint
+
+
+def load_resume(cfg: Config, path: Path | None, model: nn.Module, data_classes: int, dist_ctx: DistContext,
+                device: torch.device) -> dict | None:
+    """The checkpoint at `path` (None: a fresh start), checked against this run (model, engine, world
+    size, class count, every tensor's name and shape, its layout), its weights loaded into `model`
+    — before the engine: DeepSpeed copies the weights it starts from."""
+    if path is None:
+        return None
+    path = Path(path)
+    checkpoint = load_checkpoint(path, map_location=device)
+    check_resumable(checkpoint, path, cfg, dist_ctx)
+    num_classes = cfg.model.num_classes or data_classes
+    classes_from = ("model.num_classes" if cfg.model.num_classes else
+                    f"the class folders of data.root {str(cfg.data.root)!r}")
+    check_fits(checkpoint, path, model, num_classes, classes_from)
+    checkpoint["path"] = path
+    model.load_state_dict(checkpoint["model"])
+    return checkpoint
 
 
 def restore_own_buffers(model: nn.Module, checkpoint: dict, dist_ctx: DistContext) -> None:
@@ -183,7 +197,13 @@ def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
     steps_per_epoch = run.steps_per_epoch
     state = TrainState()
     if checkpoint is not None:
-        run.engine.load(run.checkpoints, checkpoint["path"], checkpoint, dist_ctx)
+        try:
+            run.engine.load(run.checkpoints, checkpoint["path"], checkpoint, dist_ctx)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise CheckpointError(f"--resume {str(checkpoint['path'])!r}: its optimizer state does not fit this model"
+                                  f" ({(str(error).splitlines() or [type(error).__name__])[0][:300]})") from None
         state.load_state_dict(checkpoint)
         restore_rng_states(checkpoint["rng"])
         log.print(f"resumed from {checkpoint['path']}: step {state.step}, epoch {state.epoch}, batch {state.batch}")
