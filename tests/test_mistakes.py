@@ -530,3 +530,51 @@ def test_ctrl_c_as_soon_as_the_command_starts_checkpoints_and_exits_3(tmp_path, 
     assert line, err  # the first stop check: step 1 (every log line, run.log_every 1, is one)
     assert "stop requested (SIGINT): checkpointing at the next stop check" in out
     assert load_checkpoint(Path(line.group(2)))["step"] == int(line.group(1)) == 1
+
+
+# -- 11. --wait reads JSON, never a pickle ---------------------------------------------------------------------
+
+
+class UnpicklingJob:
+    """A submitted job as --wait sees it; reading submitit's result pickles fails the test."""
+
+    def __init__(self, job_id: str, folder: Path):
+        self.job_id = job_id
+        self.paths = type("Paths", (), {"folder": folder, "stderr": folder / f"{job_id}_%t_log.err"})
+
+    def results(self):
+        raise AssertionError("--wait unpickled the job's results")
+
+    exception = result = results
+
+
+def test_wait_reads_the_tasks_json_outcome_not_submitits_pickles(tmp_path, synthetic, monkeypatch, capsys):
+    """TrainJob (what each SLURM task runs) writes how it ended as JSON in the job folder; --wait
+    reads that, for a completed job and for a failed one, and never asks submitit to unpickle."""
+    from lowrank_dist.config import load_config
+    from lowrank_dist.launch import cli
+    from lowrank_dist.launch.jobs import TrainJob, job_folder_for
+    from lowrank_dist.launch.slurm import JobStatus
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    config = write_config(tmp_path, synthetic, run={"max_steps": 1})
+    cfg = load_config(config)
+    done = TrainJob(str(config), [])()
+    assert done["step"] == 1
+    monkeypatch.setattr(cli, "wait_for_job", lambda job_id, on_change: JobStatus("COMPLETED", None))
+    job = UnpicklingJob("4242", job_folder_for(cfg) / "4242")
+    assert cli.wait(job, cfg) == 0
+    assert f"job 4242 finished: {json.dumps(done)}" in capsys.readouterr().out
+
+    broken = reliability.Ctx(tmp_path / "broken", synthetic, None).data_copy(reliability.empty_class_folder)
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    overrides = [f"data.root={broken}", "run.name=b"]
+    with pytest.raises(Exception, match="zzz"):
+        TrainJob(str(config), overrides)()
+    monkeypatch.setattr(cli, "wait_for_job", lambda job_id, on_change: JobStatus("FAILED", "exit code 1:0"))
+    cfg = load_config(config, overrides)
+    assert cli.wait(UnpicklingJob("4243", job_folder_for(cfg) / "4243"), cfg) == 1
+    line = one_line(capsys.readouterr().err)
+    assert re.search(r"^error: job 4243 failed \(FAILED, exit code 1:0; DataError: class folder '.*/zzz' .*\)\. Logs: .*4243_0_log"
+                     r"\.err \(one per task\); last checkpoint: none yet\.", line), line
