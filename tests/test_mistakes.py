@@ -578,3 +578,45 @@ def test_wait_reads_the_tasks_json_outcome_not_submitits_pickles(tmp_path, synth
     line = one_line(capsys.readouterr().err)
     assert re.search(r"^error: job 4243 failed \(FAILED, exit code 1:0; DataError: class folder '.*/zzz' .*\)\. Logs: .*4243_0_log"
                      r"\.err \(one per task\); last checkpoint: none yet\.", line), line
+
+
+# -- 9. every documented `python -m lowrank_dist.…` command with a python that lacks the packages -------------
+
+
+def documented_commands() -> list[str]:
+    text = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    return sorted(set(re.findall(r"python -m (lowrank_dist(?:\.\w+)+)", text)))
+
+
+def python_without_torch() -> str:
+    """The interpreter the venv was made from: it lacks the project's packages on a clean machine."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    if subprocess.run([base, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip(f"{base} has torch: no interpreter without the project's packages to run the commands with")
+    return base
+
+
+def test_documented_commands_with_a_bare_python_and_no_venv_are_one_line(tmp_path):
+    """A checkout without .venv, `python -m lowrank_dist.X --help` with a python lacking torch: one line
+    saying how to get the packages, exit 2, for every command the docs type that way."""
+    commands = documented_commands()
+    assert {"lowrank_dist.train", "lowrank_dist.evaluate", "lowrank_dist.data.check", "lowrank_dist.data.synthetic",
+            "lowrank_dist.upgrade_checkpoint", "lowrank_dist.speed.costs"} <= set(commands), commands
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "lowrank_dist", checkout / "lowrank_dist")
+    python = python_without_torch()
+    for command in commands:
+        done = subprocess.run([python, "-m", command, "--help"], cwd=checkout, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (command, done.stderr)
+        assert re.fullmatch(rf"error: \S+ lacks torch.*: run `make setup` in {re.escape(str(checkout))} once \(it makes"
+                            r" \.venv, which the commands then use by themselves\), or activate an environment with the"
+                            r" project installed", one_line(done.stderr)), (command, done.stderr)
+
+
+def test_documented_commands_with_a_bare_python_use_the_checkouts_venv():
+    if not (ROOT / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv in this checkout (make setup makes it)")
+    python = python_without_torch()
+    for command in documented_commands():
+        done = subprocess.run([python, "-m", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, (command, done.stderr[-2000:])
