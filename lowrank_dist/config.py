@@ -15,7 +15,7 @@ from typing import Any, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .data.integrity import OnBadImage
+from .data.integrity import MAX_IMAGE_PIXELS, OnBadImage
 from .lowrank.ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
 
@@ -116,6 +116,8 @@ class DataConfig(Section):
     # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
     augment: Literal["inception", "caffe", "none"] | None = None
     on_bad_image: OnBadImage = "error"  # undecodable image: stop naming it, or replace and count it
+    # an image whose header declares more pixels is bad, never decoded (a decompression bomb); PIL's limit
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1)
     train_list: Path | None = None
     val_list: Path | None = None
 

@@ -10,6 +10,7 @@ the cases that need more than one command have their own tests below it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -56,6 +57,9 @@ class Case:
     code: int
     line: str | None
     kept: Callable[[Ctx], None] | None = None
+    out: str | None = None  # a line stdout must hold (data.check reports on stdout)
+    lines: int = 1  # stderr lines, each matching `line` (a warning per split of the data index)
+    marks: tuple = ()
 
 
 class Ctx(reliability.Ctx):
@@ -99,8 +103,10 @@ def run_command(command: str, argv: list[str]) -> int:
     from lowrank_dist import evaluate, upgrade_checkpoint
     from lowrank_dist.data import check, synthetic as synthetic_command
 
+    from lowrank_dist.data import index
+
     mains = {"train": main, "evaluate": evaluate.main, "data.check": check.main, "data.synthetic": synthetic_command.main,
-             "upgrade_checkpoint": upgrade_checkpoint.main}
+             "data.index": index.main, "upgrade_checkpoint": upgrade_checkpoint.main}
     return mains[command](argv)
 
 
@@ -190,6 +196,94 @@ def read_only(path: Path) -> Path:
     return path
 
 
+def bomb(root: Path) -> None:
+    """A 16×16 JPEG of 600 bytes whose header says 20000×20000 (decoded: 1.2 GB)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    data = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(data, "JPEG")
+    data = bytearray(data.getvalue())
+    frame = data.index(b"\xff\xc0")  # SOF0: length, precision, then height and width
+    data[frame + 5:frame + 9] = struct.pack(">HH", 20000, 20000)
+    (sorted((root / "train").iterdir())[1] / "bomb.JPEG").write_bytes(bytes(data))
+
+
+def one_pixel_images(root: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        Image.new("RGB", (1, 1), (200, 10, 10)).save(sorted((root / split).iterdir())[0] / "tiny.JPEG")
+
+
+def names_not_utf8(root: Path) -> None:
+    """A file and a class folder (train and val) whose names are Latin-1 bytes."""
+    first = sorted((root / "train").iterdir())[0]
+    os.rename(os.fsencode(next(first.iterdir())), os.fsencode(first) + b"/caf\xe9.JPEG")
+    for split in ("train", "val"):
+        last = sorted((root / split).iterdir())[-1]
+        os.rename(os.fsencode(last), os.fsencode(root / split) + b"/classe_\xe9")
+
+
+def lists_not_utf8(ctx: Ctx) -> list[str]:
+    """data.train_list/val_list files in Latin-1 naming a file whose name is Latin-1 bytes."""
+    root = ctx.data_copy(names_not_utf8)
+    for split in ("train", "val"):
+        lines = [os.fsencode(path.relative_to(root)) + f" {label}".encode()
+                 for label, folder in enumerate(sorted((root / split).iterdir())) for path in sorted(folder.iterdir())]
+        (ctx.tmp / f"{split}.txt").write_bytes(b"\n".join(lines) + b"\n")
+    return ctx.train({"data.train_list": str(ctx.tmp / "train.txt"), "data.val_list": str(ctx.tmp / "val.txt"),
+                      "run.max_steps": 1}, root=root)
+
+
+def symlink_loop(root: Path) -> None:
+    (root / "train" / "loop").symlink_to("loop")
+
+
+def indexed(ctx: Ctx, damage: Callable[[Path], None]) -> list[str]:
+    """A copy of the data whose train index `damage` changed; the arguments of a short run on it."""
+    from lowrank_dist.data.index import main as index_main
+
+    root = ctx.data_copy(lambda root: None)
+    assert index_main([str(root), "--jobs", "1"]) == 0
+    damage(root / ".lowrank_index" / "train.npz")
+    return ctx.train({"run.max_steps": 1}, root=root)
+
+
+def labels_out_of_range(path: Path) -> None:
+    arrays = dict(np.load(path))
+    arrays["labels"] = arrays["labels"] + 100
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def data_on_a_full_disk(ctx: Ctx) -> list[str]:
+    """The data set on a disk filled up after copying it: its index cannot be saved."""
+    disk = ctx.disk(2048)
+    shutil.copytree(ctx.data, disk / "data", ignore=shutil.ignore_patterns(".lowrank_index"))
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+        while True:
+            filler.write(b"\0" * 65536)
+            filler.flush()
+    return ctx.train({"run.max_steps": 1}, root=disk / "data")
+
+
+def read_only_data_and_cache(ctx: Ctx) -> list[str]:
+    """The data set on a read-only file system, and a cache folder that is read-only too."""
+    disk = ctx.disk(2048)
+    shutil.copytree(ctx.data, disk / "data")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True, timeout=30)
+    ctx.monkeypatch.setenv("XDG_CACHE_HOME", str(ctx.read_only_disk()))
+    return ctx.train({"run.max_steps": 1}, root=disk / "data")
+
+
+NEEDS_DALI = (pytest.mark.skipif(not reliability.HAS_DALI, reason="needs NVIDIA DALI"),)
+BOMB_LINE = (r"error: bad image '.*/bomb\.JPEG': its header declares 20000×20000 = 400,000,000 pixels, over"
+             r" data\.max_image_pixels \(89,478,485\): decoding it could exhaust memory \(data\.on_bad_image is 'error';.*")
+
+
 def files_under(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
 
@@ -219,11 +313,49 @@ CASES = [
          lambda ctx: files_under(ctx.tmp / "disk0" / "set") == [] or pytest.fail("half a data set was left")),
     Case(2, "data.synthetic --out that is a file", "data.synthetic",
          lambda ctx: ["--out", str(ctx.saved(lambda s: None, "file"))], 2, r"error: .*/file is a file, not a folder"),
+    Case(2, "the data index on a full disk", "train", data_on_a_full_disk, 0,
+         r"warning: could not save the data index .*/data/\.lowrank_index/(train|val)\.npz \(No space left on device\); the"
+         r" next run builds it again", lines=2),
+    Case(3, "an image declaring 20000×20000 pixels (torchvision)", "train",
+         lambda ctx: ctx.train({"data.backend": "torchvision"}, root=ctx.data_copy(bomb)), 2, BOMB_LINE),
+    Case(3, "an image declaring 20000×20000 pixels (DALI)", "train",
+         lambda ctx: ctx.train({"data.backend": "dali"}, root=ctx.data_copy(bomb)), 2, BOMB_LINE, marks=NEEDS_DALI),
+    Case(3, "an image declaring 20000×20000 pixels (data.check)", "data.check",
+         lambda ctx: [str(ctx.data_copy(bomb)), "--jobs", "1"], 1, None,
+         out=r"^PROBLEM .*/bomb\.JPEG  its header declares 20000×20000 = 400,000,000 pixels, over data\.max_image_pixels"),
+    Case(3, "a 1×1 image under the caffe crop (DALI)", "train",
+         lambda ctx: ctx.train({"data.backend": "dali", "data.augment": "caffe", "run.max_steps": 7},
+                               root=ctx.data_copy(one_pixel_images)), 0, None, marks=NEEDS_DALI),
+    Case(3, "a 1×1 image under the caffe crop (torchvision)", "train",
+         lambda ctx: ctx.train({"data.backend": "torchvision", "data.augment": "caffe", "run.max_steps": 7},
+                               root=ctx.data_copy(one_pixel_images)), 0, None),
+    Case(4, "a truncated data index", "train",
+         lambda ctx: indexed(ctx, lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])), 0,
+         r"warning: the data index .*/train\.npz is damaged \(File is not a zip file\); rebuilding it"),
+    Case(4, "an empty data index", "train", lambda ctx: indexed(ctx, lambda p: p.write_bytes(b"")), 0,
+         r"warning: the data index .*/train\.npz is damaged \(No data left in file\); rebuilding it"),
+    Case(4, "a data index with labels out of range", "train", lambda ctx: indexed(ctx, labels_out_of_range), 0,
+         r"warning: the data index .*/train\.npz is damaged \(labels out of range of its classes\); rebuilding it"),
     Case(4, "a plan cache whose dates are numbers", "train", lambda ctx: cache_with(ctx, dates_as_numbers), 0, None),
     Case(4, "a plan cache of 200,000 nested brackets", "train",
          lambda ctx: cache_with(ctx, lambda data: "[" * 200_000 + "]" * 200_000), 0,
          r"warning: ignoring the execution plan cache .*/runs/execution_cache\.json \(nested too deeply to be a plan"
          r" cache\); timing every layer"),
+    Case(5, "a file and class folders whose names are not UTF-8", "train",
+         lambda ctx: ctx.train({"run.max_steps": 1}, root=ctx.data_copy(names_not_utf8)), 0, None),
+    Case(5, "list files that are not UTF-8", "train", lists_not_utf8, 0, None),
+    Case(5, "a class folder that is a symlink loop", "train", lambda ctx: ctx.train(root=ctx.data_copy(symlink_loop)), 2,
+         r"error: '.*/train/loop' cannot be read: Too many levels of symbolic links \(a symbolic link that points back at"
+         r" itself\); remove it or fix the link"),
+    Case(5, "a class folder that is a symlink loop (data.check)", "data.check",
+         lambda ctx: [str(ctx.data_copy(symlink_loop)), "--jobs", "1"], 1, None,
+         out=r"^PROBLEM .*/train/loop  cannot be read: Too many levels of symbolic links"),
+    Case(5, "a class folder that is a symlink loop (data.index)", "data.index",
+         lambda ctx: [str(ctx.data_copy(symlink_loop)), "--jobs", "1"], 2,
+         r"error: '.*/train/loop' cannot be read: Too many levels of symbolic links .*"),
+    Case(6, "a read-only data root and an unwritable cache folder", "train", read_only_data_and_cache, 0,
+         r"warning: could not save the data index .*/(train|val)\.npz \(Read-only file system\); the next run builds it"
+         r" again", lines=2),
     Case(6, "a config with YAML aliases (billion laughs)", "train", lambda ctx: ["--config", str(ctx.write(
         "laughs.yaml", "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
         "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"))], 2,
@@ -281,24 +413,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.number}: {c.name}" for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=c.marks) for c in CASES],
+                         ids=[f"{c.number}: {c.name}" for c in CASES])
 def test_every_case(case, tmp_path, synthetic, base_checkpoint, small_disk, monkeypatch, capsys):
     """Exit code, one line naming the file or key (or nothing on stderr), no traceback, nothing lost."""
     ctx = Ctx(tmp_path, synthetic, base_checkpoint, small_disk, monkeypatch)
     argv = case.build(ctx)
     capsys.readouterr()
     code = run_command(case.command, argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     if case.line is None:
         assert err == "", err
-    else:
+    elif case.lines == 1:
         assert re.fullmatch(case.line, one_line(err)), err
+    else:
+        assert len(err.splitlines()) == case.lines and "Traceback" not in err, err
+        assert all(re.fullmatch(case.line, line) for line in err.splitlines()), err
     assert code == case.code, err
+    if case.out is not None:
+        assert re.search(case.out, out, re.MULTILINE), out
     if case.kept is not None:
         case.kept(ctx)
     assert not [p for p in tmp_path.rglob("*") if TEMPORARY_FILE.match(p.name)], "a temporary file was left"
-    if case.code:
-        assert not list(tmp_path.glob("runs/*/checkpoints/step_*")) or case.number in (7, 8), "a refused run trained"
+    if case.code == 2 and case.number in (1, 6):  # refused before the first step
+        assert not list(tmp_path.glob("runs/*/checkpoints/step_*")), "a refused run trained"
 
 
 def one_line(err: str) -> str:

@@ -26,7 +26,7 @@ import torch
 from .augment import AUGMENTS, CAFFE_RESIZE
 from .cifar import CLASSES as CIFAR10_CLASSES, CifarBackend, load_cifar10
 from .dali import DaliBackend, check_dali, dali_available
-from .integrity import ON_BAD_IMAGE, Skipped
+from .integrity import MAX_IMAGE_PIXELS, ON_BAD_IMAGE, Skipped, mark_oversized
 from .loaders import TrainLoader, ValLoader
 from .samples import DataError, load_samples
 from .sampling import CropPlan
@@ -67,6 +67,7 @@ def build_loaders(
     decode: bool = True,
     format: str = "imagenet",
     augment: str | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Loaders:
     """Train and val loaders for this rank. `batch_size` is per rank; `image_size` is the train crop
     and the val centre crop; `val_resize` the shorter side before the val crop (default
@@ -83,7 +84,8 @@ def build_loaders(
     reads the CIFAR-10 binary batches in `root` instead (`cifar`). `augment` picks the train crop and input
     scaling: "inception" (default for ImageNet folders: random resized crop, min_crop_scale),
     "caffe" (`augment`: shorter side 256, random square, mean subtraction) or "none" (the val crop;
-    the default for CIFAR-10, whose images are used whole); `hflip` mirrors in all of them."""
+    the default for CIFAR-10, whose images are used whole); `hflip` mirrors in all of them.
+    An image whose header declares more than `max_image_pixels` pixels is bad (`integrity`)."""
     if backend not in ("auto", "dali", "torchvision"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torchvision', got {backend!r}")
     if dali_device not in ("auto", "cpu", "gpu"):
@@ -110,6 +112,12 @@ def build_loaders(
         raise DataError(f"data.val_resize: {val_resize} is smaller than data.image_size {image_size}: the centre crop would not fit")
 
     classes, train_samples, val = load_samples(root, train_list, val_list, with_train=train)
+    for samples in (train_samples, val):
+        mark_oversized(samples, max_image_pixels)
+    if not use_dali:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = max_image_pixels  # PIL's own check, in the workers too, says the same
     plan = CropPlan(image_size, val_resize, seed, min_crop_scale, hflip, augment)
     device = torch.device(device)
 

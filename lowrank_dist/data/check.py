@@ -21,6 +21,7 @@ processes (default: one per CPU core), so ImageNet's 1.33M files take minutes on
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..files import exit_code_for, reason, write_text_atomic
-from .integrity import BadImage, ImageInfo, decode_rgb, inspect_image, read_bytes
+from .integrity import MAX_IMAGE_PIXELS, BadImage, ImageInfo, decode_rgb, inspect_image, oversized, read_bytes
 from .samples import IMAGE_EXTENSIONS
 
 HEAD, TAIL = 64 * 1024, 4 * 1024
@@ -77,10 +78,14 @@ def inspect_file(path: str, decode: bool = False) -> tuple[int, ImageInfo]:
     return size, info
 
 
-def check_image(path: str, decode: bool = False) -> Finding | None:
+def check_image(path: str, decode: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> Finding | None:
     """A problem or a note about one image file, or None if the loaders take it as it is."""
     try:
-        _, info = inspect_file(path, decode)
+        _, info = inspect_file(path)
+        if (why := oversized(info.width, info.height, max_pixels)) is not None:
+            return Finding(path, why, True)  # never decoded: that is what could exhaust memory
+        if decode:
+            inspect_file(path, decode=True)
     except BadImage as bad:
         return Finding(path, str(bad), True)
     except OSError as error:  # the file vanished or cannot be stat'ed
@@ -90,8 +95,20 @@ def check_image(path: str, decode: bool = False) -> Finding | None:
     return None
 
 
-def _check_chunk(paths: list[str], decode: bool) -> list[Finding]:
-    return [finding for path in paths if (finding := check_image(path, decode)) is not None]
+def _check_chunk(paths: list[str], decode: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Finding]:
+    return [finding for path in paths if (finding := check_image(path, decode, max_pixels)) is not None]
+
+
+def _is_folder(entry: os.DirEntry, findings: list[Finding]) -> bool | None:
+    """Whether `entry` is a folder; None (and a finding) where it cannot even be stat'ed: a symlink
+    loop (ELOOP), a link to a file that vanished, no permission."""
+    try:
+        return entry.is_dir()
+    except OSError as error:
+        findings.append(Finding(entry.path, f"cannot be read: {error.strerror or error}"
+                                + (" (a symbolic link that points back at itself)" if error.errno == errno.ELOOP else ""),
+                                True))
+        return None
 
 
 def scan_layout(root: Path) -> tuple[dict[str, list[str]], list[Finding], int]:
@@ -105,12 +122,17 @@ def scan_layout(root: Path) -> tuple[dict[str, list[str]], list[Finding], int]:
             findings.append(Finding(str(folder), f"missing: the {split} split must be at ROOT/{split}/<class>/", True))
             continue
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if not entry.is_dir():
+            kind = _is_folder(entry, findings)
+            if kind is None:
+                continue
+            if not kind:
                 findings.append(Finding(entry.path, "ignored: not in a class folder", False))
                 continue
             classes[split].add(entry.name)
             count = 0
             for item in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                if _is_folder(item, findings) is None:
+                    continue
                 if item.is_file() and item.name.lower().endswith(IMAGE_EXTENSIONS):
                     images[split].append(item.path)
                     count += 1
@@ -129,18 +151,25 @@ def scan_layout(root: Path) -> tuple[dict[str, list[str]], list[Finding], int]:
     return images, findings, len(classes["train"])
 
 
-def check_images(paths: list[str], decode: bool = False, jobs: int = 1) -> list[Finding]:
+def check_images(paths: list[str], decode: bool = False, jobs: int = 1, max_pixels: int = MAX_IMAGE_PIXELS
+                 ) -> list[Finding]:
     if jobs <= 1 or len(paths) < 512:
-        return _check_chunk(paths, decode)
+        return _check_chunk(paths, decode, max_pixels)
     size = max(64, min(1024, len(paths) // (jobs * 8)))
     chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return [f for found in pool.map(_check_chunk, chunks, [decode] * len(chunks)) for f in found]
+        return [f for found in pool.map(_check_chunk, chunks, [decode] * len(chunks), [max_pixels] * len(chunks))
+                for f in found]
+
+
+def shown(path: str) -> str:
+    """A path for the terminal: bytes of a name that is not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def report(findings: Iterable[Finding]) -> None:
     for finding in sorted(findings):
-        print(f"{'PROBLEM' if finding.problem else 'note':8}{finding.path}  {finding.what}")
+        print(f"{'PROBLEM' if finding.problem else 'note':8}{shown(finding.path)}  {finding.what}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode", action="store_true", help="also decode every image in full with PIL (slow)")
     parser.add_argument("--list", type=Path, metavar="FILE", help="write the path of each file with a problem here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: CPU cores)")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"an image declaring more pixels is a problem (data.max_image_pixels; default {MAX_IMAGE_PIXELS:,})")
     return parser.parse_args(argv)
 
 
@@ -159,7 +190,7 @@ def main(argv=None) -> int:
         return 2
     started = time.perf_counter()
     images, findings, classes = scan_layout(args.root)
-    findings += check_images(images["train"] + images["val"], args.decode, args.jobs)
+    findings += check_images(images["train"] + images["val"], args.decode, args.jobs, args.max_image_pixels)
     report(findings)
     problems = sorted(f.path for f in findings if f.problem)
     if args.list is not None:

@@ -10,7 +10,9 @@ DataError that names the file or folder.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +40,32 @@ class Samples:
         return len(self.paths)
 
 
+def ignore_interrupts(*_) -> None:
+    """In a worker process (the index's pool, the torchvision DataLoader's): Ctrl-C at a terminal
+    reaches every process of its group, and the train command turns it into a stop request; a
+    worker that died of it would end the run instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_folder(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), with a DataError naming it where it cannot even be stat'ed (a symbolic link
+    pointing back at itself: ELOOP; no permission)."""
+    try:
+        return entry.is_dir()
+    except OSError as error:
+        loop = " (a symbolic link that points back at itself)" if error.errno == errno.ELOOP else ""
+        raise DataError(f"{str(entry.path)!r} cannot be read: {error.strerror or error}{loop}; remove it or fix"
+                        " the link") from None
 
 
 def class_folders(split: Path) -> list[str]:
     if not split.is_dir():
         raise DataError(f"data folder {str(split)!r} does not exist (expected root/train and root/val)")
-    classes = sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(split) if is_folder(entry))
     if not classes:
         raise DataError(f"data folder {str(split)!r} has no class folders (expected {split}/<class>/*.JPEG)")
     return classes
@@ -58,7 +78,8 @@ def scan_split(split: Path, class_index: dict[str, int]) -> Samples:
         if name not in class_index:
             raise DataError(f"class folder {str(split / name)!r} is not among the train classes")
         folder = split / name
-        images = sorted(entry.path for entry in os.scandir(folder) if entry.is_file() and _is_image(entry.name))
+        images = sorted(entry.path for entry in os.scandir(folder)
+                        if _is_image(entry.name) and not is_folder(entry) and entry.is_file())
         if not images:
             raise DataError(f"class folder {str(folder)!r} holds no .JPEG/.jpg images")
         paths += images
@@ -72,7 +93,10 @@ def read_list(root: Path, list_file: Path, num_classes: int | None, check_files:
     if not list_file.is_file():
         raise DataError(f"list file {str(list_file)!r} does not exist")
     paths, labels = [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    # bytes that are not UTF-8 kept as they are (surrogateescape): such a line names a file whose
+    # name is not UTF-8, which the file system takes back as the same bytes
+    text = list_file.read_bytes().decode("utf-8", "surrogateescape")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rsplit(maxsplit=1)

@@ -54,7 +54,7 @@ def loaders_for(cfg: Config, dist_ctx: DistContext, device: torch.device, train:
         train_list=cfg.data.train_list, val_list=cfg.data.val_list, rank=dist_ctx.rank,
         world_size=dist_ctx.world_size, seed=cfg.run.seed, device=device, channels_last=cfg.precision.channels_last,
         min_crop_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, on_bad_image=cfg.data.on_bad_image, train=train,
-        format=cfg.data.format, augment=cfg.data.augment,
+        format=cfg.data.format, augment=cfg.data.augment, max_image_pixels=cfg.data.max_image_pixels,
     )
 
 
