@@ -9,6 +9,10 @@ and learns each image's size only by reading the file when it is batched — so 
 only be drawn one sample at a time, on the thread that fed the loader. With the index a rank reads
 one file, and the crop windows of a whole epoch are one vectorised call (`sampling.CropPlan.boxes`).
 
+Damaged. An index that cannot be read or holds what `save` never writes (truncated, empty, arrays of
+the wrong length or type, labels out of range) is rebuilt, with a warning saying what was wrong;
+one that cannot be saved (a full disk, nowhere writable) only costs the next run the same build.
+
 Where. ROOT/.lowrank_index/<split>.npz (a split given by a list file: list-<name>-<hash>.npz);
 when ROOT is not writable, ~/.cache/lowrank_dist/index/<hash of ROOT>/ instead. Paths are stored
 relative to ROOT, so the data set can move with its index.
