@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .data.augment import Augment
-from .data.integrity import OnBadImage
+from .data.integrity import MAX_IMAGE_PIXELS, OnBadImage
 from .lowrank.ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
 
@@ -117,6 +117,8 @@ class DataConfig(Section):
     # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
     augment: Augment | None = None
     on_bad_image: OnBadImage = "error"  # undecodable image: stop naming it, or replace and count it
+    # an image whose header declares more pixels is bad, never decoded (a decompression bomb); PIL's limit
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1)
     train_list: Path | None = None
     val_list: Path | None = None
 
@@ -236,6 +238,9 @@ class DistributedConfig(Section):
         return engine
 
 
+RUN_NAME_MAX = 100  # characters; file systems take 255 bytes, and run names end up in longer names
+
+
 class RunConfig(Section):
     name: str | None = None  # default: the config file's stem
     out_dir: Path = Path("runs")
@@ -255,8 +260,15 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str | None) -> str | None:
-        if name is not None and (not name or "/" in name or name.startswith(".")):
-            raise ValueError(f"run name {name!r} must be a plain folder name")
+        """A folder name every file system, shell and SLURM job name takes as it is."""
+        if name is None:
+            return name
+        if len(name) > RUN_NAME_MAX:
+            raise ValueError(f"run name {name[:40]!r}… has {len(name)} characters; at most {RUN_NAME_MAX}")
+        if (not name or "/" in name or "\\" in name or name.startswith((".", "-")) or name != name.strip()
+                or not name.isprintable()):
+            raise ValueError(f"run name {name!r} must be a plain folder name: printable characters, no / or \\, not"
+                             " starting with . or -, no spaces at either end")
         return name
 
     @property
@@ -344,9 +356,26 @@ def apply_override(tree: dict, assignment: str) -> None:
             raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[keys[-1]] = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
+
+
+class _PlainYaml(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a config never needs them, and aliases of aliases expand
+    exponentially (the "billion laughs": a few hundred bytes that take gigabytes once loaded)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}, which configs do not"
+                                              " accept (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """YAML as safe_load reads it, aliases refused (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_PlainYaml)  # noqa: S506 - a SafeLoader
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -393,9 +422,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start});"
+                          " save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({error.strerror or error})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, precision)")
     tree.setdefault("run", {})

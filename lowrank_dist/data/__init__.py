@@ -27,7 +27,7 @@ import torch
 from .augment import CAFFE_RESIZE, Augment, CropWindows
 from .cifar import CLASSES as CIFAR10_CLASSES, CifarBackend, load_cifar10
 from .dali import DaliBackend, check_dali, dali_available
-from .integrity import OnBadImage, Replaced
+from .integrity import OnBadImage, Replaced, mark_oversized
 from .loaders import TrainLoader, ValLoader
 from .samples import DataError
 from .torchvision_loader import TorchvisionBackend
@@ -52,6 +52,7 @@ class DataSection(Protocol):
     format: Literal["imagenet", "cifar10"]
     augment: Augment | None  # None: "inception" for ImageNet folders, "none" for CIFAR-10
     on_bad_image: OnBadImage
+    max_image_pixels: int  # an image whose header declares more is bad, never decoded (integrity)
     train_list: Path | None
     val_list: Path | None
 
@@ -111,6 +112,12 @@ def _folder_loaders(data: DataSection, augment: str, dali_device: str | None, wh
         raise DataError(f"data.val_resize: {val_resize} is smaller than data.image_size {data.image_size}:"
                         " the centre crop would not fit")
     classes, train_samples, val = load_samples(data.root, data.train_list, data.val_list, with_train=where.train)
+    for samples in (train_samples, val):
+        mark_oversized(samples, data.max_image_pixels)
+    if dali_device is None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = data.max_image_pixels  # PIL's own check, in the workers too, says the same
     windows = CropWindows(data.image_size, val_resize, where.seed, data.min_crop_scale, data.hflip, augment)
 
     def backend_for(samples):

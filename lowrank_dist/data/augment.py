@@ -84,6 +84,17 @@ def sample_uniforms(seed: int, epoch: int, indices: np.ndarray, draws: int) -> n
     return (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
+def _at_least_one_pixel(boxes: Boxes, widths: np.ndarray, heights: np.ndarray) -> Boxes:
+    """Windows of at least 1×1 pixels inside their image. A window scaled down from a tiny image
+    (a 1×1 JPEG under the caffe crop, whose window is image_size/256 of the shorter side) rounds to
+    0 pixels, which PIL would resize and DALI refuse: both back-ends get the one pixel instead."""
+    widths, heights = (np.asarray(a, dtype=np.int64) for a in (widths, heights))
+    width, height = np.maximum(boxes.width, 1), np.maximum(boxes.height, 1)
+    left = np.clip(boxes.left, 0, np.maximum(widths - width, 0))
+    top = np.clip(boxes.top, 0, np.maximum(heights - height, 0))
+    return Boxes(left, top, width, height, boxes.flip)
+
+
 @dataclass(frozen=True)
 class CropWindows:
     """Where to crop each sample, and how its pixels are scaled (`data.augment`).
@@ -153,16 +164,18 @@ class CropWindows:
         return Boxes((widths - side) // 2, (heights - side) // 2, side, side, np.zeros(len(side), dtype=bool))
 
     def boxes(self, epoch: int | None, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> Boxes:
-        """Train windows for an epoch number, val windows for epoch None."""
+        """Train windows for an epoch number, val windows for epoch None; at least one pixel each."""
         if epoch is None:
-            return self.val_boxes(widths, heights)
-        if self.augment == "caffe":
+            boxes = self.val_boxes(widths, heights)
+        elif self.augment == "caffe":
             u = sample_uniforms(self.seed, epoch, indices, 3)
-            return caffe_train_boxes(u, widths, heights, self.image_size, self.val_resize, self.hflip)
-        if self.augment == "none":  # the val window, mirrored at random
+            boxes = caffe_train_boxes(u, widths, heights, self.image_size, self.val_resize, self.hflip)
+        elif self.augment == "none":  # the val window, mirrored at random
             flip = (sample_uniforms(self.seed, epoch, indices, 1)[:, 0] < 0.5) & self.hflip
-            return self.val_boxes(widths, heights)._replace(flip=flip)
-        return self.train_boxes(epoch, indices, widths, heights)
+            boxes = self.val_boxes(widths, heights)._replace(flip=flip)
+        else:
+            boxes = self.train_boxes(epoch, indices, widths, heights)
+        return _at_least_one_pixel(boxes, widths, heights)
 
     def box(self, epoch: int | None, index: int, width: int, height: int) -> Box:
         """One sample's window: the same numbers as its entry in `boxes`."""

@@ -22,6 +22,7 @@ may use), so ImageNet's 1.33M files take minutes on local disk.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -29,7 +30,8 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-from .integrity import BadImage, inspect_file
+from ..files import exit_code_for, reason, write_text_atomic
+from .integrity import MAX_IMAGE_PIXELS, BadImage, inspect_file, oversized
 from .parallel import map_chunks, usable_cpus
 from .samples import scan_folder
 
@@ -40,10 +42,14 @@ class Finding(NamedTuple):
     problem: bool  # False: a note
 
 
-def check_image(path: str, decode: bool = False) -> Finding | None:
+def check_image(path: str, decode: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> Finding | None:
     """A problem or a note about one image file, or None if the loaders take it as it is."""
     try:
-        _, info = inspect_file(path, decode)
+        _, info = inspect_file(path)
+        if (why := oversized(info.width, info.height, max_pixels)) is not None:
+            return Finding(path, why, True)  # never decoded: that is what could exhaust memory
+        if decode:
+            inspect_file(path, decode=True)
     except BadImage as bad:
         return Finding(path, str(bad), True)
     except OSError as error:  # the file vanished or cannot be stat'ed
@@ -53,8 +59,8 @@ def check_image(path: str, decode: bool = False) -> Finding | None:
     return None
 
 
-def _check_chunk(paths: list[str], decode: bool) -> list[Finding]:
-    return [finding for path in paths if (finding := check_image(path, decode)) is not None]
+def _check_chunk(paths: list[str], decode: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Finding]:
+    return [finding for path in paths if (finding := check_image(path, decode, max_pixels)) is not None]
 
 
 def scan_layout(root: Path) -> tuple[dict[str, list[str]], list[Finding], int]:
@@ -68,10 +74,12 @@ def scan_layout(root: Path) -> tuple[dict[str, list[str]], list[Finding], int]:
             findings.append(Finding(str(folder), f"missing: the {split} split must be at ROOT/{split}/<class>/", True))
             continue
         listing = scan_folder(folder)
+        findings += [Finding(path, f"cannot be read: {why}", True) for path, why in listing.unreadable]
         findings += [Finding(path, "ignored: not in a class folder", False) for path in listing.images + listing.others]
         for name in listing.folders:
             classes[split].add(name)
             inside = scan_folder(folder / name)
+            findings += [Finding(path, f"cannot be read: {why}", True) for path, why in inside.unreadable]
             images[split] += inside.images
             ignored = [str(folder / name / sub) for sub in inside.folders] + inside.others
             findings += [Finding(path, "ignored: not a .JPEG/.jpg file", False) for path in ignored]
@@ -88,13 +96,19 @@ def scan_layout(root: Path) -> tuple[dict[str, list[str]], list[Finding], int]:
     return images, findings, len(classes["train"])
 
 
-def check_images(paths: list[str], decode: bool = False, jobs: int = 1) -> list[Finding]:
-    return map_chunks(partial(_check_chunk, decode=decode), paths, jobs)
+def check_images(paths: list[str], decode: bool = False, jobs: int = 1, max_pixels: int = MAX_IMAGE_PIXELS
+                 ) -> list[Finding]:
+    return map_chunks(partial(_check_chunk, decode=decode, max_pixels=max_pixels), paths, jobs)
+
+
+def shown(path: str) -> str:
+    """A path for the terminal: bytes of a name that is not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def report(findings: Iterable[Finding]) -> None:
     for finding in sorted(findings):
-        print(f"{'PROBLEM' if finding.problem else 'note':8}{finding.path}  {finding.what}")
+        print(f"{'PROBLEM' if finding.problem else 'note':8}{shown(finding.path)}  {finding.what}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--list", type=Path, metavar="FILE", help="write the path of each file with a problem here")
     parser.add_argument("--jobs", type=int, default=usable_cpus(),
                         help="processes (default: the CPU cores this process may use)")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"an image declaring more pixels is a problem (data.max_image_pixels; default {MAX_IMAGE_PIXELS:,})")
     return parser.parse_args(argv)
 
 
@@ -114,11 +130,15 @@ def main(argv=None) -> int:
         return 2
     started = time.perf_counter()
     images, findings, classes = scan_layout(args.root)
-    findings += check_images(images["train"] + images["val"], args.decode, args.jobs)
+    findings += check_images(images["train"] + images["val"], args.decode, args.jobs, args.max_image_pixels)
     report(findings)
     problems = sorted(f.path for f in findings if f.problem)
     if args.list is not None:
-        args.list.write_text("".join(f"{path}\n" for path in problems))
+        try:
+            write_text_atomic(args.list, "".join(f"{path}\n" for path in problems), errors="surrogateescape")
+        except OSError as error:
+            print(f"error: --list: could not write {str(args.list)!r} ({reason(error)})", file=sys.stderr)
+            return exit_code_for(error)
     print(
         f"checked {len(images['train'])} train and {len(images['val'])} val images in {classes} classes"
         f" ({'decoded' if args.decode else 'headers only'}, {time.perf_counter() - started:.1f} s):"

@@ -9,6 +9,10 @@ and learns each image's size only by reading the file when it is batched — so 
 only be drawn one sample at a time, on the thread that fed the loader. With the index a rank reads
 one file, and the crop windows of a whole epoch are one vectorised call (`augment.CropWindows.boxes`).
 
+Damaged. An index that cannot be read or holds what `save` never writes (truncated, empty, arrays of
+the wrong length or type, labels out of range) is rebuilt, with a warning saying what was wrong;
+one that cannot be saved (a full disk, nowhere writable) only costs the next run the same build.
+
 Where. ROOT/.lowrank_index/<split>.npz (a split given by a list file: list-<name>-<hash>.npz);
 when ROOT is not writable, ~/.cache/lowrank_dist/index/<hash of ROOT>/ instead. Paths are stored
 relative to ROOT, so the data set can move with its index.
@@ -83,7 +87,9 @@ def fingerprint(root: Path, split: str, list_file: Path | None, folders: list[st
     those holding the listed images, for a list file; for a folder split they are its subfolders."""
     if list_file is None:
         split_dir = root / split
-        folders = [f"{split}/{name}" for name in scan_folder(split_dir).folders]
+        listing = scan_folder(split_dir)
+        listing.check_readable()
+        folders = [f"{split}/{name}" for name in listing.folders]
         return {"split": _mtime(split_dir), "folders": {f: _mtime(root / f) for f in folders}}
     stat = os.stat(list_file)
     return {"list": [stat.st_size, stat.st_mtime_ns], "folders": {f: _mtime(root / f) for f in folders or []}}
@@ -146,11 +152,12 @@ def build(root: Path, split: str, list_file: Path | None, classes: list[str] | N
 
 
 def _blob(strings: list[str]) -> np.ndarray:
-    return np.frombuffer("\0".join(strings).encode(), dtype=np.uint8)
+    # surrogateescape: a file name that is not UTF-8 is kept as its bytes (as os.fsencode does)
+    return np.frombuffer("\0".join(strings).encode("utf-8", "surrogateescape"), dtype=np.uint8)
 
 
 def _strings(blob: np.ndarray) -> list[str]:
-    return blob.tobytes().decode().split("\0") if len(blob) else []
+    return blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if len(blob) else []
 
 
 def save(path: Path, root: Path, samples: Samples, meta: dict) -> None:
@@ -163,8 +170,11 @@ def save(path: Path, root: Path, samples: Samples, meta: dict) -> None:
                  bad_index=np.asarray(bad, dtype=np.int64), bad_why=_blob([samples.bad[i] for i in bad]))
 
 
-def load(path: Path, root: Path) -> tuple[Samples, dict] | None:
-    """The index at `path`, or None if there is none or it cannot be read (it is then rebuilt)."""
+def load(path: Path, root: Path, warn: bool = True) -> tuple[Samples, dict] | None:
+    """The index at `path`, or None if there is none or it is damaged (it is then rebuilt; a damaged
+    one with a warning saying what is wrong with it)."""
+    if not path.exists():
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["meta"].tobytes().decode())
@@ -173,15 +183,44 @@ def load(path: Path, root: Path) -> tuple[Samples, dict] | None:
             bad = dict(zip(data["bad_index"].tolist(), _strings(data["bad_why"])))
             samples = Samples(paths, data["labels"], sizes=data["sizes"], widths=data["widths"],
                               heights=data["heights"], bad=bad)
-    except (OSError, ValueError, KeyError):
+        problem = _damage(samples, meta)
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a zip, not ours: all rebuilt
+        problem = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    if problem is not None:
+        if warn:
+            print(f"warning: the data index {path} is damaged ({problem}); rebuilding it", file=sys.stderr, flush=True)
         return None
     return samples, meta
 
 
+def _damage(samples: Samples, meta) -> str | None:
+    """What is wrong with a loaded index (what `build` and `save` would never write), or None."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
+        return "no fingerprint"
+    if not isinstance(meta["fingerprint"].get("folders"), dict):
+        return "no folder times"
+    count = len(samples.paths)
+    for name in ("labels", "sizes", "widths", "heights"):
+        array = getattr(samples, name)
+        if array.dtype != np.int64 or array.shape != (count,) or (count and array.min() < 0):
+            return f"{name} is not {count} counts"
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or (count and samples.labels.max() >= len(classes))):
+        return "labels out of range of its classes"
+    if any(not isinstance(i, int) or not 0 <= i < count for i in samples.bad):
+        return "bad images out of range"
+    return None
+
+
 @contextmanager
 def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:  # nowhere to write: build without the lock (and save says it could not save)
+        yield
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -204,13 +243,17 @@ def split_samples(root: Path, split: str, *, classes: list[str] | None, list_fil
     if found is not None and stale_because(found[1], root, split, list_file, classes) is None:
         return found[0]
     with _locked(path):
-        found = None if rebuild else load(path, root)  # another process may have built it while we waited
+        found = None if rebuild else load(path, root, warn=found is not None)  # built by another while we waited?
         why = None if found is None else stale_because(found[1], root, split, list_file, classes)
         if found is not None and why is None:
             return found[0]
         started = time.perf_counter()
         samples, meta = build(root, split, list_file, classes, num_classes, jobs or usable_cpus())
-        save(path, root, samples, meta)
+        try:
+            save(path, root, samples, meta)
+        except OSError as error:  # the index only saves time: this run goes on with what it just built
+            print(f"warning: could not save the data index {path} ({error.strerror or error}); the next run builds it"
+                  " again", file=sys.stderr, flush=True)
         if not quiet:
             print(f"data index {path}: {len(samples)} images, {len(samples.bad)} bad,"
                   f" built in {time.perf_counter() - started:.1f} s" + (f" ({why}: rebuilt)" if why else ""), flush=True)

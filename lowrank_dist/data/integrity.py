@@ -66,6 +66,32 @@ class BadImage(ValueError):
     """A file that is not a decodable image; the message says why (without the path)."""
 
 
+# data.max_image_pixels' default: PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89.5 Mpx), which the
+# torchvision back-end always had. A JPEG of a few KB can declare 60000×60000 pixels (a
+# "decompression bomb", ~10 GB once decoded); DALI has no such limit, so the index's width and
+# height decide for both back-ends: over the limit, an image is bad and never decoded.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def oversized(width: int, height: int, limit: int) -> str | None:
+    """Why an image of width×height is bad under `limit` (data.max_image_pixels), or None."""
+    if width * height <= limit:
+        return None
+    return (f"its header declares {width}×{height} = {width * height:,} pixels, over data.max_image_pixels"
+            f" ({limit:,}): decoding it could exhaust memory")
+
+
+def mark_oversized(samples, limit: int) -> None:
+    """Add to `samples.bad` every image whose indexed size is over `limit` pixels."""
+    if samples is None or samples.widths is None:
+        return
+    # int64: a JPEG side is at most 65,535, a PNG's 2^31 − 1, so the product fits
+    pixels = samples.widths.astype(np.int64) * samples.heights.astype(np.int64)
+    for index in np.flatnonzero(pixels > limit).tolist():
+        if index not in samples.bad:
+            samples.bad[index] = oversized(int(samples.widths[index]), int(samples.heights[index]), limit)
+
+
 class ImageInfo(NamedTuple):
     format: str  # "JPEG" or "PNG"
     width: int

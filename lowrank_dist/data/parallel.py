@@ -8,6 +8,7 @@ per core of the node would make them fight over those few.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -16,6 +17,13 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 SERIAL_BELOW = 512  # fewer items than this are done in this process: starting workers costs more
+
+
+def ignore_interrupts(*_) -> None:
+    """In a worker process (these pools, the torchvision DataLoader's): Ctrl-C at a terminal reaches
+    every process of its group, and the train command turns it into a stop request; a worker that
+    died of it would end the run instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def usable_cpus() -> int:
@@ -35,5 +43,5 @@ def map_chunks(function: Callable[[Sequence[Item]], list[Result]], items: Sequen
     # does not leave the others idle; at least 64 items, to amortise sending each chunk
     size = max(64, min(1024, len(items) // (jobs * 8)))
     chunks = [items[start:start + size] for start in range(0, len(items), size)]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=ignore_interrupts) as pool:  # Ctrl-C: a stop request
         return [result for results in pool.map(function, chunks) for result in results]

@@ -11,6 +11,7 @@ loaders, the data index and the pre-flight check (`check`) all see the same imag
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,26 +47,44 @@ class Folder(NamedTuple):
     folders: list[str]  # names of the sub-folders (in a split folder: the class folders)
     images: list[str]  # paths of the .JPEG/.jpg files
     others: list[str]  # paths of every other entry (files the loaders ignore, broken links, …)
+    unreadable: list[tuple[str, str]]  # (path, why) of entries that cannot even be stat'ed
+
+    def check_readable(self) -> None:
+        """DataError naming the first entry that cannot be stat'ed (the loaders cannot tell what it is)."""
+        if self.unreadable:
+            path, why = self.unreadable[0]
+            raise DataError(f"{str(path)!r} cannot be read: {why}; remove it or fix the link")
+
+
+def _why_unreadable(error: OSError) -> str:
+    loop = " (a symbolic link that points back at itself)" if error.errno == errno.ELOOP else ""
+    return f"{error.strerror or error}{loop}"
 
 
 def scan_folder(folder: Path) -> Folder:
-    """List `folder` once (OSError if it cannot be listed)."""
-    folders, images, others = [], [], []
+    """List `folder` once (OSError if it cannot be listed). An entry that cannot be stat'ed (a
+    symbolic link pointing back at itself: ELOOP; no permission) goes to `unreadable`."""
+    listing = Folder([], [], [], [])
     with os.scandir(folder) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_dir():
-                folders.append(entry.name)
-            elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(entry.path)
-            else:
-                others.append(entry.path)
-    return Folder(folders, images, others)
+            try:
+                if entry.is_dir():
+                    listing.folders.append(entry.name)
+                elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    listing.images.append(entry.path)
+                else:
+                    listing.others.append(entry.path)
+            except OSError as error:
+                listing.unreadable.append((entry.path, _why_unreadable(error)))
+    return listing
 
 
 def class_folders(split: Path) -> list[str]:
     if not split.is_dir():
         raise DataError(f"data folder {str(split)!r} does not exist (expected root/train and root/val)")
-    classes = scan_folder(split).folders
+    listing = scan_folder(split)
+    listing.check_readable()
+    classes = listing.folders
     if not classes:
         raise DataError(f"data folder {str(split)!r} has no class folders (expected {split}/<class>/*.JPEG)")
     return classes
@@ -78,7 +97,9 @@ def scan_split(split: Path, class_index: dict[str, int]) -> Samples:
         if name not in class_index:
             raise DataError(f"class folder {str(split / name)!r} is not among the train classes")
         folder = split / name
-        images = scan_folder(folder).images
+        listing = scan_folder(folder)
+        listing.check_readable()
+        images = listing.images
         if not images:
             raise DataError(f"class folder {str(folder)!r} holds no .JPEG/.jpg images")
         paths += images
@@ -92,7 +113,10 @@ def read_list(root: Path, list_file: Path, num_classes: int | None, check_files:
     if not list_file.is_file():
         raise DataError(f"list file {str(list_file)!r} does not exist")
     paths, labels = [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    # bytes that are not UTF-8 kept as they are (surrogateescape): such a line names a file whose
+    # name is not UTF-8, which the file system takes back as the same bytes
+    text = list_file.read_bytes().decode("utf-8", "surrogateescape")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rsplit(maxsplit=1)

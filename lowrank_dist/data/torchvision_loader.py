@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import functional as F
 from .augment import CropWindows
 from .integrity import BadImage, decode_rgb, fill_slots, first_good, inspect_image, read_bytes
 from .loaders import Batch
+from .parallel import ignore_interrupts
 from .samples import Samples
 
 
@@ -105,7 +106,8 @@ class TorchvisionBackend:
         # and stay (persistent_workers): a fresh set per epoch would re-import torch each time.
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=workers, collate_fn=_collate,
                                  pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                                 worker_init_fn=ignore_interrupts if workers > 0 else None)
 
     def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
         if not batches:
