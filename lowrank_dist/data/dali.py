@@ -49,7 +49,7 @@ from .samples import DataError, Samples
 PREFETCH = 2  # batches DALI prepares ahead of the one the step uses
 
 try:
-    from nvidia.dali import fn, types
+    from nvidia.dali import backend, fn, types
     from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.plugin.pytorch import feed_ndarray
 except ImportError:  # the dali extra is optional
@@ -58,6 +58,13 @@ except ImportError:  # the dali extra is optional
 
 def dali_available() -> bool:
     return Pipeline is not None
+
+
+def stored_orientation(operator: str) -> dict:
+    """The decoder `operator`'s argument for pixels as stored, EXIF orientation not applied (as PIL
+    reads them, so the crop windows planned in those coordinates land where planned): DALI 2.4
+    applies it unless adjust_orientation=False; DALI 2.0 has no such argument and never applies it."""
+    return {"adjust_orientation": False} if "adjust_orientation" in backend.GetSchema(operator).GetArgumentNames() else {}
 
 
 def check_dali(dali_device: str) -> str:
@@ -157,14 +164,13 @@ class DaliBackend:
             if not self.decode:
                 pipe.set_outputs(positions, sizes, anchors, shapes, *mirrors)
             else:
-                # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
                 if self.dali_device == "gpu":  # nvJPEG decodes just the window; resized and mirrored here
                     # jpeg_fancy_upsampling: libjpeg-turbo's chroma upsampling, as the CPU back-ends decode;
                     # nvJPEG's default repeats each chroma sample, 2.8 grey levels off them on average
                     # (bench/jpeg_upsampling.py: 0.18 with the flag)
                     images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", output_type=types.RGB,
-                                                     adjust_orientation=False, jpeg_fancy_upsampling=True,
-                                                     device="mixed")
+                                                     jpeg_fancy_upsampling=True, device="mixed",
+                                                     **stored_orientation("decoders__ImageSlice"))
                     images = fn.resize(images, size=[self.windows.image_size] * 2, interp_type=types.INTERP_LINEAR,
                                        antialias=True)
                     images = fn.flip(images, horizontal=mirrors[0])
@@ -172,7 +178,7 @@ class DaliBackend:
                     # the whole image, then the window: DALI 2.4.0's CPU image_slice crashes the
                     # process (SIGSEGV in its decoder's thread pool) within a few epochs with 2+
                     # threads. The windows come out as decoded: `_resized` scales and mirrors them.
-                    images = fn.decoders.image(encoded, output_type=types.RGB, adjust_orientation=False)
+                    images = fn.decoders.image(encoded, output_type=types.RGB, **stored_orientation("decoders__Image"))
                     images = fn.slice(images, anchors, shapes, axis_names="WH")
                 pipe.set_outputs(positions, sizes, images)
         pipe.build()

@@ -25,12 +25,14 @@ every rank, rank 0 saves it), this rank's ZeRO partition for DeepSpeed (every ra
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
@@ -121,6 +123,25 @@ class Engine:
         return None
 
 
+# BN buffers are averaged across ranks before evaluating and saving (DistContext.average_buffers),
+# not broadcast from rank 0 at every forward; like the parameters they are broadcast from rank 0
+# once, when DDP wraps the model. torch 2.13 says that with forward_sync_buffers=False. Older torch
+# (2.11, our floor) has only broadcast_buffers=False, which also leaves out that first broadcast
+# (2.13 deprecated it for this reason): there we broadcast the buffers ourselves.
+DDP_HAS_FORWARD_SYNC_BUFFERS = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+
+
+def ddp_without_buffer_sync(model: nn.Module, **options) -> nn.parallel.DistributedDataParallel:
+    """DistributedDataParallel(model, **options) that broadcasts rank 0's parameters and buffers
+    once, then never again the buffers (see above), on any torch from the floor up."""
+    if DDP_HAS_FORWARD_SYNC_BUFFERS:
+        return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False, **options)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return ddp
+
+
 class DDPEngine(Engine):
     """One process, or DistributedDataParallel across several."""
 
@@ -138,8 +159,6 @@ class DDPEngine(Engine):
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
         self._ddp = None
         if dist_ctx.distributed:
-            # BN buffers are averaged across ranks before evaluating and saving (DistContext.average_buffers),
-            # not broadcast from rank 0 at every forward.
             # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy in and
             # out, less memory). static_graph only with accumulate 1: under no_sync torch's reducer
             # fails an internal assert (torch 2.14). Both leave the numerics bitwise as they were
@@ -149,8 +168,8 @@ class DDPEngine(Engine):
             # gloo may run in another order on each rank when there are several buckets (a collective
             # mismatch; torch tests the hook on NCCL only): on the CPU it gets one bucket.
             one_bucket = options.grad_compression == "powersgd" and device.type != "cuda"
-            self._ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+            self._ddp = ddp_without_buffer_sync(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
                 gradient_as_bucket_view=True, bucket_cap_mb=ONE_BUCKET_MB if one_bucket else options.bucket_cap_mb,
                 static_graph=options.static_graph and cfg.optim.accumulate == 1,
             )
@@ -278,7 +297,11 @@ class DeepSpeedEngine(Engine):
         only when they are finite; at ZeRO 0 our SGD gets the all-reduced gradients and skips on
         the device. Either way the flag says whether the update was skipped."""
         self._base_optimizer.skipped = None
-        self._engine.step()
+        # no_grad: DeepSpeed 0.18.8's ZeRO 1/2 step all-gathers the updated partitions into flat
+        # buffers that autograd tracks, and gloo (the CPU back-end) copies into views of them,
+        # which autograd refuses in grad mode; 0.19.8 does not. An optimizer step needs no autograd.
+        with torch.no_grad():
+            self._engine.step()
         skipped = self._base_optimizer.skipped
         return torch.ones((), device=self.device) if skipped is None else skipped  # None: DeepSpeed skipped it
 

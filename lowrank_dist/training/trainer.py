@@ -87,6 +87,16 @@ def measured_speed(cfg: Config, lowrank: nn.Module, num_classes: int, device: to
     return report
 
 
+def cudnn_benchmark_for(device: torch.device, image_sizes: set[int]) -> bool:
+    """Whether cuDNN should time its convolution algorithms for each new input shape and keep the
+    fastest (torch.backends.cudnn.benchmark): on a CUDA device when the run feeds one image size.
+    The shapes are then few and fixed (the training batch, and the last, shorter batch of an epoch
+    and of the val set): each is timed once, the first time it comes, and its algorithm reused.
+    With varying sizes every new one would be timed again, costing more than it saves. cuDNN alone
+    reads the flag: off on the CPU."""
+    return device.type == "cuda" and len(image_sizes) == 1
+
+
 def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: threading.Event | None) -> tuple[Run, dict | None]:
     """Device, logs, data, model, engine; with the checkpoint to resume from (the run folder's latest
     if `resume` is None), whose weights the model already holds, or None for a fresh start. The run
@@ -108,6 +118,9 @@ def set_up(cfg: Config, dist_ctx: DistContext, resume: Path | None, stop: thread
     model = setup.model.to(device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Every back-end crops train and val images to image_size × image_size (CIFAR: 32 × 32). Set
+    # before the execution plan times the layers, so it times them as the training runs them.
+    torch.backends.cudnn.benchmark = cudnn_benchmark_for(device, {cfg.data.image_size})
     # The one place to change the model on its device before the engine wraps it.
     plan = plan_for_run(cfg, model, device, dist_ctx, log)  # each factorized layer runs factorized or composed
 
