@@ -259,8 +259,11 @@ def train_one_epoch(run: Run, state: TrainState, meter: Meter) -> bool:
         state.batch += 1
         if not boundary:
             continue  # accumulate more micro-batches
-        engine.set_lr(learning_rate(cfg.optim, engine.peak_lr, run.steps_per_epoch, state.epoch, group_start // accumulate))
         skipped = engine.step() > 0  # on the device: no update on any rank if a gradient was not finite
+        # the next step's lr (so the log and a checkpoint hold it, as torch's schedulers do); at an
+        # epoch's end position e·S + S is the next epoch's first step
+        engine.set_lr(learning_rate(cfg.optim, engine.peak_lr, run.steps_per_epoch, state.epoch,
+                                    group_start // accumulate + 1))
         for copy, buffer in zip(kept, buffers):  # …and, if so, this step's BN statistics undone
             buffer.copy_(torch.where(skipped, copy, buffer))
         state.step += 1

@@ -244,6 +244,9 @@ def resume_state(run: Run, checkpoint: dict | None) -> TrainState:
                          if cfg.distributed.grad_compression == "powersgd" else ""))
         if state.epoch >= cfg.optim.epochs:
             log.print(f"the run is complete ({cfg.optim.epochs} epochs): evaluating its final weights only")
+    # the lr of the first step to take (train_one_epoch sets each next one after a step)
+    run.engine.set_lr(learning_rate(cfg.optim, run.engine.peak_lr, steps_per_epoch, state.epoch,
+                                    math.ceil(state.batch / cfg.optim.accumulate)))
     # Steps are counted over the whole run; a resume at another world size changes the steps per
     # epoch, so the steps taken before it are an offset to the schedule (0 otherwise).
     offset = state.step - (state.epoch * steps_per_epoch + math.ceil(state.batch / cfg.optim.accumulate))
