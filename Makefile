@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first: DeepSpeed's sdist imports torch while it builds (hence --no-build-isolation below).
 	$(PY) -m pip install -q "torch>=2.3" "torchvision>=0.18" setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e '.[dali,deepspeed,submitit,dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dali,deepspeed,submitit,export,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
