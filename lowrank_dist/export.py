@@ -201,7 +201,9 @@ def from_state_dict(args) -> Source:
     if not given:
         raise ValueError("--from-state-dict needs a rank policy: --preset, --speedup or --energy")
     spec = model_spec(args.model)
-    build = {"name": spec.name, "num_classes": args.num_classes or spec.num_classes, "batch_norm": args.batch_norm}
+    build = {"name": spec.name, "num_classes": args.num_classes or spec.num_classes}
+    if args.batch_norm:  # else the model's own default
+        build["batch_norm"] = True
     dense = build_model(build)
     try:
         dense.load_state_dict(_state_dict(args.from_state_dict))
