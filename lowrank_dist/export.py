@@ -8,9 +8,10 @@ each factorized layer in its faster inference form, checked equal to the PyTorch
 
 The model is the eval-mode one with every BatchNorm folded into the conv (or linear layer) before
 it, dropout and auxiliary heads gone, and each factorized layer in its inference form — two thin
-convs, or one conv of its composed kernel — whichever is faster on the target at the export batch
-(`--execution auto`: timed here, on onnxruntime's CPU provider for ONNX (`--target` for another
-provider) and on torch for .pt2; `factorized` or `composed` sets every layer without timing).
+convs, the same with the rank padded to a multiple of 16 channels, or one conv of its composed
+kernel (deploy.forms) — whichever is fastest on the target at the export batch (`--execution
+auto`: timed here, on onnxruntime's CPU provider for ONNX (`--target` for another provider) and on
+torch for .pt2; `factorized`, `padded` or `composed` sets every layer without timing).
 The plan is written beside the model (plan.md, plan.json) and into model.json, with the model's
 name, ranks per layer (the paper's names), classes, input size, the exact preprocessing, the
 checkpoint's step and its val top-1/top-5 as the run logged them, and every file's SHA-256.
@@ -73,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--format", default="onnx", help="onnx, pt2 or both (comma-separated); default onnx")
     parser.add_argument("--batch", default="1", help="the batch size fixed in the files, or 'dynamic'; default 1")
     parser.add_argument("--image-size", type=int, help="default: the run's data.image_size (the model's with --from-state-dict)")
-    parser.add_argument("--execution", choices=["auto", "factorized", "composed"], default="auto",
-                        help="each layer's form: timed on the target (auto), or one form for all")
+    parser.add_argument("--execution", choices=["auto", "factorized", "padded", "composed"], default="auto",
+                        help="each layer's form: the fastest timed on the target (auto), or one form for all")
     parser.add_argument("--target", choices=sorted(PROVIDERS), default="ort-cpu",
                         help="the onnxruntime provider the ONNX plan is timed on (default ort-cpu)")
     parser.add_argument("--check-images", type=int, default=256, help="val images the equality check runs on")

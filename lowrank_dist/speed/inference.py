@@ -6,16 +6,18 @@ torch eager and onnxruntime's CPU provider; on a GPU also onnxruntime's CUDA and
 
 What is timed is the deployed model (deploy.forms.inference_model): BatchNorm folded, dropout and
 auxiliary heads gone, each factorized layer in an inference form — its two thin convs
-("factorized") or one conv of its composed kernel computed once ("composed"). The composed form is
-a dense conv of the layer's own shape, so it costs what the dense twin's layer costs: each layer is
-timed dense and factorized, and the dense time is the composed form's. The dense model is deployed
+("factorized"), the same with the rank zero-padded per group to a multiple of 16 channels
+("padded", where that changes anything: CPU kernels work in channel blocks), or one conv of its
+composed kernel computed once ("composed"). The composed form is a dense conv of the layer's own
+shape, so it costs what the dense twin's layer costs: each layer is timed dense, factorized and
+(where it applies) padded, and the dense time is the composed form's. The dense model is deployed
 the same way (BatchNorm folded), so the two differ only in the factorized layers.
 
 **The inference plan.** For each runtime and batch, each factorized layer takes the form measured
-faster there (forward only, at the input shape it has in the model); a layer with BatchNorm
-between V and H has only the factorized form. `python -m lowrank_dist.export` writes its model
-under the same rule (`plan_inference`). No layer of the plan is slower than its dense twin by more
-than the measurement's noise: where factorizing does not pay, the layer runs composed.
+fastest there (forward only, at the input shape it has in the model); a layer with BatchNorm
+between V and H has no composed form. `python -m lowrank_dist.export` writes its model under the
+same rule (`plan_inference`). No layer of the plan is slower than its dense twin by more than the
+measurement's noise: where factorizing does not pay, the layer runs composed.
 
 Two batches: 1, the latency (p50 and p90 of the timed samples, ms), and a throughput batch
 (images/s from the median). Per layer: dense, factorized, the plan's form and its speedup; whole
@@ -47,7 +49,7 @@ import torch
 from torch import nn
 
 from ..deploy.fold import fold_batchnorm
-from ..deploy.forms import can_compose, inference_form, inference_model, lowrank_layers
+from ..deploy.forms import ALIGN, can_compose, can_pad, inference_form, inference_model, lowrank_layers
 from ..deploy.runtimes import PROVIDERS, conv_graph, export_onnx, ort_session, runtime_status
 from ..lowrank.layers import LowRankConv2d
 from ..models import layer_names
@@ -55,7 +57,7 @@ from ..runtime import select_device
 from .costs import conv_costs
 from .timing import Timing, capture_inputs, device_description, measure
 
-MODES = ("auto", "factorized", "composed")
+MODES = ("auto", "factorized", "padded", "composed")
 
 
 def percentile(timing: Timing, q: float) -> float:
@@ -139,15 +141,16 @@ def layer_inputs(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[st
 class PlannedLayer:
     module: str  # module path (features.2): what the plan addresses
     layer: str  # the paper's name (conv1_2)
-    form: str  # "factorized" | "composed"
+    form: str  # "factorized" | "padded" | "composed" (deploy.forms.FORMS)
     reason: str
     input_shape: tuple[int, ...] | None = None  # B × C × H × W it was timed at
     dense: Timing | None = None  # a dense conv of its shape: the composed form's time
     factorized: Timing | None = None
+    padded: Timing | None = None  # None: not timed, the rank per group needs no padding
 
     @property
     def planned(self) -> Timing | None:
-        return self.dense if self.form == "composed" else self.factorized
+        return {"composed": self.dense, "padded": self.padded}.get(self.form, self.factorized)
 
     @property
     def speedup(self) -> float | None:
@@ -157,8 +160,8 @@ class PlannedLayer:
         return self.dense.median / self.planned.median
 
     def as_dict(self) -> dict:
-        row = {key: value for key, value in asdict(self).items() if key not in ("dense", "factorized")}
-        for key in ("dense", "factorized"):
+        row = {key: value for key, value in asdict(self).items() if key not in ("dense", "factorized", "padded")}
+        for key in ("dense", "factorized", "padded"):
             timing = getattr(self, key)
             row[f"{key}_ms"] = None if timing is None else timing.median * 1e3
             row[f"{key}_p90_ms"] = None if timing is None else percentile(timing, 90) * 1e3
@@ -188,14 +191,16 @@ class InferencePlan:
     def to_markdown(self) -> str:
         lines = [f"### {self.summary()}", "",
                  "Forward ms per batch, median of alternated samples; *dense*: a dense conv of the layer's shape,"
-                 " which is what the composed form costs.", "",
-                 "| layer | module | input | dense ms | factorized ms | runs | × dense | why |",
-                 "|---|---|---|---:|---:|---|---:|---|"]
+                 f" which is what the composed form costs; *padded*: factorized, the rank per group padded to a"
+                 f" multiple of {ALIGN}.", "",
+                 "| layer | module | input | dense ms | factorized ms | padded ms | runs | × dense | why |",
+                 "|---|---|---|---:|---:|---:|---|---:|---|"]
         for layer in self.layers:
-            times = [f"{t.median * 1e3:.3g}" if t is not None else "—" for t in (layer.dense, layer.factorized)]
+            times = [f"{t.median * 1e3:.3g}" if t is not None else "—"
+                     for t in (layer.dense, layer.factorized, layer.padded)]
             shape = "×".join(map(str, layer.input_shape)) if layer.input_shape else "—"
             speedup = f"{layer.speedup:.2f}×" if layer.speedup is not None else "—"
-            lines.append(f"| {layer.layer} | {layer.module} | {shape} | {times[0]} | {times[1]} | {layer.form}"
+            lines.append(f"| {layer.layer} | {layer.module} | {shape} | {' | '.join(times)} | {layer.form}"
                          f" | {speedup} | {layer.reason} |")
         return "\n".join(lines)
 
@@ -204,20 +209,24 @@ class InferencePlan:
                 "forms": self.forms, "layers": [layer.as_dict() for layer in self.layers]}
 
 
-def _choose(dense: Timing, factorized: Timing, composable: bool) -> tuple[str, str]:
+def _choose(timings: dict[str, Timing], composable: bool) -> tuple[str, str]:
+    """The fastest form of those timed ("dense" standing for composed), and why."""
+    medians = {("composed" if key == "dense" else key): t.median for key, t in timings.items()}
     if not composable:
-        return "factorized", "BatchNorm between V and H: only the factorized form"
-    if dense.median < factorized.median:
-        return "composed", f"composed faster ({factorized.median / dense.median:.2f}×)"
-    return "factorized", f"factorized faster ({dense.median / factorized.median:.2f}×)"
+        medians.pop("composed")
+    fastest = min(medians, key=medians.get)
+    others = [f"{medians[form] / medians[fastest]:.2f}× {form}" for form in medians if form != fastest]
+    note = "" if composable else "; BatchNorm between V and H: no composed form"
+    return fastest, f"fastest{' (' + ', '.join(others) + ')' if others else ''}{note}"
 
 
 def time_layers(model: nn.Module, image_shape: tuple[int, int, int], batch: int, runtime: str,
                 device: torch.device, repeats: int = 10, warmup: int = 3, min_sample_s: float = 1e-3,
                 inputs: dict[str, tuple[int, ...]] | None = None) -> list[PlannedLayer]:
-    """Every factorized layer on the inference path timed dense and factorized (alternated) on
-    `runtime` at `batch`, with the plan's choice: the faster form (the composed form's time being
-    the dense one's). `inputs`: `layer_inputs(model, image_shape)`, if the caller has it."""
+    """Every factorized layer on the inference path timed dense, factorized and, where its rank
+    needs padding, padded (alternated) on `runtime` at `batch`, with the plan's choice: the fastest
+    form (the composed form's time being the dense one's). `inputs`: `layer_inputs(model,
+    image_shape)`, if the caller has it."""
     names, inputs = layer_names(model), inputs or layer_inputs(model, image_shape)
     rows = []
     for path, layer in lowrank_layers(model):
@@ -226,26 +235,29 @@ def time_layers(model: nn.Module, image_shape: tuple[int, int, int], batch: int,
         shape = (batch, *inputs[path])
         fns = {"dense": layer_call(dense_twin(layer), shape, runtime, device),
                "factorized": layer_call(factorized_module(layer), shape, runtime, device)}
+        if can_pad(layer):
+            fns["padded"] = layer_call(inference_form(layer, "padded"), shape, runtime, device)
         timings = measure(fns, device if runtime == "torch" else "cpu", repeats=repeats, warmup=warmup,
                           min_sample_s=min_sample_s)
-        form, reason = _choose(timings["dense"], timings["factorized"], can_compose(layer))
-        rows.append(PlannedLayer(path, names[path], form, reason, shape, timings["dense"], timings["factorized"]))
+        form, reason = _choose(timings, can_compose(layer))
+        rows.append(PlannedLayer(path, names[path], form, reason, shape, timings["dense"], timings["factorized"],
+                                 timings.get("padded")))
     return rows
 
 
 def plan_inference(model: nn.Module, image_shape: tuple[int, int, int], batch: int, runtime: str,
                    mode: str = "auto", device: torch.device | str = "cpu", **timing) -> InferencePlan:
     """The inference plan of `model` for `runtime` at `batch`. "auto" times each layer there (the
-    runtime must be able to run here: `runtime_status`); "factorized" or "composed" sets every
-    layer so without timing (a layer with BatchNorm between V and H stays factorized)."""
+    runtime must be able to run here: `runtime_status`); "factorized", "padded" or "composed" sets
+    every layer so without timing (a layer with BatchNorm between V and H is never composed)."""
     if mode not in MODES:
         raise ValueError(f"execution must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "auto":
         names = layer_names(model)
         layers = []
         for path, layer in lowrank_layers(model):
-            form = mode if can_compose(layer) else "factorized"
-            reason = f"--execution {mode}" if form == mode else "BatchNorm between V and H: only the factorized form"
+            form = mode if mode != "composed" or can_compose(layer) else "factorized"
+            reason = f"--execution {mode}" if form == mode else "BatchNorm between V and H: no composed form"
             layers.append(PlannedLayer(path, names[path], form, reason))
         return InferencePlan(runtime, batch, mode, layers)
     reason = runtime_status(torch.device(device).type).get(runtime, f"unknown runtime {runtime!r}")
@@ -393,20 +405,22 @@ def markdown(report: InferenceReport) -> str:
     lines = [f"### {report.title}: inference on {meta['device_name']} ({meta['dtype']}, {size}, {versions})", "",
              f"Median of {meta['repeats']} samples after {meta['warmup']} warm-up calls, dense and low-rank alternated."
              " Latency: p50 / p90 ms at batch 1; throughput: images/s at the larger batch. *plan*: each factorized"
-             " layer in its faster form on that runtime and batch (composed: one conv of the composed kernel,"
-             " the dense layer's cost). BatchNorm folded in both models.", ""]
+             " layer in its fastest form on that runtime and batch (padded: factorized with the rank padded per"
+             f" group to a multiple of {ALIGN}; composed: one conv of the composed kernel, the dense layer's cost)."
+             " BatchNorm folded in both models.", ""]
     lines += _model_table(report) + [""]
     for r in report.results:
         lines += [f"#### {r.runtime}, batch {r.batch}: per layer (ms per batch, p50 / p90)", "",
-                  "| layer | rank | input | theory | dense | factorized | plan | plan × |",
-                  "|---|---:|---|---:|---:|---:|---|---:|"]
+                  "| layer | rank | input | theory | dense | factorized | padded | plan | plan × |",
+                  "|---|---:|---|---:|---:|---:|---:|---|---:|"]
         for layer in r.plan.layers:
             cost = report.costs.get(layer.module)
             theory = f"{cost.speedup:.2f}×" if cost else "—"
             rank = cost.rank if cost else "—"
             shape = "×".join(map(str, layer.input_shape[1:]))
+            padded = _latency(layer.padded) if layer.padded is not None else "—"
             lines.append(f"| {layer.layer} | {rank} | {shape} | {theory} | {_latency(layer.dense)}"
-                         f" | {_latency(layer.factorized)} | {layer.form} | {layer.speedup:.2f}× |")
+                         f" | {_latency(layer.factorized)} | {padded} | {layer.form} | {layer.speedup:.2f}× |")
         lines.append("")
     for runtime, reason in report.skipped.items():
         lines.append(f"- {runtime} not timed: {reason}")
@@ -446,7 +460,9 @@ def csv_rows(report: InferenceReport) -> list[dict]:
                          "dense_p50_ms": percentile(layer.dense, 50) * 1e3, "dense_p90_ms": percentile(layer.dense, 90) * 1e3,
                          "lowrank_p50_ms": percentile(layer.planned, 50) * 1e3,
                          "lowrank_p90_ms": percentile(layer.planned, 90) * 1e3,
-                         "factorized_p50_ms": percentile(layer.factorized, 50) * 1e3, "form": layer.form,
+                         "factorized_p50_ms": percentile(layer.factorized, 50) * 1e3,
+                         "padded_p50_ms": percentile(layer.padded, 50) * 1e3 if layer.padded is not None else "",
+                         "form": layer.form,
                          "speedup": layer.speedup, "images_per_s_dense": r.batch / layer.dense.median,
                          "images_per_s_lowrank": r.batch / layer.planned.median})
         if r.model is not None:
@@ -455,7 +471,7 @@ def csv_rows(report: InferenceReport) -> list[dict]:
                          "rank": "", "theoretical_speedup": "",
                          "dense_p50_ms": percentile(m.dense, 50) * 1e3, "dense_p90_ms": percentile(m.dense, 90) * 1e3,
                          "lowrank_p50_ms": percentile(m.lowrank, 50) * 1e3,
-                         "lowrank_p90_ms": percentile(m.lowrank, 90) * 1e3, "factorized_p50_ms": "",
+                         "lowrank_p90_ms": percentile(m.lowrank, 90) * 1e3, "factorized_p50_ms": "", "padded_p50_ms": "",
                          "form": "plan", "speedup": m.speedup, "images_per_s_dense": r.batch / m.dense.median,
                          "images_per_s_lowrank": r.batch / m.lowrank.median})
     return rows
