@@ -17,7 +17,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from lowrank_dist.config import load_config

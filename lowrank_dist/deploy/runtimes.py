@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -149,10 +148,6 @@ def load_runner(path: Path, fmt: str, runtime: str | None = None) -> Callable[[n
     if fmt == "pt2":
         return torch_runner(torch.export.load(str(path)).module())
     raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-
-
-def default_threads() -> int:
-    return torch.get_num_threads() or os.cpu_count() or 1
 
 
 def conv_graph(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
