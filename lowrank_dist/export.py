@@ -125,7 +125,8 @@ def val_images(loaders, count: int, batch: int = 32) -> tuple[list[torch.Tensor]
     for decoded in val.backend.images(batches, None, dict(val.bad.known)):
         if decoded.bad:
             raise DataError(f"check image {val.samples.paths[decoded.bad[0][0]]!r} cannot be decoded: {decoded.bad[0][1]}")
-        images.append(val.normalise(decoded.images).clone())
+        # a copy out of the loader's reused buffers, in NCHW order whatever precision.channels_last says
+        images.append(val.normalise(decoded.images).clone(memory_format=torch.contiguous_format))
         labels.append(torch.from_numpy(val.samples.labels[decoded.indices]))
     return images, labels
 
