@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -67,9 +68,10 @@ def plans(name: str, models: dict, batches, repeats: int) -> dict:
             plan = time_layers(models["lowrank"], models["size"], batch, runtime, torch.device("cpu"), repeats=repeats,
                                inputs=inputs)
             slowest = min(plan, key=lambda layer: layer.speedup)
-            composed = sum(layer.form == "composed" for layer in plan)
-            print(f"{name} {runtime} batch {batch}: plan {composed}/{len(plan)} composed, slowest layer {slowest.layer}"
-                  f" {slowest.speedup:.2f}× dense ({time.perf_counter() - started:.0f} s)", flush=True)
+            forms = Counter(layer.form for layer in plan)
+            print(f"{name} {runtime} batch {batch}: plan {', '.join(f'{n} {form}' for form, n in forms.items())};"
+                  f" slowest layer {slowest.layer} {slowest.speedup:.2f}× dense ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
             found[runtime, batch] = plan
     return found
 
