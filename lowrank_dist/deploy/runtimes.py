@@ -117,7 +117,11 @@ def ort_session(model: str | Path | bytes, runtime: str = "ort-cpu", threads: in
     options.log_severity_level = 3  # errors only: no warnings about providers or unused initialisers
     providers = [PROVIDERS[runtime]] + (["CPUExecutionProvider"] if runtime != "ort-cpu" else [])
     source = model if isinstance(model, bytes) else str(model)
-    return onnxruntime.InferenceSession(source, options, providers=providers)
+    session = onnxruntime.InferenceSession(source, options, providers=providers)
+    if session.get_providers()[0] != PROVIDERS[runtime]:  # onnxruntime falls back to the CPU quietly
+        raise RuntimeError(f"onnxruntime could not start {PROVIDERS[runtime]} here (it ran on"
+                           f" {session.get_providers()[0]} instead)")
+    return session
 
 
 def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:

@@ -262,8 +262,12 @@ def plan_inference(model: nn.Module, image_shape: tuple[int, int, int], batch: i
         return InferencePlan(runtime, batch, mode, layers)
     reason = runtime_status(torch.device(device).type).get(runtime, f"unknown runtime {runtime!r}")
     if reason is not None:
-        raise ValueError(f"cannot time {runtime} here ({reason}): give --execution factorized or composed")
-    layers = time_layers(model, image_shape, batch, runtime, torch.device(device), **timing)
+        raise ValueError(f"cannot time {runtime} here ({reason}): give --execution factorized, padded or composed")
+    try:
+        layers = time_layers(model, image_shape, batch, runtime, torch.device(device), **timing)
+    except RuntimeError as error:  # a provider that is listed but cannot start
+        raise ValueError(f"cannot time {runtime} here ({str(error).splitlines()[0]}): give --execution"
+                         " factorized, padded or composed") from None
     return InferencePlan(runtime, batch, mode, layers)
 
 
@@ -354,22 +358,35 @@ def inference_report(
     results = []
     with tempfile.TemporaryDirectory(dir=workdir) as folder:
         for runtime in (name for name in runtimes if name not in skipped):
-            for batch in batches:
-                layers = time_layers(lowrank, image_shape, batch, runtime, device, repeats, warmup, inputs=inputs)
-                plan = InferencePlan(runtime, batch, "auto", layers)
-                model = None
-                if whole_model:
-                    deployed = inference_model(lowrank, plan.forms)
-                    tag = f"{runtime}-b{batch}"
-                    fns = {"dense": model_call(deployed_dense, (batch, *image_shape), runtime, device, Path(folder), f"dense-b{batch}"),
-                           "lowrank": model_call(deployed, (batch, *image_shape), runtime, device, Path(folder), tag)}
-                    timings = measure(fns, device if runtime == "torch" else "cpu", repeats=repeats, warmup=warmup,
-                                      min_sample_s=0.0)
-                    model = ModelTimes(timings["dense"], timings["lowrank"])
-                results.append(RuntimeResult(runtime, batch, plan, model))
+            try:
+                for batch in batches:
+                    results.append(_runtime_result(deployed_dense, lowrank, image_shape, batch, runtime, device,
+                                                   inputs, Path(folder), repeats, warmup, whole_model))
+            except RuntimeError as error:  # a GPU provider that is listed but cannot start (no TensorRT libraries)
+                if runtime in ("torch", "ort-cpu"):
+                    raise
+                results = [r for r in results if r.runtime != runtime]
+                skipped[runtime] = str(error).splitlines()[0]
     costs = {row.module: row for row in conv_costs(copy.deepcopy(lowrank).cpu(), image_shape) if row.rank is not None}
     meta = _meta(device, image_shape, batches, repeats, warmup)
     return InferenceReport(title or type(lowrank).__name__, meta, costs, results, skipped)
+
+
+def _runtime_result(deployed_dense: nn.Module, lowrank: nn.Module, image_shape, batch: int, runtime: str,
+                    device: torch.device, inputs, folder: Path, repeats: int, warmup: int, whole_model: bool
+                    ) -> RuntimeResult:
+    """One runtime at one batch: every layer timed and planned, then the whole models alternated."""
+    layers = time_layers(lowrank, image_shape, batch, runtime, device, repeats, warmup, inputs=inputs)
+    plan = InferencePlan(runtime, batch, "auto", layers)
+    model = None
+    if whole_model:
+        shape = (batch, *image_shape)
+        fns = {"dense": model_call(deployed_dense, shape, runtime, device, folder, f"dense-b{batch}"),
+               "lowrank": model_call(inference_model(lowrank, plan.forms), shape, runtime, device, folder,
+                                     f"{runtime}-b{batch}")}
+        timings = measure(fns, device if runtime == "torch" else "cpu", repeats=repeats, warmup=warmup, min_sample_s=0.0)
+        model = ModelTimes(timings["dense"], timings["lowrank"])
+    return RuntimeResult(runtime, batch, plan, model)
 
 
 def _meta(device: torch.device, image_shape, batches, repeats: int, warmup: int) -> dict:
