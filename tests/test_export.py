@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +227,19 @@ def test_an_export_that_computes_something_else_exits_1_and_leaves_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
 
 
+class RunsCode:
+    """Unpickling this runs `command` in a shell (what a malicious state dict would do)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
+    evil, witness = tmp_path / "evil.pth", tmp_path / "ran"
+    torch.save({"weight": RunsCode(f"touch {witness}")}, evil)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "model.onnx").write_text("mine")
@@ -242,12 +255,14 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
         (["--from-state-dict", str(state), "--model", "tiny_vgg", "--out", str(tmp_path / "x")], "needs a rank policy"),
         (["--from-state-dict", str(state), "--model", "tiny_vgg", "--speedup", "2", "--out", str(tmp_path / "x")],
          "does not fit tiny_vgg"),
+        (["--from-state-dict", str(evil), "--model", "tiny_vgg", "--speedup", "2", "--out", str(tmp_path / "x")],
+         "which could run code"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, (argv, err)
-    assert (taken / "model.onnx").read_text() == "mine"
+    assert (taken / "model.onnx").read_text() == "mine" and not witness.exists()
 
 
 def test_the_inference_speed_report_writes_its_files(tmp_path):
