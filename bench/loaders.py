@@ -1,15 +1,34 @@
-"""The data targets, side by side in one run: host-side feed, DALI vs torchvision, overlap, start-up.
+"""How fast the loaders feed here: one loader on a data set of yours, or the data targets side by side.
 
-    python bench/loaders.py [--folder /tmp/lowrank-bench] [--images 2048] [--rounds 3] [--seconds 8]
-                            [--workers 2] [--batch 256] [--json FILE]
+    python bench/loaders.py ROOT [--backend dali|torchvision] [--dali-device cpu|gpu] [--batch N]
+        [--workers N] [--seconds S] [--image-size S] [--no-decode] [--step-ms X] [--reference] [--json FILE]
+    python bench/loaders.py [--folder /tmp/lowrank-bench] [--images 2048] [--rounds 3] [--seconds S]
+        [--workers 2] [--batch 256] [--json FILE]
 
-Writes (once; reused if present) `--images` distinct ImageNet-sized JPEGs (500×375, ~113 KB, smooth
-noise at quality 90) in 16 classes, and a 100,000-image tree of hard links to them in 1,000 class
-folders (the files cost no extra disk and share the page cache). Everything is measured on the
-100,000-image tree, whose epochs are long like ImageNet's: each pass (an epoch, or the rest of one
-after a resume) builds a DALI pipeline and reads up to 2 batches past its end that are thrown away,
-a cost that a 2,000-image epoch of 8 batches would inflate to 25%. Each round, with the files in
-page cache and everything measured by `lowrank_dist.data.bench` (images per CPU-second):
+One loader (ROOT given). It builds this rank's loaders exactly as training does (the data index is
+built first if missing), then iterates train epochs for S seconds (default 10) after the first batch
+and prints:
+  images/s             images delivered per wall-clock second;
+  images/s per core    images per CPU-second consumed — user + system time of this process (DALI's
+                       threads included) and of its worker processes (torchvision's DataLoader);
+                       the number that tells how many cores a GPU's rate needs;
+  start-up             seconds to build the loaders (index read, or built), and to the first batch;
+  data wait            with --step-ms X: after each batch the thread sleeps X ms, as it would while
+                       the GPU runs a step, and the fraction of wall time spent waiting for the next
+                       batch is reported (0 when preparation fully overlaps the step).
+--no-decode reads, checks and plans every image but decodes none: the host-side feed alone.
+--reference times DALI's own fn.readers.file alone over the same files in the same order (what the
+host-side feed is measured against). --json FILE writes the numbers (keys images_per_s,
+images_per_s_per_core, cores_busy, startup_s, first_batch_s, data_wait_fraction, …). A missing or
+broken data set is one error line and exit status 2.
+
+The targets (no ROOT). Writes (once; reused if present) `--images` distinct ImageNet-sized JPEGs
+(500×375, ~113 KB, smooth noise at quality 90) in 16 classes, and a 100,000-image tree of hard links
+to them in 1,000 class folders (the files cost no extra disk and share the page cache). Everything is
+measured on the 100,000-image tree, whose epochs are long like ImageNet's: each pass (an epoch, or
+the rest of one after a resume) builds a DALI pipeline and reads up to 2 batches past its end that
+are thrown away, a cost that a 2,000-image epoch of 8 batches would inflate to 25%. Each round, with
+the files in page cache and every loader measured as above (S seconds each, default 8):
 
   feed       DALI's own fn.readers.file alone, then this project's DALI feed with --no-decode (read,
              size check, crop windows; no decode): their ratio, and the feed's images/s per core;
@@ -29,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -36,13 +56,112 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from lowrank_dist.data.bench import run
+from lowrank_dist.config import DataConfig
+from lowrank_dist.data import DataError, build_loaders
 from lowrank_dist.data.index import FOLDER
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all threads), its reaped children and its live
+    children (DataLoader workers are only reaped when the loader shuts down)."""
+    times = os.times()
+    total = times.user + times.system + times.children_user + times.children_system
+    me = str(os.getpid())
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[1] == me:  # ppid; then utime, stime at fields 11, 12 (stat fields 14, 15)
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def _batches(loader, start_epoch: int = 0):
+    for epoch in itertools.count(start_epoch):
+        yield from loader.epoch(epoch)
+
+
+def time_batches(batches, seconds: float, step_ms: float = 0.0) -> dict:
+    """Iterate `batches` ((images, labels) pairs) for `seconds` after the first one."""
+    started = time.perf_counter()
+    next(batches)
+    first_batch_s = time.perf_counter() - started
+    images, waited = 0, 0.0
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - wall < seconds:
+        asked = time.perf_counter()
+        _, labels = next(batches)
+        waited += time.perf_counter() - asked
+        images += len(labels)
+        if step_ms:
+            time.sleep(step_ms / 1000)  # the host thread idles while the accelerator runs the step
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    result = {"images": images, "seconds": wall, "cpu_seconds": cpu, "images_per_s": images / wall,
+              "images_per_s_per_core": images / cpu if cpu > 0 else float("nan"), "cores_busy": cpu / wall,
+              "first_batch_s": first_batch_s}
+    if step_ms:
+        result |= {"step_ms": step_ms, "data_wait_fraction": waited / wall}
+    return result
+
+
+def reference_batches(train, batch: int, threads: int):
+    """DALI's fn.readers.file alone over `train`'s files in its epoch order: (encoded, positions)
+    batches, nothing planned, checked or decoded."""
+    from nvidia.dali import fn
+    from nvidia.dali.pipeline import Pipeline
+
+    files = [train.samples.paths[i] for i in train.indices(0)]
+    pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+    with pipe:
+        encoded, positions = fn.readers.file(files=files, prefetch_queue_depth=2, dont_use_mmap=True)  # as dali.py reads
+        pipe.set_outputs(encoded, positions)
+    pipe.build()
+    while True:
+        encoded, positions = pipe.run()
+        yield encoded, np.asarray(positions.as_tensor()).reshape(-1)
+
+
+def data_section(root: Path, **fields) -> DataConfig:
+    """The config's data section for `root`; a missing root is left for the loaders to name (DataError)."""
+    return DataConfig.model_validate({"root": root, **fields}, context={"check_paths": False})
+
+
+def run(root: Path, backend: str = "dali", dali_device: str = "cpu", batch: int = 256, workers: int = 2,
+        seconds: float = 10.0, decode: bool = True, step_ms: float = 0.0, reference: bool = False,
+        image_size: int = 224) -> dict:
+    """One measurement, as the command line describes; the numbers as a dict."""
+    started = time.perf_counter()
+    data = data_section(root, backend=backend, dali_device=dali_device, batch_size=batch, workers=workers,
+                        image_size=image_size)
+    loaders = build_loaders(data, decode=decode, device=torch.device("cuda" if dali_device == "gpu" else "cpu"))
+    startup_s = time.perf_counter() - started
+    name = "dali fn.readers.file alone" if reference else loaders.backend + ("" if decode else " (no decode)")
+    batches = reference_batches(loaders.train, batch, workers) if reference else _batches(loaders.train)
+    result = time_batches(batches, seconds, step_ms)
+    return {"loader": name, "backend": loaders.backend, "batch": batch, "workers": workers, "decode": decode,
+            "image_size": image_size, "train_images": loaders.num_train, "startup_s": startup_s} | result
+
+
+def describe(result: dict) -> str:
+    line = (f"{result['loader']}: {result['images_per_s']:,.0f} images/s, {result['images_per_s_per_core']:,.0f} per core"
+            f" ({result['cores_busy']:.2f} cores busy), start-up {result['startup_s']:.2f} s,"
+            f" first batch {result['first_batch_s']:.2f} s")
+    if "data_wait_fraction" in result:
+        line += f", data wait {100 * result['data_wait_fraction']:.1f}% of a {result['step_ms']:g} ms step"
+    return line
 
 
 def write_photos(root: Path, images: int, classes: int = 16) -> Path:
@@ -80,9 +199,10 @@ def write_links(root: Path, photos: Path, images: int = 100_000, classes: int = 
 
 STARTUP = """
 import sys, time
+from lowrank_dist.config import DataConfig
 from lowrank_dist.data import build_loaders
 started = time.perf_counter()
-build_loaders(sys.argv[1], backend="dali", dali_device="cpu", batch_size=256, workers=2)
+build_loaders(DataConfig(root=sys.argv[1], backend="dali", dali_device="cpu", batch_size=256, workers=2))
 print(time.perf_counter() - started)
 """
 
@@ -94,17 +214,8 @@ def startup(root: Path, with_index: bool) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/lowrank-bench"))
-    parser.add_argument("--images", type=int, default=2048, help="distinct ImageNet-sized train JPEGs")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
-    parser.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--json", type=Path, metavar="FILE")
-    args = parser.parse_args()
-
+def targets(args: argparse.Namespace) -> None:
+    """The targets, side by side (the module docstring), printed and, with --json, written."""
     photos = write_photos(args.folder / "photos", args.images)
     links = write_links(args.folder / "links100k", photos)
     for path in (photos / "train").rglob("*.JPEG"):  # into the page cache (the links share it)
@@ -146,5 +257,65 @@ def main() -> None:
                                         indent=2) + "\n")
 
 
+ONE_LOADER = {"backend": "dali", "dali_device": "cpu", "image_size": 224, "no_decode": False, "step_ms": 0.0,
+              "reference": False}  # options of a measurement on ROOT, and their defaults
+TARGETS = {"folder": Path("/tmp/lowrank-bench"), "images": 2048, "rounds": 3}  # options of the targets run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python bench/loaders.py", description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, nargs="?",
+                        help="data set folder (train/<class>/*.JPEG, val/<class>/*.JPEG) to measure one loader on;"
+                             " without it, the targets run on generated JPEGs")
+    parser.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--workers", type=int, default=2, help="DALI threads or DataLoader workers (default 2)")
+    parser.add_argument("--seconds", type=float,
+                        help="how long to measure, after the first batch (default 10; the targets: 8 each)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the numbers here")
+    one = parser.add_argument_group("one loader on ROOT")
+    one.add_argument("--backend", choices=("dali", "torchvision"), help="default dali")
+    one.add_argument("--dali-device", choices=("cpu", "gpu"), help="default cpu")
+    one.add_argument("--image-size", type=int, help="crop side (default 224)")
+    one.add_argument("--no-decode", action="store_const", const=True, help="read, check and plan, but decode nothing")
+    one.add_argument("--step-ms", type=float, help="simulate a training step of X ms per batch")
+    one.add_argument("--reference", action="store_const", const=True,
+                     help="time DALI's fn.readers.file alone on the same files")
+    targets_group = parser.add_argument_group("the targets (no ROOT)")
+    targets_group.add_argument("--folder", type=Path,
+                               help="where the generated JPEGs are kept (default /tmp/lowrank-bench)")
+    targets_group.add_argument("--images", type=int, help="distinct ImageNet-sized train JPEGs (default 2048)")
+    targets_group.add_argument("--rounds", type=int, help="default 3")
+    args = parser.parse_args(argv)
+    mine, others = (ONE_LOADER, TARGETS) if args.root is not None else (TARGETS, ONE_LOADER)
+    stray = [f"--{key.replace('_', '-')}" for key in others if getattr(args, key) is not None]
+    if stray:
+        parser.error(f"{', '.join(stray)}: {'only without ROOT' if args.root is not None else 'only with ROOT'}")
+    for key, default in mine.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.seconds is None:
+        args.seconds = 10.0 if args.root is not None else 8.0
+    if args.batch < 1 or args.workers < 0 or args.seconds <= 0 or (args.step_ms or 0) < 0:
+        parser.error("--batch must be ≥ 1, --workers ≥ 0, --seconds > 0 and --step-ms ≥ 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.root is None:
+        targets(args)
+        return 0
+    try:
+        result = run(args.root, args.backend, args.dali_device, args.batch, args.workers, args.seconds,
+                     not args.no_decode, args.step_ms, args.reference, args.image_size)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

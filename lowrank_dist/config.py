@@ -15,7 +15,8 @@ from typing import Any, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .data.integrity import OnBadImage
+from .data.augment import Augment
+from .data.integrity import MAX_IMAGE_PIXELS, OnBadImage
 from .lowrank.ranks import ENERGY_NEEDS_TRAINED_WEIGHTS, ENERGY_RANGE, POLICIES, SPEEDUP_ABOVE, one_policy
 
 
@@ -114,8 +115,10 @@ class DataConfig(Section):
     # train crop and input scaling: "inception" (random resized crop; the default for ImageNet),
     # "caffe" (the authors': shorter side 256, random image_size square, mirror, mean subtraction; val
     # resize 256), "none" (the val crop; the default, and the only choice, for CIFAR-10)
-    augment: Literal["inception", "caffe", "none"] | None = None
+    augment: Augment | None = None
     on_bad_image: OnBadImage = "error"  # undecodable image: stop naming it, or replace and count it
+    # an image whose header declares more pixels is bad, never decoded (a decompression bomb); PIL's limit
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1)
     train_list: Path | None = None
     val_list: Path | None = None
 
@@ -184,6 +187,26 @@ class PrecisionConfig(Section):
     execution: Literal["auto", "factorized", "composed"] | None = None
 
 
+class PowerSGDConfig(Section):
+    """PowerSGD (Vogels et al. 2019) through torch's DDP hook: each gradient matrix all-reduced as two
+    rank-`rank` factors. Defaults are torch's (PowerSGDState), but for start_iter."""
+
+    rank: int = Field(default=1, ge=1)  # matrix_approximation_rank: lower sends less
+    # plain all-reduce for the first start_iter optimizer steps; null: the end of lr warm-up
+    # (optim.warmup_epochs), and at least 2 (DDP rebuilds its buckets after the first step)
+    start_iter: int | None = Field(default=None, ge=1)
+    error_feedback: bool = True  # add what compression left out to the next step's gradient (per rank)
+    warm_start: bool = True  # start each step's power iteration from the last step's Q factors
+    min_compression_rate: float = Field(default=2.0, gt=0.0)  # smaller gradients are sent as they are
+
+    @model_validator(mode="after")
+    def _torch_rule(self):
+        if self.start_iter is not None and self.start_iter < 2 and (self.error_feedback or self.warm_start):
+            raise ValueError(f"start_iter must be >= 2 with error_feedback or warm_start (got {self.start_iter}):"
+                             " DDP rebuilds its buckets after the first step")
+        return self
+
+
 class DistributedConfig(Section):
     """How several processes train one model. One process ignores all of it but `engine`'s checks."""
 
@@ -196,7 +219,9 @@ class DistributedConfig(Section):
     bucket_cap_mb: float = Field(default=25.0, gt=0.0)
     # DDP: "bf16" all-reduces the gradients in bfloat16 (half the bytes between nodes) and averages
     # them back in float32 — this changes the numerics (each gradient is rounded to 8 bits of mantissa)
-    grad_compression: Literal["none", "bf16"] = "none"
+    # "powersgd": rank-r factors of each gradient matrix (distributed.powersgd), with error feedback
+    grad_compression: Literal["none", "bf16", "powersgd"] = "none"
+    powersgd: PowerSGDConfig | None = None  # with grad_compression powersgd; null: the defaults
     # DDP: the autograd graph is the same every step (true of our models), so DDP can skip its
     # per-step search for unused parameters and overlap more; not with optim.accumulate > 1 (torch's
     # reducer fails under no_sync with a static graph), where it is left off
@@ -211,6 +236,9 @@ class DistributedConfig(Section):
             if importlib.util.find_spec("deepspeed") is None:
                 raise ValueError("'deepspeed' is not installed here (pip install 'lowrank-dist[deepspeed]'); use 'ddp'")
         return engine
+
+
+RUN_NAME_MAX = 100  # characters; file systems take 255 bytes, and run names end up in longer names
 
 
 class RunConfig(Section):
@@ -232,8 +260,15 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str | None) -> str | None:
-        if name is not None and (not name or "/" in name or name.startswith(".")):
-            raise ValueError(f"run name {name!r} must be a plain folder name")
+        """A folder name every file system, shell and SLURM job name takes as it is."""
+        if name is None:
+            return name
+        if len(name) > RUN_NAME_MAX:
+            raise ValueError(f"run name {name[:40]!r}… has {len(name)} characters; at most {RUN_NAME_MAX}")
+        if (not name or "/" in name or "\\" in name or name.startswith((".", "-")) or name != name.strip()
+                or not name.isprintable()):
+            raise ValueError(f"run name {name!r} must be a plain folder name: printable characters, no / or \\, not"
+                             " starting with . or -, no spaces at either end")
         return name
 
     @property
@@ -270,6 +305,19 @@ class Config(Section):
                              " fp32 copy of the weights, which a projection of the model's kernels would not reach")
         if self.precision.compile:
             raise ValueError("precision.compile: not supported with distributed.engine 'deepspeed' (use 'ddp')")
+        if self.distributed.grad_compression != "none":
+            raise ValueError(f"distributed.grad_compression {self.distributed.grad_compression!r} is a DDP comm hook;"
+                             " DeepSpeed reduces gradients itself: use engine 'ddp', or grad_compression 'none'")
+        return self
+
+    @model_validator(mode="after")
+    def _powersgd_section(self):
+        options = self.distributed
+        if options.powersgd is not None and options.grad_compression != "powersgd":
+            raise ValueError(f"distributed.powersgd is set but distributed.grad_compression is"
+                             f" {options.grad_compression!r}: set it to 'powersgd', or remove the powersgd section")
+        if options.grad_compression == "powersgd" and options.powersgd is None:
+            options.powersgd = PowerSGDConfig()
         return self
 
     def resolved(self) -> dict:
@@ -308,9 +356,26 @@ def apply_override(tree: dict, assignment: str) -> None:
             raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[keys[-1]] = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
+
+
+class _PlainYaml(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a config never needs them, and aliases of aliases expand
+    exponentially (the "billion laughs": a few hundred bytes that take gigabytes once loaded)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}, which configs do not"
+                                              " accept (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """YAML as safe_load reads it, aliases refused (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_PlainYaml)  # noqa: S506 - a SafeLoader
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -357,9 +422,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start});"
+                          " save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({error.strerror or error})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, precision)")
     tree.setdefault("run", {})

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, config_errors
+from .files import exit_code_for, reason, write_text_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +76,12 @@ def main(argv=None) -> int:
         print(f"{result['checkpoint']}: val top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
               f"  loss {result['loss']:.4f}  ({result['count']} images of {result['data']})")
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
+            try:
+                write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
+            except OSError as error:
+                print(f"error: --json: could not write {str(args.json)!r} ({reason(error)}); the result is the line"
+                      " above", file=sys.stderr)
+                return exit_code_for(error)
             print(f"wrote {args.json}")
     return 0
 

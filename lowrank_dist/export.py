@@ -117,12 +117,16 @@ def _spread(count: int, total: int) -> np.ndarray:
 
 def val_images(loaders, count: int, batch: int = 32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`count` val images evenly spread over the val set (a val set is listed class by class), read
-    and normalised exactly as the run evaluated them: its back-end's crops, its loader's scaling."""
+    and normalised exactly as the run evaluated them: its back-end's crops, its loader's scaling.
+    Images the data index knows to be bad are not among them."""
     val = loaders.val
-    chosen = _spread(count, len(val.samples))
+    good = np.setdiff1d(np.arange(len(val.samples)), np.fromiter(val.samples.bad, dtype=np.int64))
+    if not len(good):
+        raise DataError("the val set has no image that can be decoded: nothing to check the export on")
+    chosen = good[_spread(count, len(good))]
     batches = [chosen[i:i + batch] for i in range(0, len(chosen), batch)]
     images, labels = [], []
-    for decoded in val.backend.images(batches, None, dict(val.bad.known)):
+    for decoded in val.backend.images(batches, None, dict(val.samples.bad)):
         if decoded.bad:
             raise DataError(f"check image {val.samples.paths[decoded.bad[0][0]]!r} cannot be decoded: {decoded.bad[0][1]}")
         # a copy out of the loader's reused buffers, in NCHW order whatever precision.channels_last says
@@ -225,8 +229,7 @@ def from_state_dict(args) -> Source:
 def _plain_images(args, spec, size: int):
     """The check images of --from-state-dict: --data's val images with torchvision's preprocessing
     (what its models were trained with), else random inputs."""
-    from types import SimpleNamespace
-
+    from .config import DataConfig
     from .data import build_loaders
 
     if args.data is None:
@@ -241,9 +244,11 @@ def _plain_images(args, spec, size: int):
                                           " 0.225) on 0..1 RGB"},
                 "check_images": f"{count} random-normal inputs (no --data given)"}
         return images, None, info
-    loaders = build_loaders(args.data, backend="torchvision", batch_size=32, image_size=size, workers=2, train=False)
+    if not args.data.is_dir():
+        raise DataError(f"--data: folder {str(args.data)!r} does not exist")
+    data = DataConfig(root=args.data, backend="torchvision", batch_size=32, image_size=size, workers=2)
+    loaders = build_loaders(data, train=False)
     images, labels = val_images(loaders, args.check_images)
-    data = SimpleNamespace(format="imagenet", augment=None, val_resize=None)
     info = {"classes": {"count": args.num_classes or spec.num_classes, "names": loaders.classes},
             "preprocessing": preprocessing(data, loaders, size),
             "check_images": f"{sum(len(b) for b in images)} val images of {args.data}, evenly spread"}

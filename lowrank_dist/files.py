@@ -4,11 +4,15 @@ Every file the project writes and later reads back (checkpoints, the data index,
 cache, reports) goes through `atomic_write`: the bytes go to a temporary beside the target, are
 flushed to the disk (fsync), and only then renamed over the target, so a reader sees the old file or
 the new one, never a mix; the rename is made durable by syncing the folder. A failure removes the
-temporary and re-raises.
+temporary and re-raises; a write error (a full disk) as the OSError itself, also where the library
+writing the bytes wrapped it in its own error (torch's zip writer raises `RuntimeError: [enforce
+fail at inline_container.cc] unexpected pos` over the OSError of a short write), so that callers
+need to catch OSError only.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -37,15 +41,29 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        cause = write_error_under(error)
+        if cause is not None and cause is not error:
+            raise cause from None
         raise
     sync_folder(path.parent)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_error_under(error: BaseException) -> OSError | None:
+    """The OSError `error` is, or was raised while handling (its chain of causes and contexts)."""
+    seen = 0
+    while error is not None and seen < 10:  # a chain is short; the bound only guards against a cycle
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def write_text_atomic(path: Path, text: str, errors: str = "strict") -> None:
+    """`text` as UTF-8 (errors="surrogateescape": file names that are not UTF-8 kept as their bytes)."""
     with atomic_write(path) as f:
-        f.write(text.encode())
+        f.write(text.encode(errors=errors))
 
 
 def copy_atomic(source: Path, target: Path) -> None:
@@ -65,3 +83,15 @@ def sync_folder(folder: Path) -> None:
         pass  # some file systems (and Windows) cannot sync a folder; the data itself was synced
     finally:
         os.close(descriptor)
+
+
+def exit_code_for(error: OSError) -> int:
+    """A command's exit code when it cannot write a file it was asked to: 1 for want of room (a
+    fault: make room, run again), 2 for a path that cannot be written (no such folder, no permission,
+    a file where a folder should be: fix the path)."""
+    return 1 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+
+
+def reason(error: OSError) -> str:
+    """An OSError in a few words, without the path the caller names anyway: `[Errno 28] No space left on device`."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.errno is not None and error.strerror else str(error)

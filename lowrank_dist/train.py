@@ -17,8 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .training.signals import StopSignals
+from .training.signals import StopSignals  # signal and threading only: nothing slow before main installs it
 
 
 EXIT_PREEMPTED = 3  # stopped on request with a checkpoint: run again (or requeue) to continue
@@ -34,14 +33,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    stop = StopSignals()  # first: Ctrl-C, TERM or USR2 during the seconds of imports and set-up is a stop request too
+    try:
+        return train_command(parse_args(argv), stop)
+    finally:
+        stop.restore()  # a caller in this process (a test, --debug) gets its own handlers back
+
+
+def train_command(args: argparse.Namespace, stop: StopSignals) -> int:
+    """The command, with `stop` catching the stop signals: the exit code, one line on stderr unless 0."""
+    from .config import ConfigError, load_config
     from .data import DataError
     from .training.checkpoint import CheckpointError
     from .training.distributed import lost_contact, rendezvous
+    from .training.run_lock import RunFolderBusy
     from .training.trainer import Preempted, TrainingError, run_training
 
     rdv = rendezvous()
-    stop = StopSignals()
+    stop.announce = rdv.rank == 0
     who = f" (rank {rdv.rank} of {rdv.world_size})" if rdv.world_size > 1 else ""
     cfg = None
     try:
@@ -51,7 +60,7 @@ def main(argv=None) -> int:
         if args.resume is not None and not args.resume.is_file():
             raise CheckpointError(f"--resume: checkpoint {str(args.resume)!r} does not exist")
         run_training(cfg, args.resume, rdv, stop.event)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, RunFolderBusy) as error:
         print(f"error{who}: {error}", file=sys.stderr)
         return 2
     except Preempted as preempted:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import reason
 from .training.checkpoint import (
-    LEGACY_GLOBALS, SHARD_FILE, CheckpointError, atomic_save, globals_needed, load_checkpoint,
+    LEGACY_GLOBALS, SHARD_FILE, CheckpointError, atomic_save, globals_needed, load_checkpoint, rng_problem,
 )
 
 
@@ -62,13 +64,20 @@ def numpy_array_globals() -> list:
 
 def upgraded(payload: dict, path: Path) -> dict:
     """The same checkpoint with NumPy's RNG state as tensors (the layout of engine.checkpoint.rng_states)."""
-    numpy_state = payload.get("rng", {}).get("numpy") if isinstance(payload, dict) else None
+    rng = payload.get("rng") if isinstance(payload, dict) else None
+    numpy_state = rng.get("numpy") if isinstance(rng, dict) else None
     if not (isinstance(numpy_state, tuple) and len(numpy_state) == 5 and isinstance(numpy_state[1], np.ndarray)):
         raise CheckpointError(f"{str(path)!r} holds NumPy arrays outside an RNG state: not a checkpoint of lowrank-dist,"
                               " not converted")
     _, keys, pos, has_gauss, gaussian = numpy_state
-    payload["rng"]["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                               "has_gauss": int(has_gauss), "cached_gaussian": float(gaussian)}
+    try:
+        rng["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(gaussian)}
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{str(path)!r} has a damaged NumPy RNG state ({error}): not converted") from None
+    problem = rng_problem(rng)
+    if problem is not None:
+        raise CheckpointError(f"{str(path)!r} is damaged: {problem}; not converted")
     return payload
 
 
@@ -81,11 +90,22 @@ def upgrade(path: Path, confirm) -> str:
     if not set(needed) <= LEGACY_GLOBALS:
         raise CheckpointError(f"{str(path)!r} needs {', '.join(needed)}: not a checkpoint of lowrank-dist, not converted"
                               " (nothing in it was run)")
+    if path.stat().st_mode & 0o222 == 0:  # nobody may write it: someone meant it to stay as it is
+        raise CheckpointError(f"{str(path)!r} is read-only: left as it is (make it writable, e.g. chmod u+w, to convert"
+                              " it)")
     if not confirm(path):
         return "declined"
-    with torch.serialization.safe_globals(numpy_array_globals()):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    atomic_save(upgraded(payload, path), path)
+    try:
+        with torch.serialization.safe_globals(numpy_array_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - damaged: whatever torch says, the file is left as it is
+        raise CheckpointError(f"{str(path)!r} cannot be read (damaged?): {(str(error).splitlines() or ['?'])[0][:300]};"
+                              " not converted") from None
+    try:
+        atomic_save(upgraded(payload, path), path)
+    except OSError as error:
+        raise CheckpointError(f"{str(path)!r} could not be rewritten ({reason(error)}): left as it was") from None
     load_checkpoint(path)  # what every later run will do: it must succeed
     return "converted"
 

@@ -1,5 +1,6 @@
 """Small JPEG data sets for the tests: real handwritten digits, and folders whose images say who they are;
-and `write_config`, the YAML writer the training tests share.
+`write_config`, the YAML writer the training tests share; and `loaders_from`, build_loaders with the
+data section given as keyword arguments.
 
 `write_jpeg_folder` paints every image one solid colour that encodes its sample index and class,
 so a test can read back, from a decoded and normalized batch, which file each image came from —
@@ -16,7 +17,9 @@ import torch
 import yaml
 from PIL import Image
 
-from lowrank_dist.data.sampling import IMAGENET_MEAN, IMAGENET_STD
+from lowrank_dist.config import DataConfig
+from lowrank_dist.data import Loaders, build_loaders
+from lowrank_dist.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 STEP, BASE = 20, 30  # colour levels per code unit; JPEG keeps a solid colour within a few levels
 
@@ -111,3 +114,15 @@ def write_config(path: Path, tree: dict, sections: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def loaders_from(root, **options) -> Loaders:
+    """build_loaders on `root`: the options that are data-section keys (backend, batch_size, …) make
+    the section, a DataConfig (batch_size 32 and workers 2 unless given: the tests' sets are small),
+    and the others (rank, world_size, seed, device, channels_last, train, decode) are passed on. The
+    section's own check that the paths exist is left out, so that what a test sees is the data
+    package's error naming the path."""
+    keys = DataConfig.model_fields
+    fields = {"root": root, "batch_size": 32, "workers": 2} | {k: v for k, v in options.items() if k in keys}
+    section = DataConfig.model_validate(fields, context={"check_paths": False})
+    return build_loaders(section, **{k: v for k, v in options.items() if k not in keys})

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from lowrank_dist.data import build_loaders
-from lowrank_dist.data.sampling import IMAGENET_MEAN, CropPlan
+from lowrank_dist.data.augment import IMAGENET_MEAN, CropWindows
 from lowrank_dist.data.synthetic import make_synthetic
 
+from .helpers import loaders_from
 from .test_data import BACKENDS, read_epoch
 
 
 def test_caffe_crop_is_a_random_square_of_the_image_resized_to_shorter_side_256():
-    plan = CropPlan(image_size=227, val_resize=256, augment="caffe")
+    plan = CropWindows(image_size=227, val_resize=256, augment="caffe")
     lefts, tops, flips = set(), set(), []
     for index in range(400):
         width, height = 300 + index % 211, 256 + index % 97
@@ -37,7 +37,7 @@ def photos(tmp_path_factory):
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs DALI")
 def test_dali_and_torchvision_cut_the_same_caffe_crops_and_subtract_the_mean_only(photos):
     options = {"image_size": 64, "batch_size": 8, "augment": "caffe", "dali_device": "cpu", "workers": 1}
-    train = {b: build_loaders(photos, backend=b, **options) for b in BACKENDS}
+    train = {b: loaders_from(photos, backend=b, **options) for b in BACKENDS}
     tv, dali = (read_epoch(train[b].train, 2)[0] for b in BACKENDS)
     assert (tv - dali).abs().mean() < 0.02 * 58  # the threshold of the inception test, in 0..255 units
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255

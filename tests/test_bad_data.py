@@ -21,12 +21,12 @@ import torch
 import yaml
 from PIL import Image
 
-from lowrank_dist.data import DataError, build_loaders
+from lowrank_dist.data import DataError
 from lowrank_dist.data import dali as dali_module
+from lowrank_dist.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lowrank_dist.data.check import check_images, main as check_main
-from lowrank_dist.data.sampling import IMAGENET_MEAN, IMAGENET_STD
 
-from .helpers import code_colour, read_codes, write_jpeg_folder
+from .helpers import code_colour, loaders_from, read_codes, write_jpeg_folder
 
 BACKENDS = ["torchvision"] + (["dali"] if dali_module.dali_available() else [])
 BAD = {"truncated": "truncated", "truncated-end": "truncated", "zero-byte": "zero-byte",
@@ -102,7 +102,7 @@ def filled_by(slot: int, count: int, bad: set[int]) -> int:
 
 def loaders(root, backend, **options):
     options = {"batch_size": 4, "image_size": 16, "workers": 0 if backend == "torchvision" else 1, **options}
-    return build_loaders(root, backend=backend, dali_device="cpu", **options)
+    return loaders_from(root, backend=backend, dali_device="cpu", **options)
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,10 @@ def test_skip_fills_each_bad_slot_with_the_next_good_image_and_its_own_label(pla
         decoded, classes = read_codes(images)
         assert labels.tolist() == classes  # the label of the image really decoded, every slot
         assert decoded == [filled_by(slot, 17, bad) for slot in train.indices(epoch).tolist()]
-        assert train.skipped.count == 5 * (epoch + 1)
-    assert sorted(train.skipped.paths) == sorted(str(paths[i]) for i in bad)
+        assert train.replaced.count == 5 * (epoch + 1)
+    assert sorted(train.replaced.paths) == sorted(str(paths[i]) for i in bad)
     for index in bad:
-        assert BAD[PLANTS["train"][index]] in train.skipped.reasons[str(paths[index])]
+        assert BAD[PLANTS["train"][index]] in train.replaced.reasons[str(paths[index])]
     # a resumed epoch is the same as the rest of the uninterrupted one, replacements included
     tail = list(train.epoch(1, start_batch=2))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(tail, batches[2:], strict=True))
@@ -145,7 +145,7 @@ def test_skip_counts_each_good_val_image_exactly_once(planted, backend, world_si
             decoded, classes = read_codes(images)
             assert labels.tolist() == classes
             counted += [i for i, ok in zip(decoded, valid.tolist()) if ok]
-        skipped += val.skipped.count
+        skipped += val.replaced.count
     assert sorted(counted) == sorted(set(range(20)) - bad_indices("val"))
     assert skipped == 5 and len(lengths) == 1
 

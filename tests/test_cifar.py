@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_dist.data import DataError, build_loaders
+from lowrank_dist.data import DataError
 from lowrank_dist.data.dali import dali_available
 
-from .helpers import write_cifar_batches
+from .helpers import loaders_from, write_cifar_batches
 
 
 def _known_set(root: Path, train: int = 23, val: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -23,7 +23,7 @@ def _known_set(root: Path, train: int = 23, val: int = 7) -> tuple[np.ndarray, n
 
 
 def _loaders(root, **options):
-    return build_loaders(root, format="cifar10", image_size=32, batch_size=4, workers=1, **options)
+    return loaders_from(root, format="cifar10", image_size=32, batch_size=4, workers=1, **options)
 
 
 def test_records_come_back_exactly_standardised_by_the_train_statistics(tmp_path):
@@ -103,4 +103,4 @@ def test_cifar_refuses_imagenet_crops_and_other_sizes(tmp_path):
     with pytest.raises(DataError, match="data.augment: 'caffe' crops ImageNet-sized images"):
         _loaders(tmp_path, augment="caffe")
     with pytest.raises(DataError, match="data.image_size: CIFAR-10 images are 32×32, got 28"):
-        build_loaders(tmp_path, format="cifar10", image_size=28)
+        loaders_from(tmp_path, format="cifar10", image_size=28)

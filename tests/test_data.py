@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 import threading
@@ -20,20 +21,21 @@ import pytest
 import torch
 from PIL import Image
 
-from lowrank_dist.data import DataError, build_loaders
+from lowrank_dist.data import DataError
 from lowrank_dist.data import dali as dali_module
+from lowrank_dist.data.augment import CropWindows
 from lowrank_dist.data.loaders import AHEAD, Ahead
-from lowrank_dist.data.sampling import CropPlan, epoch_order
+from lowrank_dist.data.sampling import epoch_order
 from lowrank_dist.data.synthetic import make_synthetic
 
-from .helpers import read_codes, write_jpeg_folder
+from .helpers import loaders_from, read_codes, write_jpeg_folder
 
 BACKENDS = ["torchvision"] + (["dali"] if dali_module.dali_available() else [])
 
 
 def loaders(root, backend, **options):
     options = {"batch_size": 4, "image_size": 16, "workers": 0 if backend == "torchvision" else 1, **options}
-    return build_loaders(root, backend=backend, dali_device="cpu", **options)
+    return loaders_from(root, backend=backend, dali_device="cpu", **options)
 
 
 def read_epoch(train, epoch, start_batch=0):
@@ -225,7 +227,7 @@ def test_channels_last_is_the_same_values_in_channels_last_memory(photos, backen
 
 
 def test_random_resized_crop_stays_inside_the_image_and_in_the_scale_range():
-    plan = CropPlan(image_size=32, val_resize=37, min_crop_scale=0.3)
+    plan = CropWindows(image_size=32, val_resize=37, min_crop_scale=0.3)
     for index in range(300):
         width, height = 40 + index % 37, 30 + index % 53
         box = plan.box(0, index, width, height)
@@ -277,7 +279,7 @@ def broken(tmp_path, problem) -> tuple[dict, str]:
 def test_bad_input_raises_a_data_error_naming_the_path(tmp_path, problem):
     kwargs, path = broken(tmp_path, problem)
     with pytest.raises(DataError, match=re.escape(path)):
-        build_loaders(kwargs.pop("root"), backend="torchvision", **kwargs)
+        loaders_from(kwargs.pop("root"), backend="torchvision", **kwargs)
 
 
 def test_file_lists_give_the_labels_they_list(coded, tmp_path):
@@ -310,24 +312,24 @@ def test_val_only_loaders_never_list_the_train_images(coded, tmp_path, monkeypat
     train_list, val_list = tmp_path / "train.txt", tmp_path / "val.txt"
     train_list.write_text("train/gone.JPEG 0\ntrain/also-gone.JPEG 2\n")
     val_list.write_text("val/c00/0005.JPEG 2\n")
-    listed = build_loaders(coded, backend="torchvision", train_list=train_list, val_list=val_list, train=False)
+    listed = loaders_from(coded, backend="torchvision", train_list=train_list, val_list=val_list, train=False)
     assert listed.classes == ["0", "1", "2"] and len(listed.val.samples) == 1
     with pytest.raises(DataError, match="gone.JPEG' does not exist"):
-        build_loaders(coded, backend="torchvision", train_list=train_list, val_list=val_list)
+        loaders_from(coded, backend="torchvision", train_list=train_list, val_list=val_list)
 
 
 def test_dali_asked_for_but_missing_says_how_to_install_it(coded, monkeypatch):
     monkeypatch.setattr(dali_module, "Pipeline", None)
     with pytest.raises(DataError, match="pip install nvidia-dali-cuda130"):
-        build_loaders(coded, backend="dali")
-    assert build_loaders(coded, backend="auto").backend == "torchvision"
+        loaders_from(coded, backend="dali")
+    assert loaders_from(coded, backend="auto").backend == "torchvision"
 
 
 @pytest.mark.skipif(not dali_module.dali_available() or torch.cuda.is_available(), reason="needs DALI and no GPU")
 def test_dali_on_the_gpu_without_cuda_is_a_data_error(coded):
     with pytest.raises(DataError, match="needs a CUDA GPU"):
-        build_loaders(coded, backend="dali", dali_device="gpu")
-    assert build_loaders(coded, backend="dali", dali_device="auto").backend == "dali-cpu"
+        loaders_from(coded, backend="dali", dali_device="gpu")
+    assert loaders_from(coded, backend="dali", dali_device="auto").backend == "dali-cpu"
 
 
 # -- grayscale and CMYK --------------------------------------------------------------------------------
@@ -410,8 +412,8 @@ def test_dali_on_the_gpu_matches_torchvision(photos):
     """Not run on the CPU-only CI machines: nvJPEG's output is checked here against PIL's, with a
     looser bound than the CPU decoders' (its IDCT and chroma upsampling differ)."""
     cuda = torch.device("cuda")
-    data = build_loaders(photos, backend="dali", dali_device="gpu", device=cuda, image_size=64, batch_size=8,
-                         channels_last=True)
+    data = loaders_from(photos, backend="dali", dali_device="gpu", device=cuda, image_size=64, batch_size=8,
+                        channels_last=True)
     assert data.backend == "dali-gpu"
     images, labels = next(iter(data.train.epoch(5)))
     assert images.is_cuda and labels.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
@@ -426,7 +428,7 @@ def test_dali_on_the_gpu_matches_torchvision(photos):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_loader_benchmark_reports_images_per_second_per_core_and_data_wait(coded, backend, tmp_path, capsys):
-    from lowrank_dist.data.bench import main as bench_main
+    bench_main = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "loaders.py"))["main"]
 
     common = [str(coded), "--backend", backend, "--batch", "4", "--image-size", "16", "--workers", "1", "--seconds", "0.3"]
     variants = [["--step-ms", "5"], ["--no-decode"]] + ([["--reference"]] if backend == "dali" else [])
@@ -555,9 +557,10 @@ def test_dali_on_the_cpu_survives_many_passes_with_two_threads(tmp_path):
     make_synthetic(tmp_path, classes=4, train_per_class=100, val_per_class=25, seed=3, min_side=48, max_side=96)
     script = (
         "import sys, torch\n"
+        "from lowrank_dist.config import DataConfig\n"
         "from lowrank_dist.data import build_loaders\n"
-        "data = build_loaders(sys.argv[1], backend='dali', dali_device='cpu', batch_size=32, image_size=32,"
-        " workers=2, device=torch.device('cpu'))\n"
+        "data = build_loaders(DataConfig(root=sys.argv[1], backend='dali', dali_device='cpu', batch_size=32, image_size=32,"
+        " workers=2), device=torch.device('cpu'))\n"
         "for epoch in range(8):\n"
         "    for images, labels in data.train.epoch(epoch): pass\n"
         "    for images, labels, valid in data.val: pass\n"

@@ -16,12 +16,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lowrank_dist.config import Config
-from lowrank_dist.data import build_loaders
 from lowrank_dist.training.engines import deepspeed_config
 from lowrank_dist.training.distributed import DistContext, Rendezvous, _first_host, process_group, rendezvous
 from lowrank_dist.training.evaluate import evaluate
 
-from .helpers import read_codes, write_jpeg_folder
+from .helpers import loaders_from, read_codes, write_jpeg_folder
 
 BACKENDS = ["torchvision"]
 try:
@@ -109,9 +108,9 @@ def free_port() -> int:
 def _evaluate_rank(rank: int, world_size: int, port: int, root: str, backend: str, out: str) -> None:
     rdv = Rendezvous(rank, 0, world_size, "127.0.0.1", port, "test")
     with process_group(rdv, "cpu", timeout_s=120) as ctx:
-        loaders = build_loaders(root, backend=backend, dali_device="cpu", batch_size=8, image_size=16,
-                                workers=1 if backend == "dali" else 0,
-                                rank=rank, world_size=world_size)
+        loaders = loaders_from(root, backend=backend, dali_device="cpu", batch_size=8, image_size=16,
+                               workers=1 if backend == "dali" else 0,
+                               rank=rank, world_size=world_size)
         metrics = evaluate(ColourReader(), loaders.val, ctx)
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
 
@@ -159,7 +158,7 @@ def test_one_process_needs_no_process_group():
 
 
 def test_a_group_of_one_runs_the_collectives_through_the_backend(monkeypatch):
-    """group_of_one (bench/gpu.py's NCCL check on one GPU): the group exists, the context says
+    """group_of_one (tests/gpu's NCCL test on one GPU): the group exists, the context says
     distributed, and the sums go through torch.distributed; afterwards the group is gone."""
     calls = []
     real = dist.all_reduce

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_dist.data import DataError, build_loaders
+from lowrank_dist.data import DataError
 from lowrank_dist.data import dali as dali_module
 from lowrank_dist.data import index as index_module
-from lowrank_dist.data.index import FOLDER, main as index_main
-from lowrank_dist.data.samples import load_samples
-from lowrank_dist.data.sampling import CropPlan
+from lowrank_dist.data.augment import CropWindows
+from lowrank_dist.data.index import FOLDER, load_samples, main as index_main
 
-from .helpers import read_codes, write_jpeg_folder
+from .helpers import loaders_from, read_codes, write_jpeg_folder
 
 BACKENDS = ["torchvision"] + (["dali"] if dali_module.dali_available() else [])
 COUNTS = {"train": [4, 4, 3], "val": [2, 2, 2]}
@@ -27,7 +26,7 @@ COUNTS = {"train": [4, 4, 3], "val": [2, 2, 2]}
 
 def loaders(root, backend, **options):
     options = {"batch_size": 4, "image_size": 16, "workers": 0 if backend == "torchvision" else 1, **options}
-    return build_loaders(root, backend=backend, dali_device="cpu", **options)
+    return loaders_from(root, backend=backend, dali_device="cpu", **options)
 
 
 def settle():
@@ -172,7 +171,7 @@ def test_the_index_command_exits_2_naming_a_bad_root(tmp_path, capsys):
 
 
 def test_an_epochs_crop_windows_in_one_call_are_each_samples_own():
-    plan = CropPlan(image_size=32, val_resize=37, seed=3, min_crop_scale=0.1)
+    plan = CropWindows(image_size=32, val_resize=37, seed=3, min_crop_scale=0.1)
     rng = np.random.default_rng(0)
     indices = rng.permutation(5000)[:700]
     widths, heights = rng.integers(1, 600, 700), rng.integers(1, 600, 700)

@@ -1,6 +1,6 @@
 """Measured-speed report on CPU: rows and MAC counts against the models, files and TensorBoard,
-the speed-aware rank choice on injected timings, agreement with a timing by hand, the CLI and the
-GPU benchmark's smoke mode.
+the speed-aware rank choice on injected timings, agreement with a timing by hand and the CLI
+(bench/gpu.py's smoke mode: tests/test_gpu_bench.py).
 
 Timing on a shared 2-core machine is noisy, so no test here asserts that one layer is faster than
 another; tests of timing check what the numbers are (positive, medians of their samples, the
@@ -9,7 +9,6 @@ generous factor.
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -373,85 +372,3 @@ def test_cli_usage_errors_exit_2_with_one_line():
 def test_cli_asking_for_a_missing_gpu_is_exit_2(capsys):
     assert main(["--model", "vgg16", "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "error: --device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'\n"
-
-
-# -- the GPU benchmark, smoke mode ------------------------------------------------------------------
-
-
-def _gpu_smoke(tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """bench/gpu.py --smoke run from outside the repository (no `pip install -e .` needed), with
-    SciPy unimportable as on a bare GPU box (svd then uses torch.linalg.eigh; PyYAML is there, and
-    pydantic travels with DALI's wheels, bench/gpu_carry.sh). OMP_WAIT_POLICY=passive: on a machine
-    shared with other test runs, spinning OpenMP threads slow every process tenfold."""
-    out = tmp_path / "results"
-    script = (
-        "import runpy, sys; sys.modules.update(dict.fromkeys(['scipy', 'scipy.linalg']));"
-        f" sys.argv = ['gpu.py', '--smoke', '--out', {str(out)!r}, *{list(options)!r}];"
-        f" runpy.run_path({str(REPO / 'bench/gpu.py')!r}, run_name='__main__')"
-    )
-    env = os.environ | {"OMP_WAIT_POLICY": "passive"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
-    return result, out
-
-
-def test_gpu_benchmark_smoke_runs_every_section_on_the_cpu(tmp_path):
-    """Every section of the GPU run has a status, and on the CPU each runs its CPU counterpart:
-    the DALI CPU pipeline against torchvision (or torchvision alone), the trainer from JPEGs, the
-    layer against float64, both execution forms, the host-read count, a gloo group of one."""
-    result, out = _gpu_smoke(tmp_path, "--budget-s", "3600")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = out.glob("gpu_*_cpu-smoke.json")
-    saved = json.loads(path.read_text())
-    sections = saved["sections"]
-    assert list(sections) == ["dali", "train", "layer", "executions", "syncs", "nccl", "speed"]
-    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok"), sections
-    data = sections["dali"].get("dali_cpu_vs_torchvision") or sections["dali"]["torchvision"]
-    assert data["same_samples"] and data["same_labels"] and data["mean_abs_levels"] <= 2.0
-    assert data["other_window_mean_levels"] > 8.0  # the control: other crop windows are far outside the bound
-    assert sections["dali"].get("dali_gpu") == "skipped: no CUDA" or sections["dali"]["dali"].startswith("skipped")
-    losses = sections["train"]["losses"]
-    assert sections["train"]["steps"] == 16 and len(losses) == 4 and losses[-1] < losses[0]
-    assert all(case["factorized fp32"] < 2e-4 and case["composed tf32"].startswith("skipped")
-               for case in sections["layer"]["cases"])
-    assert set(sections["executions"]["models"]) == {"tiny_vgg", "alexnet"}
-    assert sections["syncs"]["host_reads"] == 0 and sections["syncs"]["windows"] == 3
-    nccl = sections["nccl"]
-    assert nccl["backend"] == "gloo" and nccl["wrapped_in"] == "DistributedDataParallel" and nccl["context_distributed"]
-    assert nccl["counted_in_group"] == sum(nccl["counted_in_3_shards"]) == nccl["val_images"] == 16
-    assert "| syncs | ok |" in saved["summary"]
-    assert (out / f"{path.stem}.md").read_text().count("| speed | ok |") == 1
-    assert saved["smoke"] and set(saved["models"]) == {"alexnet", "vgg16", "googlenet"}
-    for name, result_ in saved["models"].items():
-        assert result_["errors"] == []
-        variants = result_["variants"]
-        expected = {"alexnet": {"authors", "speedup2"}, "vgg16": {"authors"}, "googlenet": {"speedup2"}}[name]
-        assert set(variants) == expected | {"speed-aware", "auto"}
-        assert all(v["eager"]["images_per_s"] > 0 and v["eager"]["dense_images_per_s"] > 0 for v in variants.values())
-        assert variants["speed-aware"]["compiled"]["speedup"] > 0
-        assert variants["speed-aware"]["ranks"] == {k: v for k, v in result_["speed_aware"]["ranks"].items() if v is not None}
-        # auto: the default ranks, each layer run in the form its timing chose; per layer in its table
-        plan = {layer["module"]: layer["execution"] for layer in result_["plan"]["layers"]}
-        assert set(plan) == set(variants["auto"]["ranks"]) and set(plan.values()) <= {"factorized", "composed"}
-        layers = saved["layers"][name]["layers"]
-        assert {row["module"]: row["execution"] for row in layers if row["execution"] != "dense"} == plan
-        assert all(row["composed_train"]["median_s"] > 0 for row in layers if row["execution"] != "dense")
-    assert saved["models"]["alexnet"]["variants"]["auto"]["compiled"]["speedup"] > 0
-    assert saved["layers"]["vgg16"] == saved["vgg16_layers"] and len(saved["vgg16_layers"]["layers"]) == 13
-    by_hand = saved["vgg16_layers_by_hand"]  # every layer, dense and factorized, timed again by hand
-    assert by_hand["total"] == 26 == len(by_hand["rows"]) and all(row["hand_ms"] > 0 for row in by_hand["rows"])
-    assert "| vgg16 | speed-aware |" in saved["summary"] and "| vgg16 | auto |" in saved["summary"]
-    assert "Targets, auto" in saved["summary"] and "vgg16 layers:" in saved["summary"]
-    assert all((out / f"{path.stem}_{name}_layers" / "speed.png").is_file() for name in ("alexnet", "vgg16", "googlenet"))
-    jpeg = saved["models"]["googlenet"]["from_jpeg"]  # the smoke run feeds GoogLeNet only from JPEGs
-    assert jpeg["images_per_s"] > 0 and jpeg["synthetic_images_per_s"] > 0 and "googlenet" in saved["summary"]
-    projection = saved["models"]["alexnet"]["projection"]
-    assert projection["project_every"] == 100 and 0 < projection["fraction"] < 1
-
-
-def test_gpu_benchmark_skips_what_the_budget_cannot_cover_and_reruns_chosen_sections(tmp_path):
-    result, out = _gpu_smoke(tmp_path, "--sections", "dali,layer", "--budget-s", "20")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = out.glob("gpu_*_cpu-smoke.json")
-    sections = json.loads(path.read_text())["sections"]
-    assert list(sections) == ["dali", "layer"] and sections["layer"]["status"] == "ok"
-    assert sections["dali"]["status"] == "skipped" and sections["dali"]["reason"].startswith("time budget")

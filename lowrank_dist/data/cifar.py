@@ -8,10 +8,11 @@ is read once into memory; a file whose size is not a whole number of records, or
 batch, is a DataError naming it.
 
 Both back-ends feed the decoded uint8 arrays straight in: the torchvision back-end indexes them in
-the host process, and DALI takes them through fn.external_source and mirrors them in fn.flip; the
-loaders normalise the uint8 batches on their device, as for JPEGs. External arrays rather than a converted JPEG folder: CIFAR is stored
-uncompressed, so there is nothing to decode, and a JPEG copy would change the pixels the paper's
-numbers were measured on (JPEG is lossy) and need a conversion step and 60,000 small files.
+the host process, and DALI takes them through fn.external_source and mirrors them in fn.flip
+(`dali.cifar_batches`); the loaders normalise the uint8 batches on their device, as for JPEGs.
+External arrays rather than a converted JPEG folder: CIFAR is stored uncompressed, so there is
+nothing to decode, and a JPEG copy would change the pixels the paper's numbers were measured on
+(JPEG is lossy) and need a conversion step and 60,000 small files.
 
 Augmentation is the paper's: none (the 91.31% low-rank NIN result is "without data augmentation"),
 optionally a random mirror (`data.hflip`, drawn per (seed, epoch, sample) so both back-ends mirror
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dali import cifar_batches
 from .loaders import Batch
 from .samples import DataError, Samples
 
@@ -94,42 +96,17 @@ class CifarBackend:
         """uint8 N×32×32×3 batches, mirrored; the loaders normalise them with `scaling` on their device."""
         flips = self._flips(epoch)
         if self.dali_device is not None:
-            yield from self._dali(batches, flips)
-            return
-        for batch in batches:
-            pixels = self.array[batch]
-            flipped = flips[batch]
-            pixels[flipped] = pixels[flipped, :, ::-1]  # a copy (fancy indexing): the data set is untouched
-            yield Batch(torch.from_numpy(pixels), batch, [], np.zeros(len(batch), dtype=np.int64))
+            decoded = cifar_batches(self.array, batches, flips, self.dali_device, self.threads, self.device)
+        else:
+            decoded = (self._mirrored(batch, flips) for batch in batches)
+        for batch, images in zip(batches, decoded):
+            yield Batch(images, batch, [], np.zeros(len(batch), dtype=np.int64))
 
-    def _dali(self, batches: list[np.ndarray], flips: np.ndarray) -> Iterator[Batch]:
-        from nvidia.dali import fn, types
-        from nvidia.dali.pipeline import Pipeline
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        def source(iteration: int):
-            if iteration >= len(batches):
-                raise StopIteration
-            batch = batches[iteration]
-            return [self.array[i] for i in batch], [np.array(flips[i], dtype=np.int32) for i in batch]
-
-        on_gpu = self.dali_device == "gpu"
-        device_id = (self.device.index or 0) if on_gpu else None
-        pipe = Pipeline(batch_size=max(map(len, batches)), num_threads=self.threads, device_id=device_id)
-        with pipe:
-            images, mirror = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
-                                                dtype=[types.UINT8, types.INT32])
-            if on_gpu:
-                images = images.gpu()
-            pipe.set_outputs(fn.flip(images, horizontal=mirror))
-        pipe.build()
-        stream = torch.cuda.current_stream(device_id) if on_gpu else None
-        for batch in batches:
-            (output,) = pipe.run()
-            dense = output.as_tensor()
-            target = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{device_id}" if on_gpu else "cpu")
-            feed_ndarray(dense, target, cuda_stream=stream)  # a copy: DALI reuses its buffers
-            yield Batch(target, batch, [], np.zeros(len(batch), dtype=np.int64))
+    def _mirrored(self, batch: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        pixels = self.array[batch]
+        flipped = flips[batch]
+        pixels[flipped] = pixels[flipped, :, ::-1]  # a copy (fancy indexing): the data set is untouched
+        return torch.from_numpy(pixels)
 
 
 def load_cifar10(root: str | os.PathLike, with_train: bool = True):

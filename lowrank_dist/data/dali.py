@@ -1,8 +1,9 @@
-"""The DALI back-end: read and decode in DALI's own threads, on the CPU or the GPU.
+"""The DALI back-end: read and decode in DALI's own threads, on the CPU or the GPU. Every DALI
+pipeline of the data package is built here, in one style (`_new_pipeline`, `with pipe:`, `_copied`).
 
 The host plans each pass (an epoch from its start batch, or the val set) in one go: which sample
-fills each slot (the index's bad images replaced, `loaders.fill_slots`) and every crop window and
-mirror flag (`CropPlan.boxes`, vectorised over the index's image sizes). DALI then does the rest:
+fills each slot (the index's bad images replaced, `integrity.fill_slots`) and every crop window and
+mirror flag (`CropWindows.boxes`, vectorised over the index's image sizes). DALI then does the rest:
 fn.readers.file reads exactly those files, in that order, in its own loader thread. On the GPU,
 fn.decoders.image_slice decodes just each crop window (nvJPEG, "mixed"), fn.resize scales it to
 S×S with an antialiased linear filter like PIL's and fn.flip mirrors it, so the batch stays on the
@@ -27,6 +28,9 @@ table) makes pipe.run() fail; the pipeline is dead then and DALI's message does 
 it was, so `images` decodes the files of that batch (and of those prefetched behind it) with PIL to
 find it, marks it bad, builds a new pipeline and redoes the pass from that batch. If PIL decodes
 every one of them, the decoders disagree: a DataError under either on_bad_image setting, not bad data.
+
+CIFAR-10 (`cifar`) is held in memory, so its pipeline (`cifar_batches`) has no reader and no decoder:
+fn.external_source hands DALI the planned batches of uint8 arrays and fn.flip mirrors them.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from .integrity import BadImage, decode_rgb, read_bytes
-from .loaders import AHEAD, Batch, BufferRing, fill_slots
+from .augment import Boxes, CropWindows
+from .integrity import BadImage, decode_rgb, fill_slots, read_bytes
+from .loaders import AHEAD, Batch, BufferRing
 from .samples import DataError, Samples
-from .sampling import Boxes, CropPlan
 
 PREFETCH = 2  # batches DALI prepares ahead of the one the step uses
 
@@ -70,6 +74,36 @@ def check_dali(dali_device: str) -> str:
     return dali_device
 
 
+def _device_id(dali_device: str, device: torch.device) -> int | None:
+    """The CUDA device DALI runs on for "gpu" (the loaders' device, else the current one); None for "cpu"."""
+    if dali_device != "gpu":
+        return None
+    return device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
+
+
+def _new_pipeline(batch_size: int, threads: int, device_id: int | None) -> Pipeline:
+    """An empty pipeline; the caller defines its graph under `with pipe:`, then calls pipe.build()."""
+    return Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=PREFETCH)
+
+
+def _copied(output, device_id: int | None) -> torch.Tensor:
+    """A uint8 tensor of our own holding a dense DALI output batch, on DALI's device. DALI may reuse
+    its output buffer at the next pipe.run(): on the GPU this (background) thread waits for the copy,
+    and for the step queued before it on the stream; the training thread never does."""
+    dense = output.as_tensor()
+    if device_id is None:
+        target = torch.empty(dense.shape(), dtype=torch.uint8)
+        feed_ndarray(dense, target)
+        return target
+    target = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{device_id}")  # the caching allocator's
+    stream = torch.cuda.current_stream(device_id)
+    feed_ndarray(dense, target, cuda_stream=stream)
+    copied = torch.cuda.Event()
+    copied.record(stream)
+    copied.synchronize()
+    return target
+
+
 class _Crops:
     """The external_source callback: iteration i → (crop anchors (x, y), crop shapes (w, h)[, mirror
     flags]) of batch i, slices of arrays planned for the whole pass; mirror flags only if DALI
@@ -96,22 +130,18 @@ class DaliBackend:
     """`dali_device` "cpu" or "gpu", as checked by check_dali; `workers` DALI threads. `decode=False`
     reads, checks and plans without decoding (the loader benchmark's --no-decode)."""
 
-    def __init__(self, samples: Samples, plan: CropPlan, dali_device: str, workers: int, device: torch.device,
+    def __init__(self, samples: Samples, windows: CropWindows, dali_device: str, workers: int, device: torch.device,
                  channels_last: bool, decode: bool = True):
         self.name = f"dali-{dali_device}"
-        self.samples, self.plan, self.dali_device, self.decode = samples, plan, dali_device, decode
+        self.samples, self.windows, self.dali_device, self.decode = samples, windows, dali_device, decode
         self.threads, self.device, self.channels_last = max(1, workers), device, channels_last
-        self.scaling = plan.scaling  # the loaders normalise with it (data.augment)
+        self.scaling = windows.scaling  # the loaders normalise with it (data.augment)
         # the CPU path's resized batches: those in the loaders' queue, the one being normalised, one being filled
         self.resized = BufferRing(torch.device("cpu"), torch.uint8, AHEAD + 2)
-        if dali_device == "gpu":
-            self.device_id = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
-        else:
-            self.device_id = None
+        self.device_id = _device_id(dali_device, device)
 
     def _pipeline(self, files: list[str], crops: _Crops, batch_size: int) -> Pipeline:
-        pipe = Pipeline(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id,
-                        prefetch_queue_depth=PREFETCH)
+        pipe = _new_pipeline(batch_size, self.threads, self.device_id)
         with pipe:
             # labels: the position in `files` (no labels given), checked against the plan
             # dont_use_mmap: plain reads, as DALI advises for network file systems (a cluster's); on
@@ -129,9 +159,13 @@ class DaliBackend:
             else:
                 # adjust_orientation=False: crop windows are in stored-pixel coordinates, as PIL sees them
                 if self.dali_device == "gpu":  # nvJPEG decodes just the window; resized and mirrored here
+                    # jpeg_fancy_upsampling: libjpeg-turbo's chroma upsampling, as the CPU back-ends decode;
+                    # nvJPEG's default repeats each chroma sample, 2.8 grey levels off them on average
+                    # (bench/jpeg_upsampling.py: 0.18 with the flag)
                     images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", output_type=types.RGB,
-                                                     adjust_orientation=False, device="mixed")
-                    images = fn.resize(images, size=[self.plan.image_size] * 2, interp_type=types.INTERP_LINEAR,
+                                                     adjust_orientation=False, jpeg_fancy_upsampling=True,
+                                                     device="mixed")
+                    images = fn.resize(images, size=[self.windows.image_size] * 2, interp_type=types.INTERP_LINEAR,
                                        antialias=True)
                     images = fn.flip(images, horizontal=mirrors[0])
                 else:
@@ -165,16 +199,7 @@ class DaliBackend:
         the current stream); on the CPU the decoded crops resized and mirrored here (`_resized`)."""
         if self.device_id is None:
             return self._resized(output, mirrors)
-        dense = output.as_tensor()
-        target = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")  # the caching allocator's
-        stream = torch.cuda.current_stream(self.device_id)
-        feed_ndarray(dense, target, cuda_stream=stream)
-        # DALI may reuse its output buffer at the next pipe.run(): this (background) thread waits for
-        # the copy, and for the step queued before it on the stream; the training thread never does
-        copied = torch.cuda.Event()
-        copied.record(stream)
-        copied.synchronize()
-        return target
+        return _copied(output, self.device_id)
 
     def _resized(self, crops, mirrors: np.ndarray) -> torch.Tensor:
         """Each decoded crop (h×w×3, a view of DALI's buffer) scaled to S×S with torch's antialiased
@@ -183,7 +208,7 @@ class DaliBackend:
         ~262×350 crops to 224²), DALI's CPU fn.resize took ~2.6 ms an image against torch's ~0.4 ms
         for the same filter, and decoding an image ~1.8 ms: resizing in DALI would cost more than
         decoding. Runs in the loaders' background thread, off the training thread."""
-        side = self.plan.image_size
+        side = self.windows.image_size
         batch = self.resized.get((len(mirrors), side, side, 3))  # a short last batch: the reader's padding is left out
         for i in range(len(mirrors)):
             crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1).unsqueeze(0)  # 1×3×h×w, channels_last
@@ -204,7 +229,7 @@ class DaliBackend:
             slots = np.concatenate(run)
             filled, met = fill_slots(slots, len(self.samples), ChainMap(failed, known_bad, self.samples.bad),
                                      ChainMap(failed, known_bad))
-            boxes = self.plan.boxes(epoch, slots, self.samples.widths[filled], self.samples.heights[filled])
+            boxes = self.windows.boxes(epoch, slots, self.samples.widths[filled], self.samples.heights[filled])
             # DALI mirrors unless it hands over unresized crops (decoding on the CPU, see _resized)
             crops = _Crops(boxes, size, len(run), with_mirrors=not (self.decode and self.device_id is None))
             pipe = self._pipeline([self.samples.paths[i] for i in filled], crops, size)
@@ -228,3 +253,28 @@ class DaliBackend:
                 culprits = self._culprits(suspects, error)
                 failed.update(culprits)
                 unreported.update(culprits)
+
+
+def cifar_batches(array: np.ndarray, batches: list[np.ndarray], flips: np.ndarray, dali_device: str, threads: int,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 N×32×32×3 batches of the in-memory CIFAR images `array[batch]`, each mirrored where
+    `flips` (one flag per sample) says, on DALI's device."""
+    device_id = _device_id(dali_device, device)
+
+    def source(iteration: int):
+        if iteration >= len(batches):
+            raise StopIteration
+        batch = batches[iteration]
+        return [array[i] for i in batch], [np.array(flips[i], dtype=np.int32) for i in batch]
+
+    pipe = _new_pipeline(max(map(len, batches)), max(1, threads), device_id)
+    with pipe:
+        images, mirror = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
+                                            dtype=[types.UINT8, types.INT32])
+        if device_id is not None:
+            images = images.gpu()
+        pipe.set_outputs(fn.flip(images, horizontal=mirror))
+    pipe.build()
+    for _ in batches:
+        (output,) = pipe.run()
+        yield _copied(output, device_id)

@@ -7,15 +7,20 @@ Why. Without it, every rank of every (re)start lists the split's folders and sta
 files in 1,000 folders for ImageNet, times 32 ranks for 4 nodes, often on a network file system),
 and learns each image's size only by reading the file when it is batched — so crop windows could
 only be drawn one sample at a time, on the thread that fed the loader. With the index a rank reads
-one file, and the crop windows of a whole epoch are one vectorised call (`sampling.CropPlan.boxes`).
+one file, and the crop windows of a whole epoch are one vectorised call (`augment.CropWindows.boxes`).
+
+Damaged. An index that cannot be read or holds what `save` never writes (truncated, empty, arrays of
+the wrong length or type, labels out of range) is rebuilt, with a warning saying what was wrong;
+one that cannot be saved (a full disk, nowhere writable) only costs the next run the same build.
 
 Where. ROOT/.lowrank_index/<split>.npz (a split given by a list file: list-<name>-<hash>.npz);
 when ROOT is not writable, ~/.cache/lowrank_dist/index/<hash of ROOT>/ instead. Paths are stored
 relative to ROOT, so the data set can move with its index.
 
 When. The first run builds what is missing (the command above does it ahead of time), reading each
-file's head and tail (`check.inspect_file`) in one process per CPU core. One process builds, under
-an exclusive lock on the index file's .lock; the others wait on the lock and then read what it wrote.
+file's head and tail (`integrity.inspect_file`) in one process per CPU core this process may use
+(`parallel`). One process builds, under an exclusive lock on the index file's .lock; the others wait
+on the lock and then read what it wrote.
 
 Stale. An index remembers the modification time of the split folder and of every folder holding
 its images (a list file: the list itself and the folders of the files it lists). Adding, removing
@@ -24,6 +29,8 @@ or renaming a file changes its folder's time, so a start-up check costs one stat
 rewritten in place with a new size leaves its folder's time alone: the loaders compare the bytes
 they read with the size the index holds and stop with a DataError naming the file. (Folder times
 have the file system's resolution: a change in the same few ms as the index was built can be missed.)
+
+`load_samples` is what the loaders call: the class names and both splits' samples, from the index.
 """
 
 from __future__ import annotations
@@ -35,16 +42,15 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..files import atomic_write
-from .check import inspect_file
-from .integrity import BadImage
-from .samples import DataError, Samples, class_folders, read_list, scan_split
+from .integrity import BadImage, inspect_file
+from .parallel import map_chunks, usable_cpus
+from .samples import DataError, Samples, class_folders, read_list, scan_folder, scan_split
 
 VERSION = 1
 FOLDER = ".lowrank_index"
@@ -81,9 +87,9 @@ def fingerprint(root: Path, split: str, list_file: Path | None, folders: list[st
     those holding the listed images, for a list file; for a folder split they are its subfolders."""
     if list_file is None:
         split_dir = root / split
-        with os.scandir(split_dir) as entries:
-            names = sorted(entry.name for entry in entries if entry.is_dir())
-        folders = [f"{split}/{name}" for name in names]
+        listing = scan_folder(split_dir)
+        listing.check_readable()
+        folders = [f"{split}/{name}" for name in listing.folders]
         return {"split": _mtime(split_dir), "folders": {f: _mtime(root / f) for f in folders}}
     stat = os.stat(list_file)
     return {"list": [stat.st_size, stat.st_mtime_ns], "folders": {f: _mtime(root / f) for f in folders or []}}
@@ -125,19 +131,6 @@ def _inspect_chunk(paths: list[str]) -> list[tuple[int, int, int, str | None]]:
     return out
 
 
-def inspect_all(paths: list[str], jobs: int) -> list[tuple[int, int, int, str | None]]:
-    if jobs <= 1 or len(paths) < 512:
-        return _inspect_chunk(paths)
-    size = max(64, min(2048, len(paths) // (jobs * 8)))
-    chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return [entry for chunk in pool.map(_inspect_chunk, chunks) for entry in chunk]
-
-
-def default_jobs() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build(root: Path, split: str, list_file: Path | None, classes: list[str] | None, num_classes: int | None,
           jobs: int) -> tuple[Samples, dict]:
     """List the split (raising DataError on layout problems, as samples does) and inspect every image."""
@@ -150,7 +143,7 @@ def build(root: Path, split: str, list_file: Path | None, classes: list[str] | N
         prefix = str(root) + os.sep
         folders = sorted({os.path.dirname(p[len(prefix):] if p.startswith(prefix) else p) for p in listed.paths})
         before = fingerprint(root, split, list_file, folders)
-    entries = inspect_all(listed.paths, jobs)
+    entries = map_chunks(_inspect_chunk, listed.paths, jobs)
     sizes, widths, heights, why = zip(*entries) if entries else ((), (), (), ())
     samples = Samples(listed.paths, listed.labels, sizes=np.asarray(sizes, dtype=np.int64),
                       widths=np.asarray(widths, dtype=np.int64), heights=np.asarray(heights, dtype=np.int64),
@@ -159,11 +152,12 @@ def build(root: Path, split: str, list_file: Path | None, classes: list[str] | N
 
 
 def _blob(strings: list[str]) -> np.ndarray:
-    return np.frombuffer("\0".join(strings).encode(), dtype=np.uint8)
+    # surrogateescape: a file name that is not UTF-8 is kept as its bytes (as os.fsencode does)
+    return np.frombuffer("\0".join(strings).encode("utf-8", "surrogateescape"), dtype=np.uint8)
 
 
 def _strings(blob: np.ndarray) -> list[str]:
-    return blob.tobytes().decode().split("\0") if len(blob) else []
+    return blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if len(blob) else []
 
 
 def save(path: Path, root: Path, samples: Samples, meta: dict) -> None:
@@ -176,8 +170,11 @@ def save(path: Path, root: Path, samples: Samples, meta: dict) -> None:
                  bad_index=np.asarray(bad, dtype=np.int64), bad_why=_blob([samples.bad[i] for i in bad]))
 
 
-def load(path: Path, root: Path) -> tuple[Samples, dict] | None:
-    """The index at `path`, or None if there is none or it cannot be read (it is then rebuilt)."""
+def load(path: Path, root: Path, warn: bool = True) -> tuple[Samples, dict] | None:
+    """The index at `path`, or None if there is none or it is damaged (it is then rebuilt; a damaged
+    one with a warning saying what is wrong with it)."""
+    if not path.exists():
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["meta"].tobytes().decode())
@@ -186,15 +183,44 @@ def load(path: Path, root: Path) -> tuple[Samples, dict] | None:
             bad = dict(zip(data["bad_index"].tolist(), _strings(data["bad_why"])))
             samples = Samples(paths, data["labels"], sizes=data["sizes"], widths=data["widths"],
                               heights=data["heights"], bad=bad)
-    except (OSError, ValueError, KeyError):
+        problem = _damage(samples, meta)
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a zip, not ours: all rebuilt
+        problem = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    if problem is not None:
+        if warn:
+            print(f"warning: the data index {path} is damaged ({problem}); rebuilding it", file=sys.stderr, flush=True)
         return None
     return samples, meta
 
 
+def _damage(samples: Samples, meta) -> str | None:
+    """What is wrong with a loaded index (what `build` and `save` would never write), or None."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
+        return "no fingerprint"
+    if not isinstance(meta["fingerprint"].get("folders"), dict):
+        return "no folder times"
+    count = len(samples.paths)
+    for name in ("labels", "sizes", "widths", "heights"):
+        array = getattr(samples, name)
+        if array.dtype != np.int64 or array.shape != (count,) or (count and array.min() < 0):
+            return f"{name} is not {count} counts"
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or (count and samples.labels.max() >= len(classes))):
+        return "labels out of range of its classes"
+    if any(not isinstance(i, int) or not 0 <= i < count for i in samples.bad):
+        return "bad images out of range"
+    return None
+
+
 @contextmanager
 def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:  # nowhere to write: build without the lock (and save says it could not save)
+        yield
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -217,17 +243,58 @@ def split_samples(root: Path, split: str, *, classes: list[str] | None, list_fil
     if found is not None and stale_because(found[1], root, split, list_file, classes) is None:
         return found[0]
     with _locked(path):
-        found = None if rebuild else load(path, root)  # another process may have built it while we waited
+        found = None if rebuild else load(path, root, warn=found is not None)  # built by another while we waited?
         why = None if found is None else stale_because(found[1], root, split, list_file, classes)
         if found is not None and why is None:
             return found[0]
         started = time.perf_counter()
-        samples, meta = build(root, split, list_file, classes, num_classes, jobs or default_jobs())
-        save(path, root, samples, meta)
+        samples, meta = build(root, split, list_file, classes, num_classes, jobs or usable_cpus())
+        try:
+            save(path, root, samples, meta)
+        except OSError as error:  # the index only saves time: this run goes on with what it just built
+            print(f"warning: could not save the data index {path} ({error.strerror or error}); the next run builds it"
+                  " again", file=sys.stderr, flush=True)
         if not quiet:
             print(f"data index {path}: {len(samples)} images, {len(samples.bad)} bad,"
                   f" built in {time.perf_counter() - started:.1f} s" + (f" ({why}: rebuilt)" if why else ""), flush=True)
         return samples
+
+
+def load_samples(
+    root: str | os.PathLike, train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None,
+    with_train: bool = True, jobs: int | None = None, rebuild: bool = False,
+) -> tuple[list[str], Samples | None, Samples]:
+    """(class names, train samples, val samples), from the data index (built or rebuilt first if it
+    is missing or stale). With a train list the classes are named "0".."K-1", K = its largest
+    label + 1, since a list carries numbers, not folder names. `with_train=False` (evaluation) finds
+    the classes without listing, checking or indexing the train images: train is None."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} does not exist")
+    train = None
+    if train_list is not None:
+        train_list = Path(train_list)
+        if with_train:
+            if not train_list.is_file():
+                raise DataError(f"list file {str(train_list)!r} does not exist")
+            train = split_samples(root, "train", classes=None, list_file=train_list, jobs=jobs, rebuild=rebuild)
+        else:
+            train = read_list(root, train_list, None, check_files=False)
+        classes = [str(label) for label in range(int(train.labels.max()) + 1)]
+    else:
+        classes = class_folders(root / "train")
+        if with_train:
+            train = split_samples(root, "train", classes=classes, jobs=jobs, rebuild=rebuild)
+    if val_list is not None:
+        val_list = Path(val_list)
+        if not val_list.is_file():
+            raise DataError(f"list file {str(val_list)!r} does not exist")
+        val = split_samples(root, "val", classes=classes, list_file=val_list, num_classes=len(classes), jobs=jobs,
+                            rebuild=rebuild)
+    else:
+        class_folders(root / "val")  # a missing val folder is named as such
+        val = split_samples(root, "val", classes=classes, jobs=jobs, rebuild=rebuild)
+    return classes, train if with_train else None, val
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -235,14 +302,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("root", type=Path, help="data set folder holding train/<class>/*.JPEG and val/<class>/*.JPEG")
     parser.add_argument("--train-list", type=Path, metavar="FILE", help="the train split as a list file (data.train_list)")
     parser.add_argument("--val-list", type=Path, metavar="FILE", help="the val split as a list file (data.val_list)")
-    parser.add_argument("--jobs", type=int, default=default_jobs(), help="processes (default: the CPU cores this process may use)")
+    parser.add_argument("--jobs", type=int, default=usable_cpus(), help="processes (default: the CPU cores this process may use)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if the index is up to date")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from .samples import load_samples
-
     args = parse_args(argv)
     try:
         classes, train, val = load_samples(args.root, args.train_list, args.val_list, jobs=args.jobs, rebuild=args.rebuild)

@@ -2,8 +2,8 @@
 and decoding in a back-end.
 
 A back-end turns batches of sample indices into uint8 N×S×S×3 crops and nothing more; it is told
-the epoch (None for val) so it can look up each sample's crop in the CropPlan. Labels and validity
-masks never pass through it: the host already knows them. What a back-end reports back is which
+the epoch (None for val) so it can look up each sample's crop window (`augment.CropWindows`).
+Labels and validity masks never pass through it: the host already knows them. What a back-end reports back is which
 sample it decoded into each slot — the slot's own, or, where that image is bad, the replacement
 `integrity` prescribes — so the label is always the decoded image's own, and how many bytes it
 read for each, which the loaders hold against the index (a file rewritten since it was indexed).
@@ -29,9 +29,11 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from .integrity import Skipped
+from ..runtime import storage_holders
+from .augment import input_scaling
+from .integrity import Replaced
 from .samples import DataError, Samples
-from .sampling import IMAGENET_MEAN, IMAGENET_STD, epoch_order, shard, split_batches
+from .sampling import epoch_order, shard, split_batches
 
 
 class Batch(NamedTuple):
@@ -45,33 +47,9 @@ class Backend(Protocol):
     name: str  # "dali-cpu", "dali-gpu" or "torchvision"
 
     def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
-        """One Batch per batch, in order. A bad sample's slot holds integrity.first_good's choice;
+        """One Batch per batch, in order. A bad sample's slot holds integrity.first_good's choice
+        (integrity.fill_slots, for the bad samples known before the pass);
         `known_bad` (index → why) need not be tried again, nor reported."""
-
-
-def fill_slots(slots: np.ndarray, count: int, bad: Mapping[int, str], reported: Mapping[int, str]
-               ) -> tuple[np.ndarray, dict[int, list[tuple[int, str]]]]:
-    """integrity.first_good for every slot at once, against the bad samples known in advance (the
-    index's and those found so far): (the sample filling each slot, position → the bad samples
-    passed over for it that are not in `reported`)."""
-    slots = np.asarray(slots, dtype=np.int64)
-    if not bad:
-        return slots.copy(), {}
-    is_bad = np.zeros(count, dtype=bool)
-    is_bad[np.fromiter(bad.keys(), dtype=np.int64)] = True
-    good = np.flatnonzero(~is_bad)
-    if not len(good):
-        raise DataError(f"none of the {count} images of this split can be decoded: {next(iter(bad.values()))}")
-    filled = good[np.searchsorted(good, slots) % len(good)]  # the first good one at or after, wrapping
-    met = {}
-    for position in np.flatnonzero(is_bad[slots]).tolist():
-        index, chain = int(slots[position]), []
-        while index != filled[position]:
-            if index not in reported:
-                chain.append((index, bad[index]))
-            index = (index + 1) % count
-        met[position] = chain
-    return filled, met
 
 
 class BufferRing:
@@ -85,14 +63,9 @@ class BufferRing:
         self.device, self.dtype, self.size, self.memory_format = device, dtype, size, memory_format
         self.ring: list[torch.Tensor] = []
 
-    @staticmethod
-    def _holders(buffer: torch.Tensor) -> int:
-        # tensors (views included) sharing the buffer's storage, plus the temporary storage object
-        return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
-
     def get(self, shape: tuple[int, ...]) -> torch.Tensor:
         for buffer in self.ring:
-            if buffer.shape == shape and self._holders(buffer) == 2:  # the ring's own reference only
+            if buffer.shape == shape and storage_holders(buffer) == 2:  # the ring's own reference only (+ the call's)
                 return buffer
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
         self.ring = (self.ring + [buffer])[-self.size:]  # the oldest dropped is kept alive by its holder
@@ -109,7 +82,7 @@ class _Normalise:
         self.buffers = BufferRing(device, torch.float32, size,
                                   torch.channels_last if channels_last else torch.contiguous_format)
         # (mean, std) per channel in 0..255 units: the back-end's (data.augment's, CIFAR's), else ImageNet's
-        mean, std = scaling or ([255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
+        mean, std = scaling or input_scaling("inception")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
@@ -192,7 +165,7 @@ class _BadImages:
     def __init__(self, paths: list[str], on_bad_image: str):
         self.paths, self.on_bad_image = paths, on_bad_image
         self.known: dict[int, str] = {}
-        self.skipped = Skipped()
+        self.replaced = Replaced()
 
     def indices(self, batch: np.ndarray, decoded: Batch) -> np.ndarray:
         """The samples really in `decoded` (for labels), after applying the policy to its bad ones."""
@@ -204,8 +177,8 @@ class _BadImages:
                     " without such files, or list them all with python -m lowrank_dist.data.check DATA_ROOT)"
                 )
             self.known[index] = why
-            self.skipped.reasons.setdefault(path, why)
-        self.skipped.count += int(np.count_nonzero(decoded.indices != batch))
+            self.replaced.reasons.setdefault(path, why)
+        self.replaced.count += int(np.count_nonzero(decoded.indices != batch))
         return decoded.indices
 
 
@@ -246,7 +219,7 @@ class _Passes:
 
 class _Loader:
     """What both loaders share: the samples, their back-end, the bad-image policy and the
-    normalisation on the device. `skipped` counts the bad images replaced so far on this rank
+    normalisation on the device. `replaced` counts the bad images replaced so far on this rank
     (on_bad_image "skip")."""
 
     def __init__(self, samples: Samples, backend: Backend, batch_size: int, device: torch.device, on_bad_image: str):
@@ -256,8 +229,8 @@ class _Loader:
         self.passes = _Passes(backend)
 
     @property
-    def skipped(self) -> Skipped:
-        return self.bad.skipped
+    def replaced(self) -> Replaced:
+        return self.bad.replaced
 
 
 class TrainLoader(_Loader):

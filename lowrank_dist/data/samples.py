@@ -1,18 +1,21 @@
-"""What the data set holds: (path, label) pairs read from an ImageNet-layout folder or from file lists.
+"""What the data set holds: (path, label) pairs, from an ImageNet-layout folder or from file lists.
 
 Folder layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG. Labels are the index of the
 class folder among the sorted train/ class folders, as torchvision's ImageFolder and DALI's
 fn.readers.file(file_root=...) number them, so a checkpoint means the same thing under either
 back-end. A list file has one `relative/path label` line per image (DALI's file_list format),
 paths relative to root. Every problem is found here, before training starts, and raised as one
-DataError that names the file or folder.
+DataError that names the file or folder. `scan_folder` is the one place a folder is listed: the
+loaders, the data index and the pre-flight check (`check`) all see the same images.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,14 +41,50 @@ class Samples:
         return len(self.paths)
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+class Folder(NamedTuple):
+    """One folder's entries by what the loaders make of them, each list sorted by name."""
+
+    folders: list[str]  # names of the sub-folders (in a split folder: the class folders)
+    images: list[str]  # paths of the .JPEG/.jpg files
+    others: list[str]  # paths of every other entry (files the loaders ignore, broken links, …)
+    unreadable: list[tuple[str, str]]  # (path, why) of entries that cannot even be stat'ed
+
+    def check_readable(self) -> None:
+        """DataError naming the first entry that cannot be stat'ed (the loaders cannot tell what it is)."""
+        if self.unreadable:
+            path, why = self.unreadable[0]
+            raise DataError(f"{str(path)!r} cannot be read: {why}; remove it or fix the link")
+
+
+def _why_unreadable(error: OSError) -> str:
+    loop = " (a symbolic link that points back at itself)" if error.errno == errno.ELOOP else ""
+    return f"{error.strerror or error}{loop}"
+
+
+def scan_folder(folder: Path) -> Folder:
+    """List `folder` once (OSError if it cannot be listed). An entry that cannot be stat'ed (a
+    symbolic link pointing back at itself: ELOOP; no permission) goes to `unreadable`."""
+    listing = Folder([], [], [], [])
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            try:
+                if entry.is_dir():
+                    listing.folders.append(entry.name)
+                elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    listing.images.append(entry.path)
+                else:
+                    listing.others.append(entry.path)
+            except OSError as error:
+                listing.unreadable.append((entry.path, _why_unreadable(error)))
+    return listing
 
 
 def class_folders(split: Path) -> list[str]:
     if not split.is_dir():
         raise DataError(f"data folder {str(split)!r} does not exist (expected root/train and root/val)")
-    classes = sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    listing = scan_folder(split)
+    listing.check_readable()
+    classes = listing.folders
     if not classes:
         raise DataError(f"data folder {str(split)!r} has no class folders (expected {split}/<class>/*.JPEG)")
     return classes
@@ -58,7 +97,9 @@ def scan_split(split: Path, class_index: dict[str, int]) -> Samples:
         if name not in class_index:
             raise DataError(f"class folder {str(split / name)!r} is not among the train classes")
         folder = split / name
-        images = sorted(entry.path for entry in os.scandir(folder) if entry.is_file() and _is_image(entry.name))
+        listing = scan_folder(folder)
+        listing.check_readable()
+        images = listing.images
         if not images:
             raise DataError(f"class folder {str(folder)!r} holds no .JPEG/.jpg images")
         paths += images
@@ -72,7 +113,10 @@ def read_list(root: Path, list_file: Path, num_classes: int | None, check_files:
     if not list_file.is_file():
         raise DataError(f"list file {str(list_file)!r} does not exist")
     paths, labels = [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    # bytes that are not UTF-8 kept as they are (surrogateescape): such a line names a file whose
+    # name is not UTF-8, which the file system takes back as the same bytes
+    text = list_file.read_bytes().decode("utf-8", "surrogateescape")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rsplit(maxsplit=1)
@@ -89,42 +133,3 @@ def read_list(root: Path, list_file: Path, num_classes: int | None, check_files:
     if not paths:
         raise DataError(f"list file {str(list_file)!r} lists no images")
     return Samples(paths, np.asarray(labels, dtype=np.int64))
-
-
-def load_samples(
-    root: str | os.PathLike, train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None,
-    with_train: bool = True, jobs: int | None = None, rebuild: bool = False,
-) -> tuple[list[str], Samples | None, Samples]:
-    """(class names, train samples, val samples), from the data index (built or rebuilt first if it
-    is missing or stale: `index`). With a train list the classes are named "0".."K-1", K = its
-    largest label + 1, since a list carries numbers, not folder names. `with_train=False`
-    (evaluation) finds the classes without listing, checking or indexing the train images: train is None."""
-    from .index import split_samples
-
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data root {str(root)!r} does not exist")
-    train = None
-    if train_list is not None:
-        train_list = Path(train_list)
-        if with_train:
-            if not train_list.is_file():
-                raise DataError(f"list file {str(train_list)!r} does not exist")
-            train = split_samples(root, "train", classes=None, list_file=train_list, jobs=jobs, rebuild=rebuild)
-        else:
-            train = read_list(root, train_list, None, check_files=False)
-        classes = [str(label) for label in range(int(train.labels.max()) + 1)]
-    else:
-        classes = class_folders(root / "train")
-        if with_train:
-            train = split_samples(root, "train", classes=classes, jobs=jobs, rebuild=rebuild)
-    if val_list is not None:
-        val_list = Path(val_list)
-        if not val_list.is_file():
-            raise DataError(f"list file {str(val_list)!r} does not exist")
-        val = split_samples(root, "val", classes=classes, list_file=val_list, num_classes=len(classes), jobs=jobs,
-                            rebuild=rebuild)
-    else:
-        class_folders(root / "val")  # a missing val folder is named as such
-        val = split_samples(root, "val", classes=classes, jobs=jobs, rebuild=rebuild)
-    return classes, train if with_train else None, val

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import exit_code_for, reason
+
 PATTERNS = ("horizontal stripes", "vertical stripes", "checkerboard", "rings")
 
 
@@ -74,11 +76,24 @@ def make_synthetic(
     out = Path(out)
     if classes < 2 or train_per_class < 1 or val_per_class < 1 or not 8 <= min_side <= max_side:
         raise ValueError("need classes ≥ 2, train/val per class ≥ 1 and 8 ≤ min_side ≤ max_side")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty; pass force=True (--force) to replace its train/ and val/")
         for split in ("train", "val"):
             shutil.rmtree(out / split, ignore_errors=True)
+    try:
+        _write_images(out, classes, train_per_class, val_per_class, seed, min_side, max_side)
+    except OSError:  # a full disk, say: half a data set (and half a JPEG) is of no use, so none is left
+        for split in ("train", "val"):
+            shutil.rmtree(out / split, ignore_errors=True)
+        raise
+    return {"classes": classes, "train": classes * train_per_class, "val": classes * val_per_class}
+
+
+def _write_images(out: Path, classes: int, train_per_class: int, val_per_class: int, seed: int, min_side: int,
+                  max_side: int) -> None:
     rng = np.random.default_rng(seed)
     val_number = 0
     for label in range(classes):
@@ -93,7 +108,6 @@ def make_synthetic(
                     val_number += 1
                     name = f"ILSVRC2012_val_{val_number:08d}.JPEG"
                 Image.fromarray(_render(rng, label, classes, min_side, max_side)).save(folder / name, quality=90)
-    return {"classes": classes, "train": classes * train_per_class, "val": classes * val_per_class}
 
 
 def main(argv=None) -> int:
@@ -114,6 +128,9 @@ def main(argv=None) -> int:
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # make_synthetic removed the half-written set
+        print(f"error: --out: could not write the data set to {str(args.out)!r} ({reason(error)})", file=sys.stderr)
+        return exit_code_for(error)
     print(f"wrote {counts['train']} train and {counts['val']} val JPEGs ({counts['classes']} classes,"
           f" {args.min_side}-{args.max_side} px sides) to {args.out}/train and {args.out}/val"
           f" in {time.perf_counter() - start:.1f} s")

@@ -1,11 +1,11 @@
 """The torchvision back-end: PIL decodes in DataLoader worker processes that live as long as the loader.
 
 The main process plans each epoch in one go — which sample fills each slot (the index's bad images
-replaced, `loaders.fill_slots`) and every crop window (`CropPlan.boxes`, from the index's image
+replaced, `integrity.fill_slots`) and every crop window (`CropWindows.boxes`, from the index's image
 sizes) — and hands the workers keys that carry all of it, so a worker only reads, decodes, crops
 and resizes. The workers are started once (persistent_workers) and serve every epoch; the keys, not
 the workers, change. They send uint8 N×S×S×3 batches (a quarter of the bytes of float32); the
-loaders normalise them on the device. Each sample's crop comes from the CropPlan, keyed by (seed,
+loaders normalise them on the device. Each sample's crop comes from the CropWindows, keyed by (seed,
 epoch, index), so the number of workers does not change a single pixel. An image only a decoder
 finds bad (integrity.decode_rgb fails) is replaced in the worker by integrity.first_good's choice,
 cropped for its own size, and reported with the batch, so no worker ever raises for bad data.
@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .integrity import BadImage, decode_rgb, first_good, inspect_image, read_bytes
-from .loaders import Batch, fill_slots
+from .augment import CropWindows
+from .integrity import BadImage, decode_rgb, fill_slots, first_good, inspect_image, read_bytes
+from .loaders import Batch
+from .parallel import ignore_interrupts
 from .samples import Samples
-from .sampling import CropPlan
 
 
 class _CroppedImages(Dataset):
@@ -35,8 +36,8 @@ class _CroppedImages(Dataset):
     window; if its decoder fails, the next good sample fills the slot, with the crop drawn for the
     slot's index on the new image's size."""
 
-    def __init__(self, paths: list[str], plan: CropPlan, index_bad: Mapping[int, str], decode: bool):
-        self.paths, self.plan, self.index_bad, self.decode = paths, plan, index_bad, decode
+    def __init__(self, paths: list[str], windows: CropWindows, index_bad: Mapping[int, str], decode: bool):
+        self.paths, self.windows, self.index_bad, self.decode = paths, windows, index_bad, decode
         self.found_bad: dict[int, str] = {}  # this worker's own finds, to try them once only
 
     def __len__(self) -> int:
@@ -60,10 +61,10 @@ class _CroppedImages(Dataset):
                                                   self._load)
             bad = [(key[2], str(error))] + bad
             self.found_bad.update(bad)
-            box = self.plan.box(epoch, slot, *image.size) if image is not None else box
+            box = self.windows.box(epoch, slot, *image.size) if image is not None else box
         if image is None:
             return torch.empty(0, dtype=torch.uint8), index, bad, size
-        side = [self.plan.image_size, self.plan.image_size]
+        side = [self.windows.image_size, self.windows.image_size]
         image = F.resized_crop(image, box.top, box.left, box.height, box.width, side,
                                interpolation=InterpolationMode.BILINEAR, antialias=True)
         if box.flip:
@@ -93,19 +94,20 @@ class _Keys:
 class TorchvisionBackend:
     name = "torchvision"
 
-    def __init__(self, samples: Samples, plan: CropPlan, workers: int, device: torch.device, channels_last: bool,
-                 decode: bool = True):
-        self.samples, self.plan, self.channels_last = samples, plan, channels_last
-        self.scaling = plan.scaling  # the loaders normalise with it (data.augment)
+    def __init__(self, samples: Samples, windows: CropWindows, workers: int, device: torch.device,
+                 channels_last: bool, decode: bool = True):
+        self.samples, self.windows, self.channels_last = samples, windows, channels_last
+        self.scaling = windows.scaling  # the loaders normalise with it (data.augment)
         self.keys = _Keys()
-        dataset = _CroppedImages(samples.paths, plan, samples.bad, decode)
+        dataset = _CroppedImages(samples.paths, windows, samples.bad, decode)
         # a private generator: the DataLoader draws a worker base seed from it (unused: crops come
-        # from the CropPlan), which would otherwise advance the global RNG that dropout uses and
+        # from the CropWindows), which would otherwise advance the global RNG that dropout uses and
         # make a resumed run differ from an uninterrupted one. The workers start at the first pass
         # and stay (persistent_workers): a fresh set per epoch would re-import torch each time.
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=workers, collate_fn=_collate,
                                  pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                                 worker_init_fn=ignore_interrupts if workers > 0 else None)
 
     def images(self, batches: list[np.ndarray], epoch: int | None, known_bad: Mapping[int, str]) -> Iterator[Batch]:
         if not batches:
@@ -113,7 +115,7 @@ class TorchvisionBackend:
         slots = np.concatenate(batches)
         bad = ChainMap(dict(known_bad), self.samples.bad)
         filled, met = fill_slots(slots, len(self.samples), bad, known_bad)
-        boxes = self.plan.boxes(epoch, slots, self.samples.widths[filled], self.samples.heights[filled])
+        boxes = self.windows.boxes(epoch, slots, self.samples.widths[filled], self.samples.heights[filled])
         keys, start = [], 0
         for batch in batches:
             keys.append([(epoch, int(slots[p]), int(filled[p]), boxes[p]) for p in range(start, start + len(batch))])

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError, load_config
-from .jobs import TrainJob, job_ended_badly, job_stuck, make_executor, run_local, sbatch_script, slurm_available, submit
+from .jobs import (TrainJob, job_ended_badly, job_folder_for, job_stuck, make_executor, outcome_file, read_outcomes,
+                   run_local, sbatch_script, slurm_available, submit)
 from .resources import data_budget, plan_resources
 from .slurm import JobStatus, SlurmError, query_partition, slurm_command, stuck_reason, wait_for_job
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
                   " run the same command again to resume from it", file=sys.stderr)
         return code
 
-    job_folder = (cfg.run.folder / "slurm").resolve()
+    job_folder = job_folder_for(cfg)
     if args.dry_run:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
@@ -155,17 +156,17 @@ def wait(job, cfg) -> int:
             print(f"error: {line}", file=sys.stderr)
             return 2 if cancel else 1
         if status.state != "COMPLETED":
-            print(f"error: {job_ended_badly(job, status, latest_checkpoint(cfg))}", file=sys.stderr)
+            print(f"error: {job_ended_badly(job, status, latest_checkpoint(cfg), job_folder_for(cfg))}", file=sys.stderr)
             return 1
     except SlurmError as error:
         print(f"error: lost track of job {job.job_id} ({error}); `squeue -j {job.job_id}` shows where it is",
               file=sys.stderr)
         return 1
-    try:
-        result = job.results()[0]  # rank 0's summary
-    except Exception as error:  # noqa: BLE001 - submitit could not read what the task returned
-        print(f"error: job {job.job_id} completed but its result could not be read"
-              f" ({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); see {job.paths.folder}",
+    # rank 0's summary, from the JSON its TrainJob wrote: submitit's result pickles are never read here
+    result = read_outcomes(job_folder_for(cfg), job.job_id).get(0)
+    if result is None:
+        print(f"error: job {job.job_id} completed but its result file"
+              f" {outcome_file(job_folder_for(cfg), job.job_id, 0)} is missing or unreadable; see {job.paths.folder}",
               file=sys.stderr)
         return 1
     print(f"job {job.job_id} finished: {json.dumps(result)}")

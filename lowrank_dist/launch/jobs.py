@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
+import json
+import os
 import shutil
 import signal
 import sys
 from pathlib import Path
 
 from ..config import Config
+from ..files import write_text_atomic
 from .resources import SIGNAL_LEAD_S, Resources, default_cpus_per_task
 from .slurm import ADMIN_ONLY, NEVER_STARTS, JobStatus, SlurmError, stuck_reason
 
@@ -36,9 +38,10 @@ class TrainJob:
         from ..training.signals import StopSignals
         from ..training.trainer import Preempted, run_training
 
+        stop = StopSignals()  # replaces submitit's handlers, which it installed before calling us
         cfg = load_config(self.config, self.overrides)
         rdv = rendezvous()
-        stop = StopSignals()  # replaces submitit's handlers, which it installed before calling us
+        stop.announce = rdv.rank == 0
         try:
             result = run_training(cfg, rdv=rdv, stop=stop.event)
         except Preempted as preempted:
@@ -46,15 +49,55 @@ class TrainJob:
             if stop.received == signal.SIGUSR2 and rdv.rank == 0 and callable(requeue):
                 requeue(signal.SIGUSR2, None)
             # after TERM, SLURM itself decides: a preempted or requeued job comes back, a cancelled one does not
-            return {"preempted_at_step": preempted.step, "checkpoint": str(preempted.checkpoint)}
-        return {"top1": result.top1, "top5": result.top5, "loss": result.loss, "step": result.step,
-                "folder": str(result.folder)}
+            return self._outcome(cfg, rdv.rank, {"preempted_at_step": preempted.step,
+                                                 "checkpoint": str(preempted.checkpoint)})
+        except Exception as error:
+            self._outcome(cfg, rdv.rank, {"error": f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]})
+            raise
+        return self._outcome(cfg, rdv.rank, {"top1": result.top1, "top5": result.top5, "loss": result.loss,
+                                             "step": result.step, "folder": str(result.folder)})
+
+    @staticmethod
+    def _outcome(cfg: Config, rank: int, outcome: dict) -> dict:
+        """`outcome`, also written as JSON where `submit.py --wait` reads it (rank 0's result, any
+        rank's error): --wait never unpickles what a task left (submitit's result pickles)."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if job_id is not None and (rank == 0 or "error" in outcome):
+            try:
+                write_text_atomic(outcome_file(job_folder_for(cfg), job_id, rank), json.dumps(outcome) + "\n")
+            except OSError:
+                pass  # a full disk: --wait then says the result could not be read, SLURM's state says the rest
+        return outcome
 
     def checkpoint(self):
         """Called by submitit before a requeue: the same job again; fit resumes from the run folder."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+
+
+def job_folder_for(cfg: Config) -> Path:
+    """Where the jobs of a run keep their logs: <run folder>/slurm/<job id>/ (submitit's and ours)."""
+    return (cfg.run.folder / "slurm").resolve()
+
+
+def outcome_file(job_folder: Path, job_id: str, rank: int) -> Path:
+    """What task `rank` of job `job_id` wrote about how it ended, as JSON (TrainJob._outcome)."""
+    return job_folder / job_id / f"{job_id}_{rank}_outcome.json"
+
+
+def read_outcomes(job_folder: Path, job_id: str) -> dict[int, dict]:
+    """The JSON outcomes the job's tasks wrote, by rank (unreadable ones left out)."""
+    found = {}
+    for path in (job_folder / job_id).glob(f"{job_id}_*_outcome.json"):
+        try:
+            outcome = json.loads(path.read_text())
+            rank = int(path.name.split("_")[1])
+        except (OSError, ValueError):
+            continue
+        if isinstance(outcome, dict):
+            found[rank] = outcome
+    return found
 
 
 def slurm_available() -> bool:
@@ -113,19 +156,13 @@ def submit(executor, job):
         raise SlurmError(f"sbatch refused the job: {'; '.join(lines) or type(error).__name__}") from None
 
 
-def task_error(job) -> str | None:
-    """The exception that ended the job's first failed task, as 'TrainingError: the loss became nan ...'
-    (the last line of the traceback submitit kept), or None."""
-    try:
-        failure = job.exception()
-    except Exception:  # noqa: BLE001 - no result to read (the node died): the state says enough
-        return None
-    trace = str(failure or "").split("----------------------")
-    lines = [line.strip() for line in (trace[1] if len(trace) > 2 else "").splitlines() if line.strip()]
-    if not lines:
-        return None
-    match = re.match(r"^(?:[\w.]+\.)?(\w+: .*)$", lines[-1])
-    return match.group(1) if match else lines[-1]
+def task_error(job, job_folder: Path) -> str | None:
+    """The exception that ended the job's first failed task (lowest rank), as 'TrainingError: the loss
+    became nan ...', from the JSON its TrainJob wrote; None if none did (a task killed, a node lost:
+    the state says enough)."""
+    errors = [outcome["error"] for _, outcome in sorted(read_outcomes(job_folder, job.job_id).items())
+              if isinstance(outcome.get("error"), str)]
+    return errors[0] if errors else None
 
 
 ENDINGS = {  # sacct's final state: what happened, what to do
@@ -143,11 +180,11 @@ ENDINGS = {  # sacct's final state: what happened, what to do
 }
 
 
-def job_ended_badly(job, status: JobStatus, checkpoint: Path | None) -> str:
+def job_ended_badly(job, status: JobStatus, checkpoint: Path | None, job_folder: Path | None = None) -> str:
     """One line for a job that did not complete: SLURM's state and reason, the task's own error, the
     logs, the last checkpoint and what to do."""
     what, todo = ENDINGS.get(status.state, ("ended", "see its logs"))
-    error = task_error(job) if status.state == "FAILED" else None
+    error = task_error(job, job_folder) if status.state == "FAILED" and job_folder is not None else None
     logs = str(job.paths.stderr).replace("%t", "0")
     return (f"job {job.job_id} {what} ({', '.join(filter(None, (status.state, status.reason)))}"
             + (f"; {error}" if error else "") + ")."

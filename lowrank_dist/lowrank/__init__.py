@@ -6,6 +6,7 @@
 - ranks.py: how K is chosen per layer (explicit ranks, a MAC speedup, an energy fraction) and the
   MAC counts behind it, N·C·kh·kw dense against K·(C·kh + N·kw) factorized;
 - layers.py: LowRankConv2d, the pair of convs as one module (from a dense conv, back to one,
-  re-projected onto rank K).
+  re-projected onto rank K); LowRankLinear, a fully-connected layer W (out×in) as U·V by the
+  truncated SVD (svd.decompose_linear: a linear layer is a 1×1 conv, Eckart–Young again).
 
 Nothing is imported here: `from lowrank_dist import LowRankConv2d, decompose_kernel` is the short way."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .svd import Decomposition, check_rank, decompose_kernel, recompose
+from .svd import Decomposition, check_rank, decompose_kernel, decompose_linear, recompose
 
 
 def _pair(value) -> tuple[int, int]:
@@ -240,3 +240,72 @@ class LowRankConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank},"
             f" stride={self.stride}, padding={self.padding}, groups={self.groups}"
         )
+
+
+class LowRankLinear(nn.Module):
+    """A fully-connected layer W (out×in) factorized as U·V: `first` in→K (V, no bias), then
+    `second` K→out (U, with W's bias). Parameters and multiply-accumulates fall from out·in to
+    K·(in + out) — and so do the gradients all-reduced each step. `dense_weight` is U·V exactly."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank {rank} must be in 1..{min(in_features, out_features)} for a {out_features}×{in_features}"
+                             " linear layer")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """The exact rank-K truncated SVD of a (trained) dense layer: the fine-tune path."""
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None).to(linear.weight)
+        layer.reproject_from(linear.weight)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.second.bias.copy_(linear.bias)
+        return layer
+
+    @classmethod
+    def from_scratch_like(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """A fresh factorized twin of `linear` whose composed map has the dense initialisation's gain:
+        V ~ N(0, 1/in) keeps the input's variance, U ~ N(0, σ_W²·in/K) gives the dense output's."""
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None).to(linear.weight)
+        sigma_w = float(linear.weight.detach().float().std())
+        if not math.isfinite(sigma_w) or sigma_w == 0.0:
+            sigma_w = 1.0 / math.sqrt(linear.in_features)
+        with torch.no_grad():
+            layer.first.weight.normal_(0.0, 1.0 / math.sqrt(linear.in_features))
+            layer.second.weight.normal_(0.0, sigma_w * math.sqrt(linear.in_features / rank))
+            if linear.bias is not None:
+                layer.second.bias.copy_(linear.bias)
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.second.weight @ self.first.weight
+
+    @torch.no_grad()
+    def reproject_from(self, weight: torch.Tensor) -> Decomposition:
+        """U, V ← the rank-K truncated SVD of `weight` (in place: an optimizer's references stay valid)."""
+        u, v, decomposition = decompose_linear(weight, self.rank)
+        self.second.weight.copy_(u)
+        self.first.weight.copy_(v)
+        return decomposition
+
+    def reproject(self) -> Decomposition:
+        """Re-balance U and V (‖U_k‖ = ‖V_k‖ = √s_k) without changing the layer's function."""
+        return self.reproject_from(self.dense_weight())
+
+    def to_dense(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, self.second.bias is not None).to(self.first.weight)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if linear.bias is not None:
+                linear.bias.copy_(self.second.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}"

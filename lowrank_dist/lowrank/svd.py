@@ -161,6 +161,17 @@ def _top_subspace(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return basis, eigenvalues.clamp_min(0).sqrt(), transpose
 
 
+def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced split: column k of `left` and row k of `right` scaled to norm √s_k each."""
+    left_norms = left.norm(dim=0)
+    right_norms = right.norm(dim=1)
+    s = left_norms * right_norms
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    left = left * (safe.sqrt() / torch.where(left_norms > 0, left_norms, torch.ones_like(s)))
+    right = right * (safe.sqrt() / torch.where(right_norms > 0, right_norms, torch.ones_like(s)))[:, None]
+    return left, right
+
+
 def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomposition:
     """Exact rank-`rank` decomposition of a conv kernel into vertical and horizontal filters.
 
@@ -181,13 +192,7 @@ def decompose_kernel(weight: torch.Tensor, rank: int, groups: int = 1) -> Decomp
             left, right = m @ basis, basis.T
         else:  # M ≈ basis·(basisᵀ M)
             left, right = basis, basis.T @ m
-        # Balanced split: scale column k of `left` and row k of `right` to norm √s_k each.
-        left_norms = left.norm(dim=0)
-        right_norms = right.norm(dim=1)
-        s = left_norms * right_norms
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        left = left * (safe.sqrt() / torch.where(left_norms > 0, left_norms, torch.ones_like(s)))
-        right = right * (safe.sqrt() / torch.where(right_norms > 0, right_norms, torch.ones_like(s)))[:, None]
+        left, right = _balanced(left, right)
         error_squared += float(torch.linalg.vector_norm(m.addmm_(left, right, alpha=-1))) ** 2  # ‖M − M_K‖², M is spent
         verticals.append(left.T.reshape(rank, c, kh, 1))  # V[k,c,i] = U[(c,i),k]·√s_k
         horizontals.append(right.reshape(rank, kw, n_g).permute(2, 0, 1).unsqueeze(2))  # H[n,k,0,j]
@@ -211,3 +216,25 @@ def recompose(vertical: torch.Tensor, horizontal: torch.Tensor, groups: int = 1)
     v = vertical.reshape(groups, k, c, kh)
     h = horizontal.reshape(groups, n // groups, k, kw)
     return torch.einsum("gkci,gnkj->gncij", v, h).reshape(n, c, kh, kw)
+
+
+def decompose_linear(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, Decomposition]:
+    """W (out×in) ≈ U·V, U out×K and V K×in, by the truncated SVD (Eckart–Young: the best rank-K
+    approximation in Frobenius norm, error sqrt(Σ_{k>K} s_k²)), √s_k on each side; computed as the
+    convs' are (top-K eigenpairs of the shorter side's Gram matrix, float64). Returns (U, V, the
+    Decomposition: singular values, error; its vertical/horizontal are V and U as 1×1 kernels)."""
+    out_features, in_features = weight.shape
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(f"rank {rank} must be in 1..{min(out_features, in_features)} for a {out_features}×{in_features}"
+                         " linear layer")
+    m = weight.detach().to(torch.float64)
+    transpose = m.shape[0] > m.shape[1]
+    eigenvalues, basis = _top_eigenpairs(m.T @ m if transpose else m @ m.T, rank)
+    left, right = (m @ basis, basis.T) if transpose else (basis, basis.T @ m)
+    left, right = _balanced(left, right)
+    error = float(torch.linalg.matrix_norm(m - left @ right))
+    u, v = left.to(weight), right.to(weight)
+    decomposition = Decomposition(vertical=v.reshape(rank, in_features, 1, 1), horizontal=u.reshape(out_features, rank, 1, 1),
+                                  singular_values=eigenvalues.clamp_min(0).sqrt(), error=error,
+                                  norm=float(torch.linalg.matrix_norm(m)), rank=rank)
+    return u, v, decomposition

@@ -199,8 +199,9 @@ def layer_key(layer: LowRankConv2d, given: LayerInput, env: Mapping) -> str:
                       sort_keys=True)
 
 
-def read_cache(path: Path | None) -> dict[str, dict]:
-    """The cached decisions, or none (with a warning) if the file is unreadable or of another version."""
+def read_cache(path: Path | None, warn: bool = True) -> dict[str, dict]:
+    """The cached decisions, or none (with a warning) if the file is unreadable, damaged or of another
+    version; entries that are not two positive times are timed again (`_usable`)."""
     if path is None or not path.exists():
         return {}
     try:
@@ -208,15 +209,19 @@ def read_cache(path: Path | None) -> dict[str, dict]:
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("layers"), dict):
             raise ValueError(f"not a version-{CACHE_VERSION} plan cache")
         return data["layers"]
-    except (OSError, ValueError) as error:
+    except RecursionError:  # brackets nested deeper than the parser goes: no cache of ours
+        error = ValueError("nested too deeply to be a plan cache")
+    except (OSError, ValueError) as caught:  # UnicodeDecodeError and json's errors are ValueErrors
+        error = caught
+    if warn:
         print(f"warning: ignoring the execution plan cache {path} ({error}); timing every layer", file=sys.stderr)
-        return {}
+    return {}
 
 
 def write_cache(path: Path, entries: Mapping[str, dict]) -> None:
     """Merge `entries` into the cache file, atomically (a reader never sees half a file; a run
     writing at the same time loses at most its own new entries, which are timed again next time)."""
-    merged = {**read_cache(path), **entries} if path.exists() else dict(entries)
+    merged = {**read_cache(path, warn=False), **entries}  # read_cache warned once already
     write_text_atomic(path, json.dumps({"version": CACHE_VERSION, "layers": merged}, indent=1) + "\n")
 
 
@@ -225,9 +230,11 @@ def write_cache(path: Path, entries: Mapping[str, dict]) -> None:
 
 
 def _usable(entry) -> bool:
-    """A cache entry with two positive times (anything else, e.g. edited by hand, is timed again)."""
-    return isinstance(entry, dict) and all(
-        isinstance(entry.get(key), (int, float)) and entry[key] > 0 for key in ("factorized_s", "composed_s")
+    """A cache entry with two positive times and a date, if any, that is text (anything else, e.g.
+    edited by hand, is timed again)."""
+    return isinstance(entry, dict) and isinstance(entry.get("date", ""), str) and all(
+        isinstance(entry.get(key), (int, float)) and not isinstance(entry[key], bool) and entry[key] > 0
+        for key in ("factorized_s", "composed_s")
     )
 
 

@@ -235,10 +235,89 @@ def _model_identity(section):
     return section | {"lowrank": {k: v for k, v in section["lowrank"].items() if k != "execution"}}
 
 
+def _is_count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def rng_problem(states) -> str | None:
+    """Why `states` (a checkpoint's "rng") cannot be restored, tried on throwaway generators; or None."""
+    try:
+        torch.Generator().set_state(states["torch"].cpu())
+        numpy_state = states["numpy"]
+        np.random.RandomState().set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32),
+                                           numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        random.Random().setstate(states["python"])
+    except Exception as error:  # noqa: BLE001 - whatever it is, the state is not one rng_states wrote
+        return f"its RNG state cannot be restored ({(str(error).splitlines() or [type(error).__name__])[0][:200]})"
+    return None
+
+
+def layout_problem(state: dict) -> str | None:
+    """What is wrong with the layout of a loaded training checkpoint (what rng_states and the trainer
+    write), or None: a file edited or damaged so that resuming from it would fail half-way."""
+    if not is_state_dict(state.get("model")):
+        return "its 'model' is not a state_dict (names → tensors)"
+    for key in ("step", "epoch", "batch", "skipped_nonfinite"):
+        if not _is_count(state.get(key, 0)):
+            return f"its {key!r} is {state.get(key)!r}, not a count"
+    if not isinstance(state.get("best_top1"), (int, float)) or isinstance(state.get("best_top1"), bool):
+        return f"its 'best_top1' is {state.get('best_top1')!r}, not a number"
+    world = state.get("world_size", 1)
+    if not _is_count(world, 1):
+        return f"its 'world_size' is {world!r}, not a number of processes"
+    ranks = state.get("ranks", {})
+    if not isinstance(ranks, dict) or not all(isinstance(k, str) and _is_count(v, 1) for k, v in ranks.items()):
+        return "its 'ranks' is not a map of layer → rank"
+    engine = state.get("engine")
+    if engine is not None and not (isinstance(engine, dict) and isinstance(engine.get("optimizer"), dict)):
+        return "its 'engine' holds no optimizer state"
+    own = state.get("rank_buffers")
+    if own is not None and not (isinstance(own, list) and len(own) == world and all(map(is_state_dict, own))):
+        return f"its 'rank_buffers' is not one state_dict per process ({world})"
+    return rng_problem(state.get("rng"))
+
+
+def state_dict_mismatch(expected: dict, saved: dict) -> str | None:
+    """How `saved` (a state_dict) differs from a model's `expected` one in names and shapes, or None."""
+    shape = lambda t: "×".join(map(str, t.shape)) or "a scalar"  # noqa: E731
+    differ = [k for k in expected if k in saved and saved[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    parts = [f"{k} is {shape(saved[k])} there, {shape(expected[k])} here" for k in differ[:1]]
+    parts += [f"{len(differ) - 1} more tensors differ in shape"] if len(differ) > 1 else []
+    parts += [f"{len(missing)} tensor(s) missing (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(extra)} unexpected tensor(s) (e.g. {extra[0]})"] if extra else []
+    return "; ".join(parts) or None
+
+
+def check_fits(state: dict, path: Path, model: torch.nn.Module, num_classes: int, classes_from: str) -> None:
+    """Refuse, naming both, a checkpoint whose weights do not fit `model`: first the class count (a
+    data.root whose class folders changed), then names and shapes."""
+    written_for = state.get("num_classes")
+    if _is_count(written_for) and written_for != num_classes:
+        raise CheckpointError(f"--resume {str(path)!r} was written for {written_for} classes; this run has {num_classes}"
+                              f" ({classes_from}): give run.name another name to start anew, or go back to the data it"
+                              " was trained on")
+    expected = model.state_dict()
+    mismatch = state_dict_mismatch(expected, state["model"])
+    for own in state.get("rank_buffers") or []:  # each process's own BN statistics: names and shapes of the model's
+        mismatch = mismatch or state_dict_mismatch({k: v for k, v in expected.items() if k in own}, own)
+    if mismatch is not None:
+        raise CheckpointError(f"--resume {str(path)!r} does not fit this run's model ({num_classes} classes, {classes_from}):"
+                              f" {mismatch}")
+
+
 def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext) -> None:
     """Refuse, with the reason, a checkpoint this run cannot continue from."""
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"--resume {str(path)!r} is not a checkpoint of this trainer (no config in it)")
+    if not isinstance(state["config"].get("model"), dict) or not isinstance(state["config"].get("distributed", {}), dict):
+        raise CheckpointError(f"--resume {str(path)!r} is damaged or not a checkpoint of this trainer: its config has no"
+                              " model section")
     written_for, this = _model_identity(state["config"].get("model")), _model_identity(cfg.resolved()["model"])
     if written_for != this:
         there, here = _differences(written_for if isinstance(written_for, dict) else {}, this)
@@ -247,6 +326,9 @@ def check_resumable(state: dict, path: Path, cfg: Config, dist_ctx: DistContext)
     if "engine" not in state:
         raise CheckpointError(f"--resume {str(path)!r} is not a training checkpoint (no optimizer state); to start"
                               " from its weights use model.lowrank.mode 'decomposed' with dense_checkpoint")
+    problem = layout_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"--resume {str(path)!r} is damaged or not a checkpoint of this trainer: {problem}")
     written_engine = state["config"].get("distributed", {}).get("engine", "ddp")
     if written_engine != cfg.distributed.engine:
         raise CheckpointError(f"--resume {str(path)!r} was written by distributed.engine {written_engine!r}; this"

@@ -115,6 +115,37 @@ class DistContext:
                 dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
                 buffer.div_(self.world_size)
 
+    @contextmanager
+    def buffers_averaged(self, model: nn.Module) -> Iterator[None]:
+        """Inside, every rank holds the ranks' mean BN statistics (average_buffers: what the run
+        evaluates, saves as its model and exports); after, each rank holds its own again, bit for
+        bit. Evaluating or saving must not change the run: a run stopped and resumed from a step an
+        uninterrupted run never saved has to continue from the same per-rank statistics."""
+        if not self.distributed:
+            yield
+            return
+        own = [(buffer, buffer.clone()) for buffer in model.buffers() if buffer.is_floating_point()]
+        self.average_buffers(model)
+        try:
+            yield
+        finally:
+            for buffer, kept in own:
+                buffer.copy_(kept)
+
+    def gather_buffers(self, model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
+        """Every rank's own floating-point buffers (BN running statistics) by name, rank by rank, on
+        the CPU; None in one process. Collective: every rank calls it."""
+        if not self.distributed:
+            return None
+        ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(self.world_size)]
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                copies = [torch.empty_like(buffer) for _ in range(self.world_size)]
+                dist.all_gather(copies, buffer.contiguous())
+                for rank, copy in enumerate(copies):
+                    ranks[rank][name] = copy.cpu()
+        return ranks
+
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank."""
         if not self.distributed:
@@ -148,7 +179,7 @@ def process_group(rdv: Rendezvous, device_type: str, timeout_s: float = 600.0,
     error within that time instead of hanging for the default 30 minutes. `group_of_one` makes the
     group for a single process too, and its context says distributed, so DDP, the sync points'
     all-reduce and the evaluation's sums run through the backend as with several ranks: how
-    bench/gpu.py checks NCCL on a machine with one GPU (NCCL refuses two ranks on one device)."""
+    tests/gpu/ checks NCCL on a machine with one GPU (NCCL refuses two ranks on one device)."""
     ctx = DistContext(rdv.rank, rdv.world_size, rdv.local_rank, grouped=group_of_one and rdv.world_size == 1)
     if rdv.world_size == 1 and not group_of_one:
         yield ctx

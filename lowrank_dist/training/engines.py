@@ -25,6 +25,7 @@ every rank, rank 0 saves it), this rank's ZeRO partition for DeepSpeed (every ra
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -35,8 +36,12 @@ from torch import nn
 from ..config import Config
 from ..runtime import amp_dtype, autocast_for
 from .checkpoint import CheckpointManager
+from .comm import CommHook
 from .distributed import DistContext
 from .optim import build_optimizer, scaled_lr
+
+
+ONE_BUCKET_MB = 2.0**40  # every gradient in one DDP bucket
 
 
 def global_batch(cfg: Config, dist_ctx: DistContext) -> int:
@@ -80,9 +85,10 @@ class Engine:
         first, then rank 0 commits the step file; otherwise rank 0 writes it all. A write that fails
         on any rank raises CheckpointWriteFailed on every rank. Returns the step file (rank 0)."""
         error = None
-        if self.optimizer_sharded:
+        own = self.state_dict() if self.optimizer_sharded else self.own_state()
+        if own is not None:  # the same on every rank: whether the engine has per-rank state
             try:
-                checkpoints.save_shard({"engine": self.state_dict()}, step, dist_ctx.rank, dist_ctx.world_size)
+                checkpoints.save_shard({"engine": own}, step, dist_ctx.rank, dist_ctx.world_size)
             except OSError as failure:
                 error = failure
             if dist_ctx.any(error is not None):  # also the barrier before rank 0 commits
@@ -103,8 +109,16 @@ class Engine:
         loaded as `checkpoint`; sharded: this rank's shard file beside it)."""
         state = checkpoint["engine"]
         if self.optimizer_sharded:
-            state = checkpoints.load_shard(path, dist_ctx.rank, dist_ctx.world_size, self.device)["engine"]
-        self.load_state_dict(state)
+            self.load_state_dict(checkpoints.load_shard(path, dist_ctx.rank, dist_ctx.world_size, self.device)["engine"])
+            return
+        own = None  # PowerSGD's error feedback: this rank's, if the checkpoint was written by as many ranks
+        if self.own_state() is not None and "powersgd" in state and checkpoint.get("world_size", 1) == dist_ctx.world_size:
+            own = checkpoints.load_shard(path, dist_ctx.rank, dist_ctx.world_size, self.device)["engine"]
+        self.load_state_dict(state, own)
+
+    def own_state(self) -> dict | None:
+        """What this rank alone holds and saves beside the step file, besides a sharded optimizer."""
+        return None
 
 
 class DDPEngine(Engine):
@@ -112,9 +126,12 @@ class DDPEngine(Engine):
 
     optimizer_sharded = False  # every rank holds the whole optimizer state
 
-    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device,
+                 steps_per_epoch: int = 1):
         self.module = model
         self.device = device
+        self.comm = None  # one process: no gradient all-reduce
+        self.steps_per_epoch = steps_per_epoch
         self.autocast = autocast_for(device, amp_dtype(cfg.precision.amp))
         self.peak_lr = scaled_lr(cfg.optim, global_batch(cfg, dist_ctx))
         self.optimizer = build_optimizer(model, cfg.optim, global_batch(cfg, dist_ctx))
@@ -128,15 +145,17 @@ class DDPEngine(Engine):
             # fails an internal assert (torch 2.14). Both leave the numerics bitwise as they were
             # (tests/test_distributed.py).
             options = cfg.distributed
+            # torch's PowerSGD hook starts each bucket's P and Q all-reduces from future callbacks, which
+            # gloo may run in another order on each rank when there are several buckets (a collective
+            # mismatch; torch tests the hook on NCCL only): on the CPU it gets one bucket.
+            one_bucket = options.grad_compression == "powersgd" and device.type != "cuda"
             self._ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
-                gradient_as_bucket_view=True, bucket_cap_mb=options.bucket_cap_mb,
+                gradient_as_bucket_view=True, bucket_cap_mb=ONE_BUCKET_MB if one_bucket else options.bucket_cap_mb,
                 static_graph=options.static_graph and cfg.optim.accumulate == 1,
             )
-            if options.grad_compression == "bf16":
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-                self._ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            # torch's all-reduce, bf16 or PowerSGD hook, behind a counter of the bytes it sends (comm.py)
+            self.comm = CommHook.register(self._ddp, model, options, powersgd_start(cfg, steps_per_epoch))
         wrapped = self._ddp or model
         self.forward = torch.compile(wrapped) if cfg.precision.compile else wrapped
 
@@ -156,14 +175,35 @@ class DDPEngine(Engine):
         self.scaler.step(self.optimizer)  # fp16: unscale, and also skip an overflowing step
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.comm is not None:
+            self.comm.end_step()
         return self.optimizer.skipped
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        shared, _ = self.comm.state_dict() if self.comm is not None else (None, None)
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()} | (
+            {"powersgd": shared} if shared is not None else {})
 
-    def load_state_dict(self, state: dict) -> None:
+    def own_state(self) -> dict | None:
+        """PowerSGD's error feedback: this rank's own (None without PowerSGD)."""
+        return self.comm.state_dict()[1] if self.comm is not None else None
+
+    def load_state_dict(self, state: dict, own: dict | None = None) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.comm is not None and self.comm.state is not None and "powersgd" in state:
+            self.comm.load_state_dict(state["powersgd"], own)
+
+
+def powersgd_start(cfg: Config, steps_per_epoch: int) -> int:
+    """PowerSGD's first compressed step: distributed.powersgd.start_iter, or the end of lr warm-up
+    (at least 2: DDP rebuilds its buckets after the first step)."""
+    options = cfg.distributed.powersgd
+    if options is None:
+        return 0
+    if options.start_iter is not None:
+        return options.start_iter
+    return max(2, math.ceil(cfg.optim.warmup_epochs * steps_per_epoch))
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -248,7 +288,7 @@ class DeepSpeedEngine(Engine):
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, own: dict | None = None) -> None:
         if self._engine.zero_optimization_stage() > 0:
             # ZeRO takes the list of every rank's partition and reads its own; this rank's is all we hold.
             partitions = [None] * self._engine.dp_world_size
@@ -258,12 +298,11 @@ class DeepSpeedEngine(Engine):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
-
-
-def build_engine(model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device):
+def build_engine(model: nn.Module, cfg: Config, dist_ctx: DistContext, device: torch.device, steps_per_epoch: int = 1):
     if cfg.distributed.sync_batchnorm and dist_ctx.distributed:
         if device.type != "cuda":
             raise ValueError("distributed.sync_batchnorm: torch's SyncBatchNorm runs on CUDA GPUs only; set it false on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP/DeepSpeed wrap it (DeepSpeed#502)
-    return ENGINES[cfg.distributed.engine](model, cfg, dist_ctx, device)
+    if cfg.distributed.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, dist_ctx, device)
+    return DDPEngine(model, cfg, dist_ctx, device, steps_per_epoch)

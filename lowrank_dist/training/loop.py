@@ -176,13 +176,19 @@ def sync(run: Run, state: TrainState, pending: _Pending, meter: Meter, check_sto
 
 
 def save_checkpoint(run: Run, state: TrainState, is_best: bool = False) -> Path | None:
-    """Every rank takes part: BN statistics are averaged, then the engine writes (its shards, then
-    rank 0's step file). A write that fails (a full disk) stops every rank together."""
-    run.dist_ctx.average_buffers(run.model)
-    payload = {"model": run.model.state_dict(), **state.state_dict(), "rng": rng_states(),
-               "config": run.cfg.resolved(), "ranks": run.ranks, "world_size": run.dist_ctx.world_size}
+    """Every rank takes part: the engine writes (its shards, then rank 0's step file) a model with
+    the ranks' mean BN statistics, and beside it each rank's own (`rank_buffers`, several ranks), which a
+    resume by as many ranks restores; the live statistics are left as they were, so saving never
+    changes the run. A write that fails (a full disk) stops every rank together."""
+    own = run.dist_ctx.gather_buffers(run.model)
     try:
-        return run.engine.save(run.checkpoints, payload, state.step, run.dist_ctx, is_best)
+        with run.dist_ctx.buffers_averaged(run.model):
+            payload = {"model": run.model.state_dict(), **state.state_dict(), "rng": rng_states(),
+                       "config": run.cfg.resolved(), "ranks": run.ranks, "world_size": run.dist_ctx.world_size,
+                       "num_classes": run.cfg.model.num_classes or len(run.loaders.classes)}
+            if own is not None:
+                payload["rank_buffers"] = own
+            return run.engine.save(run.checkpoints, payload, state.step, run.dist_ctx, is_best)
     except CheckpointWriteFailed as failed:
         raise TrainingError(
             f"could not write the checkpoint of step {state.step} to {run.checkpoints.folder}: {failed}; the last"
@@ -207,9 +213,10 @@ def log_window(run: Run, state: TrainState, meter: Meter) -> None:
         "train/lr": run.engine.lr,
         "train/images_per_s": meter.images * run.dist_ctx.world_size / elapsed,
         "train/data_wait_fraction": meter.wait / elapsed,
-        "data/skipped_images": run.loaders.train.skipped.count,  # data.on_bad_image: skip (this rank's)
+        "data/skipped_images": run.loaders.train.replaced.count,  # data.on_bad_image: skip (this rank's)
         "train/skipped_nonfinite": state.skipped,  # optim.skip_nonfinite_steps: steps whose update was skipped
-    })
+    } | ({"comm/bytes_per_step": comm.bytes_last_step}  # gradient bytes all-reduced by the last step (comm.py)
+         if (comm := getattr(run.engine, "comm", None)) is not None else {}))
     run.progress.set_postfix(loss=f"{meter.loss:.3f}")
     meter.__init__()
 

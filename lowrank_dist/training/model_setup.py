@@ -17,7 +17,7 @@ from ..lowrank.layers import LowRankConv2d
 from ..runtime import amp_dtype
 from ..speed.execution import ExecutionPlan, default_execution, lowrank_layers, plan_execution
 from ..models import build_model, choose_ranks, convert, decompose_model, lowrank_policy, model_spec
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, is_state_dict, load_checkpoint, state_dict_mismatch
 from .distributed import DistContext
 from .projection import Projector
 
@@ -40,15 +40,19 @@ def _dense_state_dict(path: Path, model_name: str) -> dict:
     except CheckpointError as error:
         raise CheckpointError(f"model.lowrank.dense_checkpoint: {error}") from None
     if isinstance(payload, dict) and "model" in payload and "config" in payload:
-        trained = payload["config"]["model"]["name"]
+        section = payload["config"].get("model") if isinstance(payload["config"], dict) else None
+        if not isinstance(section, dict) or not is_state_dict(payload["model"]):
+            raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} is damaged: its config has no model"
+                                  " section, or its 'model' is not a state_dict (names → tensors)")
+        trained = section.get("name")
         if trained != model_name:
             raise CheckpointError(
                 f"model.lowrank.dense_checkpoint {str(path)!r} holds a {trained!r} model; this config builds {model_name!r}"
             )
-        if payload["config"]["model"].get("lowrank"):
+        if section.get("lowrank"):
             raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} holds a low-rank model, not a dense one")
         return payload["model"]
-    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+    if is_state_dict(payload):
         return payload
     raise CheckpointError(f"model.lowrank.dense_checkpoint {str(path)!r} is neither our checkpoint nor a state_dict")
 
@@ -84,13 +88,13 @@ def build_model_for(cfg: Config, num_classes: int, saved: dict | None = None) ->
     dense = build_model(build, dense=True)
     if lowrank.mode == "decomposed":
         state = _dense_state_dict(lowrank.dense_checkpoint, cfg.model.name)
-        try:
-            dense.load_state_dict(state)
-        except RuntimeError as error:
+        mismatch = state_dict_mismatch(dense.state_dict(), state)
+        if mismatch is not None:
             raise CheckpointError(
                 f"model.lowrank.dense_checkpoint {str(lowrank.dense_checkpoint)!r} does not fit {cfg.model.name}"
-                f" with {num_classes} classes: {str(error).splitlines()[0]}"
-            ) from None
+                f" with {num_classes} classes: {mismatch}"
+            )
+        dense.load_state_dict(state)
         model, errors = decompose_model(dense, policy, lowrank.factorize_first, lowrank.bn_between, inplace=True)
         return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
     ranks = choose_ranks(dense, policy, lowrank.factorize_first)

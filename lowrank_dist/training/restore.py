@@ -86,7 +86,7 @@ def restore_model(saved: SavedRun, num_classes: int) -> nn.Module:
     try:
         model = build_model_for(cfg, cfg.model.num_classes or num_classes, saved=saved.payload).model
         model.load_state_dict(saved.payload["model"])
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:  # its parts are not ours
         raise CheckpointError(
             f"checkpoint {str(saved.path)!r} does not fit model {cfg.model.name} as configured:"
             f" {' '.join(str(error).split())[:400]}"

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+
+def _quiet_tensorboard_thread(args) -> None:
+    """TensorBoard writes its events on a thread of its own; a write error there (a full disk) would
+    print that thread's traceback. RunLog gets the same error from the writer at its next call and
+    drops TensorBoard with one warning, so the thread's own report is left out; anything else is
+    reported as Python would."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _python_hook(args)
+
+
+_python_hook = threading.excepthook
 
 
 class RunLog:
@@ -18,17 +32,30 @@ class RunLog:
     checkpoints are what must not be lost, and a checkpoint that cannot be written stops the run."""
 
     def __init__(self, folder: Path, enabled: bool):
+        """Raises OSError where the logs cannot be created (the run then stops before it starts)."""
         self.enabled = enabled
-        self.writer = SummaryWriter(str(folder / "tensorboard")) if enabled else None
-        self.metrics = open(folder / "metrics.jsonl", "a") if enabled else None
+        self.writer = self.metrics = None
+        if enabled:
+            threading.excepthook = _quiet_tensorboard_thread
+            self.metrics = open(folder / "metrics.jsonl", "a")
+            try:
+                self.writer = SummaryWriter(str(folder / "tensorboard"))
+            except BaseException:
+                self.metrics.close()
+                raise
 
     def drop(self, sink: str, error: OSError) -> None:
         """Stop writing `sink` ("tensorboard" or "metrics") after `error`, saying so once."""
         print(f"warning: could not write {sink} ({error}); the run goes on without it", file=sys.stderr)
+        stream = self.writer if sink == "tensorboard" else self.metrics
         if sink == "tensorboard":
             self.writer = None
         else:
             self.metrics = None
+        try:  # what it still buffers cannot be written either; closed now, not by the garbage collector's warning
+            stream.close()
+        except OSError:
+            pass
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
