@@ -7,6 +7,7 @@
 # pyproject.toml changed, so the two commands above are quick the second time.
 
 PYTHON ?= python3
+comma  := ,
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
@@ -19,14 +20,14 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 define install
 	$(1) -m pip install -q $(2) setuptools wheel
 	$(1) -m pip install -q $(2) --no-build-isolation -e .
-	$(1) -m pip install -q $(2) --no-build-isolation -e '.[dali,deepspeed,submitit,dev]'
+	$(1) -m pip install -q $(2) --no-build-isolation -e '.[dali,deepspeed,submitit,dev$(3)]'
 endef
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(call install,$(PY),)
+	$(call install,$(PY),,$(comma)export)  # the floor venv leaves export out: no floor test exports
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -15,7 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     raise SystemExit("error: .ci/floor_pins.py reads pyproject.toml with tomllib: run it with Python >= 3.11") from None
 
-EXTRAS = ("dali", "deepspeed", "submitit", "dev")  # what `make setup` installs
+EXTRAS = ("dali", "deepspeed", "submitit", "dev")  # what `make setup` installs, but export (no floor test exports)
 LOWER_BOUND = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*>=\s*([^\s,;]+)\s*$")
 
 

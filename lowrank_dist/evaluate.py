@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_errors, config_from_dict, load_config
+from .config import ConfigError, config_errors
 from .files import exit_code_for, reason, write_text_atomic
 
 
@@ -35,63 +35,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def checkpoint_in(path: Path) -> Path:
-    """`path` itself, or for a run folder its best.pt, else its latest step checkpoint."""
-    from .training.checkpoint import CheckpointError, CheckpointManager
-
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    best = folder / "best.pt"
-    found = best if best.is_file() else CheckpointManager(folder, 1).latest()
-    if found is None:
-        raise CheckpointError(f"{str(path)!r} holds no checkpoint (expected best.pt or step_*.pt in {str(folder)!r})")
-    return found
-
-
 def evaluate_checkpoint(checkpoint: Path, config: Path | None = None, overrides=(), rdv=None) -> dict:
     """Load, rebuild, evaluate; every rank returns the same global numbers."""
     import torch
 
     from .runtime import amp_dtype, autocast_for, device_type_for, select_device
-    from .training.checkpoint import CheckpointError, load_checkpoint
     from .training.distributed import process_group, rendezvous
     from .training.evaluate import evaluate
-    from .training.model_setup import build_model_for
+    from .training.restore import open_checkpoint, restore_model
     from .training.trainer import loaders_for
 
-    path = checkpoint_in(checkpoint)
-    payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights (not one of our checkpoints)")
-    if config is not None:
-        cfg = load_config(config, overrides)
-    elif isinstance(payload.get("config"), dict):
-        cfg = config_from_dict(payload["config"], f"{path} (its config)", overrides)
-    else:
-        raise ConfigError(f"checkpoint {str(path)!r} carries no config: give one with --config")
-
+    saved = open_checkpoint(checkpoint, config, overrides)
+    cfg = saved.cfg
     rdv = rdv or rendezvous()
     with process_group(rdv, device_type_for(cfg.run.device), cfg.distributed.timeout_s) as dist_ctx:
         with config_errors():
             device = select_device(cfg.run.device, dist_ctx.local_rank)
         loaders = loaders_for(cfg, dist_ctx, device, train=False)  # the train images are never listed
-        try:
-            model = build_model_for(cfg, cfg.model.num_classes or len(loaders.classes), saved=payload).model
-            model.load_state_dict(payload["model"])
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:  # its parts are not ours
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit model {cfg.model.name} as configured:"
-                f" {' '.join(str(error).split())[:400]}"
-            ) from None
-        model = model.to(device)
+        model = restore_model(saved, len(loaders.classes)).to(device)
         if cfg.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         metrics = evaluate(model, loaders.val, dist_ctx, autocast_for(device, amp_dtype(cfg.precision.amp)))
-    return metrics | {"checkpoint": str(path), "model": cfg.model.name, "data": str(cfg.data.root),
-                      "step": payload.get("step"), "world_size": rdv.world_size}
+    return metrics | {"checkpoint": str(saved.path), "model": cfg.model.name, "data": str(cfg.data.root),
+                      "step": saved.step, "world_size": rdv.world_size}
 
 
 def main(argv=None) -> int:

@@ -138,10 +138,12 @@ class LayerInput:
     requires_grad: bool  # whether training back-propagates into this input
 
 
-def capture_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInput]:
+def capture_inputs(model: nn.Module, example: torch.Tensor, training: bool = True) -> dict[str, LayerInput]:
     """Input shape of every conv layer (models.conv_layers) in one training-mode forward of
     `example`. Layers the forward does not reach are left out. The forward runs on `model` itself,
-    in train mode (BatchNorm running statistics move): pass a copy if that matters."""
+    in train mode (BatchNorm running statistics move): pass a copy if that matters.
+    `training=False`: an eval-mode forward without autograd instead, the layers inference runs
+    (GoogLeNet's auxiliary heads are not among them), none of them needing an input gradient."""
     found: dict[str, LayerInput] = {}
     hooks = []
     for name, layer in conv_layers(model):
@@ -150,8 +152,8 @@ def capture_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerIn
         hooks.append(layer.register_forward_hook(hook))
     was_training = model.training
     try:
-        model.train()
-        with torch.enable_grad():
+        model.train(training)
+        with torch.set_grad_enabled(training):
             model(example)
     finally:
         model.train(was_training)
