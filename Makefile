@@ -25,9 +25,10 @@ endef
 
 setup: $(STAMP)
 
+# .venv gets every extra; the floor venv (below) all but export: no floor test exports.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(call install,$(PY),,$(comma)export)  # the floor venv leaves export out: no floor test exports
+	$(call install,$(PY),,$(comma)export)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
