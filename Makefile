@@ -69,11 +69,12 @@ test: setup
 # The tests that touch version-sensitive APIs, on the floor versions: the guards' both paths, DDP
 # (options, comm hook, torch.compile) and DeepSpeed ZeRO-2 (step by step against DDP, resumed from
 # its shards) through the real launcher, checkpoint loading (weights_only, safe_globals), the
-# trainer (exact resume, SkippingSGD, its loop's host syncs), both data back-ends.
+# trainer (stopped by a signal and resumed exactly, SkippingSGD, its loop's host syncs), both data
+# back-ends.
 FLOOR_TESTS := tests/test_floor.py tests/test_safe_loading.py tests/test_data.py tests/test_host_syncs.py \
 	tests/test_distributed.py::test_ddp_options_keep_the_numerics_and_bf16_compression_stays_close \
 	'tests/test_distributed.py::test_evaluation_counts_every_val_image_once_across_ranks[2-dali]' \
-	tests/test_train.py::test_resume_after_a_stop_is_bitwise_exact \
+	tests/test_reliability.py::test_a_stop_signal_checkpoints_the_current_step_and_the_resume_is_exact \
 	tests/test_train.py::test_skipping_sgd_is_torch_sgd_and_skips_a_non_finite_update_on_the_device \
 	tests/test_launch.py::test_local_two_processes_match_one_process \
 	'tests/test_launch.py::test_deepspeed_zero_matches_ddp_step_by_step_and_resumes[2]'

@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist, or --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--format", default="onnx", help="onnx, pt2 or both (comma-separated); default onnx")
-    parser.add_argument("--batch", default="1", help="the batch size fixed in the files, or 'dynamic'; default 1")
+    parser.add_argument("--batch", default="1",
+                        help="the batch size fixed in the files, or 'dynamic' (planned at batch 1); default 1")
     parser.add_argument("--image-size", type=int, help="default: the run's data.image_size (the model's with --from-state-dict)")
     parser.add_argument("--execution", choices=["auto", "factorized", "padded", "composed"], default="auto",
                         help="each layer's form: the fastest timed on the target (auto), or one form for all")
@@ -295,6 +296,9 @@ def export_format(source: Source, fmt: str, args, folder: Path, reference: np.nd
     export(deployed, fmt, path, torch.zeros((batch, *source.image_shape)), dynamic)
     check = check_equal(reference, source.images, load_runner(path, fmt), None if dynamic else batch)
     check["runtime"] = "ort-cpu" if fmt == "onnx" else "torch"
+    if source.labels is not None:  # the PyTorch model's top-1 on the check images, for scale
+        labels = torch.cat(source.labels).numpy()
+        check["pytorch_top1_on_these_images"] = float((reference.argmax(axis=1) == labels).mean() * 100)
     print(f"{fmt}: {check['images']} images, max relative difference {check['max_relative_difference']:.2e}"
           f" (≤ {MAX_RELATIVE_DIFFERENCE:g}), same top-1 on {100 * check['top1_agreement']:.2f}%"
           f" (≥ {100 * MIN_TOP1_AGREEMENT:g}%) — {'passed' if check['passed'] else 'FAILED'}"

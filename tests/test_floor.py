@@ -75,7 +75,8 @@ def test_the_floor_leg_runs_on_exactly_the_floor_versions():
     pins = dict(line.split("==") for line in Path(os.environ["FLOOR_PINS"]).read_text().split())
     installed = {name: importlib.metadata.version(name) for name in pins}
     assert {n: version_tuple(v) for n, v in installed.items()} == {n: version_tuple(v) for n, v in pins.items()}
-    assert not engines.DDP_HAS_FORWARD_SYNC_BUFFERS  # so the floor leg takes the older DDP path
+    assert not engines.DDP_HAS_FORWARD_SYNC_BUFFERS, \
+        "the floor's torch has forward_sync_buffers: ddp_without_buffer_sync's older path is dead code now"
 
 
 # -- DDP: rank 0's buffers once at the start, never at a forward ------------------------------------------------
