@@ -24,13 +24,12 @@ from PIL import Image
 from torch import nn
 
 from lowrank_dist.config import config_from_dict, load_config
-from lowrank_dist.data import build_loaders
 from lowrank_dist.data import dali as dali_module
 from lowrank_dist.models import build_model
 from lowrank_dist.training import engines, trainer
 from lowrank_dist.training.distributed import DistContext, Rendezvous, process_group
 
-from .helpers import write_config
+from .helpers import loaders_from, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,8 +211,8 @@ def test_dali_decodes_exif_rotated_jpegs_as_stored_like_pil(tmp_path):
     batches = {}
     for name in ("tagged", "rotated"):
         for backend in ("torchvision", "dali"):
-            loaders = build_loaders(tmp_path / name, backend=backend, dali_device="cpu", batch_size=1, image_size=16,
-                                    workers=0 if backend == "torchvision" else 1)
+            loaders = loaders_from(tmp_path / name, backend=backend, dali_device="cpu", batch_size=1, image_size=16,
+                                   workers=0 if backend == "torchvision" else 1)
             batches[name, backend] = next(iter(loaders.val))[0]
     assert (batches["tagged", "dali"] - batches["tagged", "torchvision"]).abs().mean() < 0.02
     assert (batches["rotated", "dali"] - batches["rotated", "torchvision"]).abs().mean() < 0.02
@@ -244,6 +243,7 @@ def test_the_trainer_sets_cudnn_benchmark_from_its_decision(tmp_path, monkeypatc
     asked = []
     monkeypatch.setattr(trainer, "cudnn_benchmark_for", lambda device, sizes: asked.append((device, sizes)) or True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    trainer.make_run_folder(cfg)  # what fit does before set_up
     run, _ = trainer.set_up(cfg, DistContext(), None, None)
     run.log.close()
     assert asked == [(torch.device("cpu"), {32})] and torch.backends.cudnn.benchmark is True

@@ -57,7 +57,10 @@ class Counts:
             if self.depth == 0:
                 frames = [f for f in traceback.extract_stack()[:-1] if "lowrank_dist" in f.filename]
                 where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "outside lowrank_dist"
-                if not (frames and f"lowrank_dist{os.sep}data{os.sep}" in frames[-1].filename):
+                # the data thread's own work, and the gradient all-reduce (DDP's comm hook, training/comm.py:
+                # asynchronous, one per bucket per step, the one collective a step must have) are not counted
+                if not (frames and (f"lowrank_dist{os.sep}data{os.sep}" in frames[-1].filename
+                                    or frames[-1].filename.endswith(f"training{os.sep}comm.py"))):
                     self.events.append((kind, name, where))
             self.depth += 1
             try:
