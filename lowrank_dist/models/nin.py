@@ -4,7 +4,13 @@ three 'mlpconv' blocks (a k×k conv followed by two 1×1 convs), global average 
 The authors' low-rank NIN (chengtaipu/lowrankcnn, cifar/models/lowrank_nin_cudnn.lua) factorizes
 conv1 (5×5, 3 → 192) at rank 10 and conv2 (5×5, 96 → 192) at rank 51 and keeps conv3 (3×3) dense:
 the preset `tai2016`. (They apply the 1×5 filters first, then the 5×1; a square kernel costs the
-same either way, and LowRankConv2d's vertical-first order spans the same set of rank-K kernels.)"""
+same either way, and LowRankConv2d's vertical-first order spans the same set of rank-K kernels.)
+
+`batch_norm` puts BN after every conv but the class-map conv. Without it the convs keep PyTorch's
+default init (uniform ±1/√fan_in, Torch7's too, which the authors used), under which each of the
+nine layers shrinks the signal: at the paper's lr 0.01 the net stays at chance. The paper recipes
+(configs/paper/nin_cifar10*.yaml) therefore train with BN; their headers say what the authors'
+files show."""
 
 from torch import nn
 
