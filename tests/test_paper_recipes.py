@@ -140,8 +140,8 @@ def test_bn_recipe_learns_the_digits_from_scratch(recipe, digits_folder, tmp_pat
 # stays at chance for its first ~6 epochs of the digits and passes 50% in its 8th or 9th, hence the
 # longest run here (slow: deselected by default; `make test-recipes` runs it, in CI too).
 
-DENSE = Shrunk("paper/caffenet.yaml", epochs=12, batch=32, image_size=39)
-DECOMPOSED = Shrunk("paper/caffenet_decompose.yaml", epochs=2, batch=16, image_size=39)
+DENSE = Shrunk("paper/caffenet.yaml", epochs=10, batch=32, image_size=39)
+DECOMPOSED = Shrunk("paper/caffenet_decompose.yaml", epochs=1, batch=16, image_size=39)
 
 
 @pytest.mark.slow
