@@ -3,6 +3,7 @@
 #   make costs  — the per-layer cost tables of the low-rank models
 #   make test   — the test suite (what .ci/run runs)
 #   make test-floor — the version-sensitive tests on the oldest supported versions (.ci/run too)
+#   make test-recipes — the paper recipes too slow for `make test`, trained on real digits (.ci/run too)
 # `make setup` creates .venv and installs the project with every extra; it re-runs only when
 # pyproject.toml changed, so the two commands above are quick the second time.
 
@@ -12,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup setup-floor demo costs test test-floor bench clean-venv
+.PHONY: setup setup-floor demo costs test test-floor test-recipes bench clean-venv
 
 # The project with every extra into the venv whose python is $(1), with pip options $(2).
 # The core dependencies (torch among them, at pyproject.toml's bounds) go first: DeepSpeed's sdist
@@ -84,6 +85,10 @@ FLOOR_TESTS := tests/test_floor.py tests/test_safe_loading.py tests/test_data.py
 test-floor: setup-floor
 	FLOOR_PINS=$(FLOOR)/pins.txt TORCH_EXTENSIONS_DIR=$(abspath $(FLOOR))/env/torch_extensions \
 		$(FLOOR_PY) -m pytest -q $(FLOOR_TESTS)
+
+# The paper recipes marked slow in tests/test_paper_recipes.py (several CPU-minutes each; docs/paper.md).
+test-recipes: setup
+	$(PY) -m pytest -q -m slow tests/test_paper_recipes.py
 
 bench: setup
 	$(PY) bench/decompose_vgg16.py
