@@ -239,3 +239,44 @@ def test_low_rank_fc_layers_learn_real_digits_about_as_well_as_dense(tmp_path_fa
     best = load_checkpoint(results["fc32"].folder / "checkpoints" / "best.pt")
     assert "14.first.weight" in best["model"] and best["ranks"] == {"14": 32, "18": 32}
     assert json.loads(report.read_text())["top1"] == pytest.approx(best["best_top1"])
+
+
+def test_the_cost_table_counts_fc_layers_as_out_in_against_k_in_plus_out(capsys):
+    from lowrank_dist.speed.costs import fc_costs, main as costs_main
+
+    rows = fc_costs(build_model({"name": "caffenet", "lowrank": {"preset": "tai2016_fc256"}}))
+    assert [(r.layer, r.kernel, r.rank) for r in rows] == [("fc6", (4096, 9216), 256), ("fc7", (4096, 4096), 256)]
+    assert [(r.dense_macs, r.lowrank_macs) for r in rows] == [(4096 * 9216, 256 * (9216 + 4096)),
+                                                             (4096 * 4096, 256 * (4096 + 4096))]
+    assert [r.dense_params - r.lowrank_params for r in rows] == [4096 * 9216 - 256 * 13312, 4096 * 4096 - 256 * 8192]
+    assert costs_main(["--model", "caffenet", "--preset", "tai2016_fc256"]) == 0
+    out = capsys.readouterr().out
+    assert "| fc6 | 4096×9216 | 256 |" in out and "**all 2 FC layers (2 factorized)**" in out
+    assert "**all 5 convs (5 factorized)** | | | | **665.8** | **125.9**" in out  # the conv table is the paper's
+
+
+def test_the_speed_report_times_fc_layers_and_estimates_the_all_reduce(tmp_path):
+    """`python -m lowrank_dist.speed` as the README types it: fc6/fc7 rows beside the convs, and the ring
+    all-reduce estimate from the counted bytes at the given link rate and GPU count."""
+    import subprocess
+    import sys
+
+    from lowrank_dist.speed.network import expected_bytes_per_step, ring_allreduce_s
+
+    done = subprocess.run([sys.executable, "-m", "lowrank_dist.speed", "--model", "tiny_caffenet", "--preset", "fc32",
+                           "--device", "cpu", "--batch", "2", "--repeats", "1", "--warmup", "0", "--layers-only",
+                           "--out", str(tmp_path / "speed"), "--link-gbps", "100", "--nodes", "2", "--gpus-per-node", "4"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    layers = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert {"conv2", "conv3", "fc6", "fc7"} <= set(layers)
+    assert "| fc6 | 256×512 | 32 |" in done.stdout
+    lowrank = build_model({"name": "tiny_caffenet", "lowrank": {"preset": "fc32"}})
+    size = expected_bytes_per_step(lowrank, "none")
+    assert size == 4 * sum(p.numel() for p in lowrank.parameters())
+    assert (f"| low-rank | fp32 | {size / 4e6:.2f}M | {size / 1e6:.2f} MB | {ring_allreduce_s(size, 8, 100) * 1e3:.2f} ms |"
+            in done.stdout)
+    assert "2 nodes × 4 GPUs at 100 Gb/s (estimate from counted bytes)" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "lowrank_dist.speed", "--model", "tiny_caffenet", "--nodes", "0"],
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --nodes must be >= 1, got 0"
