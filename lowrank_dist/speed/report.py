@@ -21,8 +21,8 @@ function and parameters; report/execution.py), and the report says which form th
 runs: a run's plan, or by default the faster forward+backward measured here. The whole model is
 timed dense, all-factorized and under that plan.
 
-Factorized fc6/fc7 (LowRankLinear, U·V) have rows too, after the convs: dense against factorized,
-with no composed form (the composed U·V is the dense layer).
+Where fc6 or fc7 is factorized (LowRankLinear, U·V), fc6 and fc7 have rows too, after the convs:
+dense against factorized, with no composed form (the composed U·V is the dense layer).
 
 Layers that the low-rank model keeps dense (1×1 convs, usually the first conv) are the same module
 in both models, so they are timed once and their measured ratio is 1 by construction; they are in
@@ -40,7 +40,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..lowrank.layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
 from ..models import conv_layers, fc_layers
 from ..runtime import check_dtype, dtype_name, select_device
 from . import render
@@ -210,7 +210,9 @@ def _layer_rows(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, dev
     inputs = capture_inputs(lowrank, example)
     dense_layers = dict(dense.named_modules())
     rows = []
-    for name, layer in conv_layers(lowrank) + fc_layers(lowrank):
+    fcs = fc_layers(lowrank)  # fc6/fc7 have rows where one of them is factorized (conv-only reports stay as they were)
+    fcs = fcs if any(isinstance(layer, LowRankLinear) for _, layer in fcs) else []
+    for name, layer in conv_layers(lowrank) + fcs:
         if name not in inputs or name not in costs:
             continue  # not on the inference path (GoogLeNet's auxiliary heads run in training only)
         reference = dense_layers.get(name)
