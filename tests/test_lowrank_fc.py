@@ -215,7 +215,7 @@ def test_a_model_with_low_rank_fc_layers_exports_to_onnx_equal_to_pytorch(tmp_pa
 
 
 def test_low_rank_fc_layers_learn_real_digits_about_as_well_as_dense(tmp_path_factory, capsys):
-    """scikit-learn's digits, 6 epochs, one CPU process: tiny_caffenet with only fc6/fc7 low rank (rank
+    """scikit-learn's digits, 4 epochs, one CPU process: tiny_caffenet with only fc6/fc7 low rank (rank
     32, convs dense: `fc` alone) within 3 points of its dense twin's val top-1; the low-rank run's best
     checkpoint then evaluates to its recorded top-1 through `python -m lowrank_dist.evaluate`."""
     root = tmp_path_factory.mktemp("digits") / "data"
@@ -228,10 +228,10 @@ def test_low_rank_fc_layers_learn_real_digits_about_as_well_as_dense(tmp_path_fa
                 "model": {"name": "tiny_caffenet", "lowrank": lowrank},
                 "data": {"root": str(root), "backend": "torchvision", "batch_size": 32, "image_size": 32, "workers": 0,
                          "min_crop_scale": 0.6, "hflip": False},
-                "optim": {"epochs": 6, "lr": 0.05, "warmup_epochs": 1}}
+                "optim": {"epochs": 4, "lr": 0.05, "warmup_epochs": 0.5}}
         results[name] = fit(load_config(write_config(out / f"{name}.yaml", tree, {})))
     with capsys.disabled():
-        print("\n  digits, tiny_caffenet, 6 epochs: " + ", ".join(f"{k} top-1 {r.top1:.1f}%" for k, r in results.items()))
+        print("\n  digits, tiny_caffenet, 4 epochs: " + ", ".join(f"{k} top-1 {r.top1:.1f}%" for k, r in results.items()))
     assert results["dense"].top1 >= 90.0
     assert results["fc32"].top1 >= results["dense"].top1 - 3.0
     report = out / "eval.json"
