@@ -1,6 +1,6 @@
 """Bytes of gradients all-reduced per optimizer step, measured, side by side: dense and low-rank
-CaffeNet and VGG-16 (convs at the paper's tai2016 ranks; fc6/fc7 factorized as LowRankLinear), plain
-fp32, bf16 and PowerSGD.
+CaffeNet and VGG-16 (convs at the paper's tai2016 ranks; fc6/fc7 factorized by the config key
+model.lowrank.fc), plain fp32, bf16 and PowerSGD.
 
     python bench/comm_bytes.py [--models caffenet,vgg16] [--rank 4] [--fc-rank 256] [--link-gbps 400] [--nodes 4] [--gpus-per-node 8]
 
@@ -31,47 +31,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lowrank_dist.config import config_from_dict  # noqa: E402
-from lowrank_dist.lowrank.layers import LowRankLinear  # noqa: E402
 from lowrank_dist.models import build_model  # noqa: E402
-from lowrank_dist.training.comm import expected_bytes_per_step  # noqa: E402
+from lowrank_dist.speed.network import expected_bytes_per_step, ring_allreduce_s  # noqa: E402
 from lowrank_dist.training.distributed import Rendezvous, process_group  # noqa: E402
 from lowrank_dist.training.engines import DDPEngine  # noqa: E402
 
 
-def variants(models: list[str], rank: int, fc_rank: int) -> list[tuple[str, str, dict | None, int | None, dict]]:
-    """(model, label, lowrank section, fc6/fc7 rank, distributed section) in table order."""
+def variants(models: list[str], rank: int, fc_rank: int) -> list[tuple[str, str, dict | None, dict]]:
+    """(model, label, model.lowrank section, distributed section) in table order."""
     psgd = {"grad_compression": "powersgd", "powersgd": {"rank": rank, "start_iter": 2}}
-    tai, fc = {"preset": "tai2016"}, f"tai2016 + fc6/fc7 rank {fc_rank}"
+    tai = {"preset": "tai2016"}
+    fc = tai | {"fc": {"ranks": {"fc6": fc_rank, "fc7": fc_rank}}}
+    label = f"tai2016 + fc6/fc7 rank {fc_rank}"
     rows = []
     for model in models:
-        rows += [(model, "dense, fp32", None, None, {}),
-                 (model, "dense, bf16", None, None, {"grad_compression": "bf16"}),
-                 (model, f"dense, PowerSGD rank {rank}", None, None, psgd),
-                 (model, "tai2016 (convs), fp32", tai, None, {}),
-                 (model, f"{fc}, fp32", tai, fc_rank, {}),
-                 (model, f"{fc}, PowerSGD rank {rank}", tai, fc_rank, psgd)]
+        rows += [(model, "dense, fp32", None, {}),
+                 (model, "dense, bf16", None, {"grad_compression": "bf16"}),
+                 (model, f"dense, PowerSGD rank {rank}", None, psgd),
+                 (model, "tai2016 (convs), fp32", tai, {}),
+                 (model, f"{label}, fp32", fc, {}),
+                 (model, f"{label}, PowerSGD rank {rank}", fc, psgd)]
     return rows
-
-
-def factorize_fc(model: nn.Module, rank: int) -> None:
-    """fc6 and fc7 (every nn.Linear of the classifier but the last) as LowRankLinear at `rank`.
-    Done here, by module, until model.lowrank takes FC ranks."""
-    linears = [(name, m) for name, m in model.classifier.named_children() if isinstance(m, nn.Linear)]
-    for name, linear in linears[:-1]:
-        setattr(model.classifier, name, LowRankLinear.from_scratch_like(linear, rank))
 
 
 def _rank(rank: int, port: int, rows: list, out: str) -> None:
     results = []
     with process_group(Rendezvous(rank, 0, 2, "127.0.0.1", port, "bench"), "cpu", timeout_s=600) as ctx:
-        for name, label, lowrank, fc_rank, options in rows:
+        for name, label, lowrank, options in rows:
             torch.manual_seed(0)
-            spec = {"name": name, "num_classes": 1000} | ({"lowrank": lowrank} if lowrank else {})
-            model = build_model(spec)
-            if fc_rank:
-                factorize_fc(model, fc_rank)
-            cfg = config_from_dict({"model": {"name": name}, "data": {"root": out, "batch_size": 1},
-                                    "optim": {"lr": 0.01}, "distributed": options}, "bench", check_paths=False)
+            cfg = config_from_dict({"model": {"name": name, "num_classes": 1000, "lowrank": lowrank},
+                                    "data": {"root": out, "batch_size": 1}, "optim": {"lr": 0.01},
+                                    "distributed": options}, "bench", check_paths=False)
+            model = build_model(cfg.model.build_dict())
             engine = DDPEngine(model, cfg, ctx, torch.device("cpu"))
             model.train()
             for _ in range(3):
@@ -89,10 +80,6 @@ def _rank(rank: int, port: int, rows: list, out: str) -> None:
         Path(out, "bytes.json").write_text(json.dumps(results))
 
 
-def ring_ms(size: int, gpus: int, link_gbps: float) -> float:
-    return 2 * (gpus - 1) / gpus * size / (link_gbps * 1e9 / 8) * 1e3
-
-
 def table(results: list[dict], link_gbps: float, gpus: int) -> str:
     lines = [f"| model | gradients | parameters | bytes/step (measured) | expected | vs dense fp32 |"
              f" ring all-reduce at {link_gbps:g} Gb/s, {gpus} GPUs (estimate) |",
@@ -101,7 +88,7 @@ def table(results: list[dict], link_gbps: float, gpus: int) -> str:
     for r in results:
         lines.append(f"| {r['model']} | {r['variant']} | {r['parameters'] / 1e6:.1f}M | {r['measured'] / 1e6:.1f} MB |"
                      f" {r['expected'] / 1e6:.1f} MB | {dense[r['model']] / r['measured']:.1f}× fewer |"
-                     f" {ring_ms(r['measured'], gpus, link_gbps):.2f} ms |")
+                     f" {ring_allreduce_s(r['measured'], gpus, link_gbps) * 1e3:.2f} ms |")
     return "\n".join(lines)
 
 

@@ -28,8 +28,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FCLowRankConfig(Section):
+    """The fully-connected layers' policy (AlexNet, CaffeNet, VGG-16: fc6 and fc7, every classifier
+    layer but the last; W (out×in) ≈ U·V, out·in → K·(in + out)): exactly one of ranks (layer name
+    → K, null: dense), speedup (per layer, of MACs and parameters alike) or energy (decomposed mode)."""
+
+    ranks: dict[str, int | None] | None = None
+    speedup: float | None = Field(default=None, gt=SPEEDUP_ABOVE)
+    energy: float | None = Field(default=None, gt=ENERGY_RANGE[0], le=ENERGY_RANGE[1])
+
+    @model_validator(mode="after")
+    def _one_policy(self):
+        one_policy({key: getattr(self, key) for key in POLICIES}, POLICIES)
+        if self.ranks is not None and any(r is not None and r < 1 for r in self.ranks.values()):
+            raise ValueError(f"ranks must be >= 1 (or null for a dense layer), got {self.ranks}")
+        return self
+
+    def policy_dict(self) -> dict:
+        return {key: getattr(self, key) for key in POLICIES if getattr(self, key) is not None}
+
+
 class LowRankConfig(Section):
-    """How the low-rank model is obtained (mode) and which ranks it has (one policy)."""
+    """How the low-rank model is obtained (mode) and which ranks it has: one conv policy, and
+    optionally `fc`, the FC layers' own. With `fc`, the conv policy may be left out (convs dense)."""
 
     mode: Literal["factorized", "decomposed", "projected"] = "factorized"
     preset: str | None = None  # a named rank list of the model, e.g. tai2016
@@ -40,6 +61,7 @@ class LowRankConfig(Section):
     bn_between: bool = False
     dense_checkpoint: Path | None = None  # decomposed mode: the trained dense model to start from
     project_every: int = Field(default=100, ge=1)  # projected mode: optimizer steps between projections
+    fc: FCLowRankConfig | None = None  # fc6/fc7 factorized too; None: dense (unless the preset has FC ranks)
 
     @model_validator(mode="before")
     @classmethod
@@ -52,10 +74,17 @@ class LowRankConfig(Section):
     @model_validator(mode="after")
     def _one_policy(self):
         keys = ("preset", *POLICIES)
-        one_policy({key: getattr(self, key) for key in keys}, keys)
+        given = {key: getattr(self, key) for key in keys}
+        if self.fc is None and all(value is None for value in given.values()):
+            raise ValueError(f"give exactly one of {', '.join(keys)} (or only fc, to factorize fc6/fc7 and keep the"
+                             " convs dense)")
+        if self.fc is None or any(value is not None for value in given.values()):
+            one_policy(given, keys)  # with fc alone the convs stay dense
         if self.energy is not None and self.mode != "decomposed":
             # factorized: V and H are random; projected: the ranks are fixed before the first projection
             raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
+        if self.fc is not None and self.fc.energy is not None and self.mode != "decomposed":
+            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode).replace("lowrank.energy", "lowrank.fc.energy"))
         if self.mode == "decomposed" and self.dense_checkpoint is None:
             raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
         if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):
@@ -67,7 +96,8 @@ class LowRankConfig(Section):
     def policy_dict(self) -> dict:
         """The `lowrank` dict that models.build_model accepts (policy only, no training mode)."""
         keys = ("preset", *POLICIES, "factorize_first")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None} | {"bn_between": self.bn_between}
+        policy = {k: getattr(self, k) for k in keys if getattr(self, k) is not None} | {"bn_between": self.bn_between}
+        return policy | ({"fc": self.fc.policy_dict()} if self.fc is not None else {})
 
 
 class ModelConfig(Section):
@@ -86,6 +116,17 @@ class ModelConfig(Section):
 
         model_spec(name)  # a ValueError naming the models there are
         return name
+
+    @model_validator(mode="after")
+    def _fc_layers(self):
+        """model.lowrank.fc names layers this model has (fc6, fc7), and only on a model that has them."""
+        fc = self.lowrank.fc if self.lowrank is not None else None
+        if fc is not None:
+            from .models import check_fc_names, fc_policy, model_spec
+
+            check_fc_names(self.name, fc.ranks or {})
+            fc_policy(model_spec(self.name), self.lowrank.policy_dict())  # not with a preset that has FC ranks
+        return self
 
     def build_dict(self, num_classes: int | None = None) -> dict:
         """The plain dict models.build_model accepts; `num_classes` fills in an unset class count."""

@@ -7,9 +7,9 @@ each factorized layer in its faster inference form, checked equal to the PyTorch
         --data /datasets/imagenet --out deploy/vgg16_tai2016
 
 The model is the eval-mode one with every BatchNorm folded into the conv (or linear layer) before
-it, dropout and auxiliary heads gone, and each factorized layer in its inference form — two thin
-convs, the same with the rank padded to a multiple of 16 channels, or one conv of its composed
-kernel (deploy.forms) — whichever is fastest on the target at the export batch (`--execution
+it, dropout and auxiliary heads gone, a factorized fc6/fc7 as its two linear layers, and each
+factorized conv in its inference form — two thin convs, the same with the rank padded to a multiple
+of 16 channels, or one conv of its composed kernel (deploy.forms) — whichever is fastest on the target at the export batch (`--execution
 auto`: timed here, on onnxruntime's CPU provider for ONNX (`--target` for another provider) and on
 torch for .pt2; `factorized`, `padded` or `composed` sets every layer without timing).
 The plan is written beside the model (plan.md, plan.json) and into model.json, with the model's
@@ -48,7 +48,7 @@ from torch import nn
 
 from .config import ConfigError
 from .data import DataError
-from .deploy.forms import inference_model, lowrank_layers
+from .deploy.forms import inference_model, lowrank_layers, lowrank_linears
 from .deploy.runtimes import FORMATS, INSTALL, PROVIDERS, export, load_runner, missing_packages
 from .files import write_text_atomic
 from .models import layer_names
@@ -200,7 +200,7 @@ def _state_dict(path: Path) -> dict:
 
 def from_state_dict(args) -> Source:
     """A dense torchvision-style state dict, decomposed exactly by the given policy."""
-    from .models import build_model, decompose_model, lowrank_policy, model_spec
+    from .models import build_model, decompose_model, fc_policy, lowrank_policy, model_spec
 
     if args.model is None:
         raise ValueError("--from-state-dict needs --model (e.g. --model vgg16)")
@@ -218,7 +218,7 @@ def from_state_dict(args) -> Source:
         raise CheckpointError(f"--from-state-dict {str(args.from_state_dict)!r} does not fit {spec.name}"
                               f"{' with BatchNorm' if args.batch_norm else ''} and {build['num_classes']} classes:"
                               f" {' '.join(str(error).split())[:300]}") from None
-    model, errors = decompose_model(dense, lowrank_policy(spec, given), inplace=True)
+    model, errors = decompose_model(dense, lowrank_policy(spec, given), inplace=True, fc=fc_policy(spec, given))
     size = args.image_size or spec.input_size[1]
     images, labels, info = _plain_images(args, spec, size)
     info["source"] = {"state_dict": str(args.from_state_dict), "policy": given, "step": None,
@@ -325,8 +325,12 @@ def describe(source: Source, exported: dict[str, dict], args) -> dict:
               for path, layer in lowrank_layers(source.model)]
     return {
         "model": source.name,
-        "ranks": {names[path]: layer.rank for path, layer in lowrank_layers(source.model)},
+        "ranks": {names[path]: layer.rank for path, layer in lowrank_layers(source.model) + lowrank_linears(source.model)},
         "layers": layers,
+        "fc_layers": [{"layer": names[path], "module": path, "rank": layer.rank,
+                       "shape": [layer.out_features, layer.in_features], "form": "factorized"}
+                      | ({"relative_error": source.errors[path]} if path in source.errors else {})
+                      for path, layer in lowrank_linears(source.model)],
         "input": {"name": "images", "shape": ["batch" if args.batch == "dynamic" else int(args.batch),
                                               *source.image_shape]},
         "output": {"name": "logits", "shape": ["batch" if args.batch == "dynamic" else int(args.batch),
@@ -368,7 +372,7 @@ def print_errors(source: Source, plans: dict[str, InferencePlan]) -> None:
     names = layer_names(source.model)
     print("\n| layer | rank | relative error |" + "".join(f" {fmt}: form, measured × |" for fmt in timed))
     print("|---|---:|---:|" + "---|" * len(timed))
-    for path, layer in lowrank_layers(source.model):
+    for path, layer in lowrank_layers(source.model) + lowrank_linears(source.model):
         cells = []
         for rows in timed.values():
             row = rows.get(path)

@@ -6,8 +6,10 @@ from torch import nn
 
 from lowrank_dist.lowrank.svd import max_rank, singular_values
 from lowrank_dist.lowrank.layers import LowRankConv2d
-from lowrank_dist.models import MODELS, build_model, conv_layers, convert, decompose_model, factorizable_convs, layer_names
-from lowrank_dist.speed.costs import conv_costs
+from lowrank_dist.models import (
+    MODELS, build_model, conv_layers, convert, decompose_model, factorizable_convs, fc_layers, layer_names,
+)
+from lowrank_dist.speed.costs import conv_costs, fc_costs
 
 # VGG-16 convs: (C, N) and the authors' ranks (Tai et al. 2016; chengtaipu/lowrankcnn, imagenet/models_vgg/config.json).
 VGG16_CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
@@ -110,10 +112,10 @@ def test_convert_by_layer_name_and_keep_dense():
 @pytest.mark.parametrize(
     "cfg,message",
     [
-        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, caffenet, googlenet, nin, tiny_vgg, vgg16"),
+        ({"name": "resnet50"}, r"unknown model 'resnet50'; available: alexnet, caffenet, googlenet, nin, tiny_caffenet, tiny_vgg, vgg16"),
         ({}, r"'name' is required"),
         ({"name": "vgg16", "depth": 19}, r"unknown key\(s\) \['depth'\]"),
-        ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016', 'tai2016_2.4x', 'tai2016_4.0x'\]"),
+        ({"name": "vgg16", "lowrank": {"preset": "nope"}}, r"vgg16 has no preset 'nope'; available: \['tai2016', 'tai2016_2.4x', 'tai2016_4.0x', 'tai2016_fc256'\]"),
         ({"name": "tiny_vgg", "lowrank": {"preset": "tai2016"}}, r"tiny_vgg has no preset 'tai2016'; available: none"),
         ({"name": "vgg16", "lowrank": {"rank": 3}}, r"unknown key\(s\) \['rank'\]"),
         ({"name": "vgg16", "lowrank": {"ranks": [5, 6]}}, r"one entry per factorizable conv: the model has 13, the list has 2"),
@@ -224,19 +226,20 @@ def test_every_conv_layer_has_one_paper_name_dense_and_low_rank(cfg):
     dense = build_model(cfg)
     lowrank = build_model(cfg | {"lowrank": {"speedup": 2.0}})
     names = layer_names(dense)
-    assert list(names) == [path for path, _ in conv_layers(dense)]
+    assert list(names) == [path for path, _ in conv_layers(dense) + fc_layers(dense)]  # convs, then fc6/fc7 if any
     assert len(set(names.values())) == len(names) and not set(names.values()) & set(names)  # unique, not paths
     assert layer_names(lowrank) == names  # a factorized layer keeps its name
     assert any(isinstance(m, LowRankConv2d) for _, m in conv_layers(lowrank))
-    assert layer_names(lowrank) == {row.module: row.layer for row in conv_costs(lowrank, (3, 64, 64))} | {
+    costs = conv_costs(lowrank, (3, 64, 64)) + fc_costs(lowrank)
+    assert layer_names(lowrank) == {row.module: row.layer for row in costs} | {
         path: name for path, name in names.items() if path.startswith("aux")}  # the costs rows: what eval reaches
 
 
 def test_the_paper_names_of_each_model():
     names = {model: list(layer_names(build_model({"name": model})).values()) for model in MODELS}
     assert names["vgg16"] == ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-                              "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
-    assert names["alexnet"] == names["caffenet"] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+                              "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7"]
+    assert names["alexnet"] == names["caffenet"] == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
     assert names["nin"] == NIN_NAMES
     assert names["tiny_vgg"] == ["conv1", "conv2", "conv3", "conv4"]
     googlenet = layer_names(build_model({"name": "googlenet", "aux_logits": True}))

@@ -15,6 +15,9 @@
   where the factorized pair is bound by memory or by a runtime's poor 1×k kernels).
   All compute the layer's function; which is fastest depends on the layer, the runtime and the
   batch (speed.inference times them);
+- each LowRankLinear (fc6, fc7 as U·V) becomes its two plain nn.Linear in an nn.Sequential,
+  in→K then K→out: K·(in + out) MACs per image against the dense out·in, fewer at every rank
+  it can have, so it has no other form;
 - every BatchNorm is folded into the conv or linear layer before it (deploy.fold), including the
   one after a factorized layer's horizontal conv and one between its vertical and horizontal
   convs (which only the factorized form can carry: it folds into the vertical conv as a bias,
@@ -35,7 +38,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..lowrank.layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
 from .fold import fold_batchnorm, replace_module
 
 FORMS = ("factorized", "padded", "composed")
@@ -44,6 +47,10 @@ ALIGN = 16  # channels: the block of AVX-512 kernels (onnxruntime's NCHWc, oneDN
 
 def lowrank_layers(model: nn.Module) -> list[tuple[str, LowRankConv2d]]:
     return [(path, module) for path, module in model.named_modules() if isinstance(module, LowRankConv2d)]
+
+
+def lowrank_linears(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
+    return [(path, module) for path, module in model.named_modules() if isinstance(module, LowRankLinear)]
 
 
 def can_compose(layer: LowRankConv2d) -> bool:
@@ -138,6 +145,9 @@ def inference_model(model: nn.Module, plan: str | Mapping[str, str] = "factorize
             replace_module(result, path, inference_form(layer, form))
         except ValueError as error:
             raise ValueError(f"layer {path}: {error}") from None
+    for path, layer in lowrank_linears(result):  # U·V as two plain linear layers (a BatchNorm after folds into U)
+        replace_module(result, path, copy.deepcopy(nn.Sequential(OrderedDict([("first", layer.first),
+                                                                                ("second", layer.second)]))))
     folded, kept = fold_batchnorm(result)
     result.folded_batchnorm, result.unfolded_batchnorm = folded, kept
     for parameter in result.parameters():

@@ -260,12 +260,18 @@ class LowRankLinear(nn.Module):
         return self.second(self.first(x))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
-        """The exact rank-K truncated SVD of a (trained) dense layer: the fine-tune path."""
+    def from_linear(cls, linear: nn.Linear, rank: int, decomposition: Decomposition | None = None) -> "LowRankLinear":
+        """The exact rank-K truncated SVD of a (trained) dense layer: the fine-tune path.
+        `decomposition`, if given, is `decompose_linear(linear.weight, rank)[2]` computed by the
+        caller (who wants its error)."""
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None).to(linear.weight)
-        layer.reproject_from(linear.weight)
-        if linear.bias is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if decomposition is None:
+                layer.reproject_from(linear.weight)
+            else:
+                layer.second.weight.copy_(decomposition.horizontal.reshape(linear.out_features, rank))
+                layer.first.weight.copy_(decomposition.vertical.reshape(rank, linear.in_features))
+            if linear.bias is not None:
                 layer.second.bias.copy_(linear.bias)
         return layer
 

@@ -1,5 +1,7 @@
 """Rank policies: for a layer (name, kernel, optional trained weights), its rank K or None (keep it
-dense); and the multiply-accumulates per output pixel that the speedup policy trades.
+dense); and the multiply-accumulates per output pixel that the speedup policy trades. The same
+policies serve fully-connected layers: given a linear layer's out×in weight, a policy counts
+out·in MACs dense against K·(in + out) factorized and reads the spectrum of W itself.
 
 K is the layer's rank as LowRankConv2d takes it: the number of vertical filters, the total over the
 groups of a grouped conv (groups × the per-group rank). The cost per output pixel of a dense kernel
@@ -37,13 +39,19 @@ def one_policy(section: Mapping, keys: Sequence[str] = POLICIES) -> str:
 
 
 def dense_macs_per_pixel(shape: Sequence[int]) -> int:
-    """N·(C/groups)·kh·kw for a kernel stored as N×(C/groups)×kh×kw."""
+    """N·(C/groups)·kh·kw for a kernel stored as N×(C/groups)×kh×kw; out·in for a linear layer's
+    out×in weight (its MACs per input vector)."""
+    if len(shape) == 2:
+        return shape[0] * shape[1]
     n, c, kh, kw = shape
     return n * c * kh * kw
 
 
 def factorized_macs_per_pixel(shape: Sequence[int], rank: int, groups: int = 1) -> int:
-    """K·(C·kh + N·kw), summed over groups (C and N per group)."""
+    """K·(C·kh + N·kw), summed over groups (C and N per group); K·(in + out) for a linear layer's
+    out×in weight factorized as U·V (lowrank.layers.LowRankLinear)."""
+    if len(shape) == 2:
+        return rank * (shape[0] + shape[1])
     n, c, kh, kw = shape
     return groups * rank * (c * kh + (n // groups) * kw)
 

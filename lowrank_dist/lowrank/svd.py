@@ -82,7 +82,10 @@ def _rank_limit(in_per_group: int, out_per_group: int, kh: int, kw: int) -> int:
 
 
 def max_rank(weight: torch.Tensor, groups: int = 1) -> int:
-    """Largest meaningful rank: min(C·kh, kw·N), with C and N per group."""
+    """Largest meaningful rank: min(C·kh, kw·N), with C and N per group; min(out, in) for a linear
+    layer's out×in weight."""
+    if weight.dim() == 2:
+        return min(weight.shape)
     n, c, kh, kw = _check_weight(weight, groups)
     return _rank_limit(c, n // groups, kh, kw)
 
@@ -103,12 +106,13 @@ def check_rank(rank, in_channels: int, out_channels: int, kernel_size: tuple[int
 
 
 def singular_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """All singular values of the unfolded kernel, descending, float64: (max_rank,) or
-    (groups, max_rank). Cheaper than `decompose_kernel` (eigenvalues only)."""
-    _check_weight(weight, groups)
+    """All singular values of the unfolded kernel (or of a linear layer's out×in weight), descending,
+    float64: (max_rank,) or (groups, max_rank). Cheaper than `decompose_kernel` (eigenvalues only)."""
+    if weight.dim() != 2:
+        _check_weight(weight, groups)
     spectra = []
     for w in weight.chunk(groups):
-        m = unfold(w, torch.float64)
+        m = w.detach().to(torch.float64) if w.dim() == 2 else unfold(w, torch.float64)
         gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
         spectra.append(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt())
     spectrum = torch.stack(spectra)

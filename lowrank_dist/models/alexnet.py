@@ -7,11 +7,13 @@ from torch import nn
 from torchvision.models import AlexNet
 
 from .layer_names import in_order
-from .registry import register_model
+from .registry import Preset, register_model
 
 # Tai et al.'s CaffeNet ranks for conv1..conv5 (chengtaipu/lowrankcnn, imagenet/models_caffenet/config.json),
 # on torchvision's AlexNet.
 TAI2016_RANKS = [8, 40, 60, 100, 200]
+# Not the paper's: the same convs, and fc6/fc7 at rank 256 (fewer gradient bytes per step).
+TAI2016_FC256 = Preset(tuple(TAI2016_RANKS), {"fc6": 256, "fc7": 256})
 
 
 def _conv_block(in_channels, out_channels, kernel_size, stride, padding, batch_norm):
@@ -21,7 +23,8 @@ def _conv_block(in_channels, out_channels, kernel_size, stride, padding, batch_n
     return layers + [nn.ReLU(inplace=True)]
 
 
-@register_model("alexnet", presets={"tai2016": TAI2016_RANKS}, layer_names=in_order("conv1", "conv2", "conv3", "conv4", "conv5"))
+@register_model("alexnet", presets={"tai2016": TAI2016_RANKS, "tai2016_fc256": TAI2016_FC256},
+                layer_names=in_order("conv1", "conv2", "conv3", "conv4", "conv5"), fc_names=("fc6", "fc7"))
 def alexnet(num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
     model = AlexNet(num_classes=num_classes, dropout=dropout)
     if batch_norm:

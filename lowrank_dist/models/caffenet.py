@@ -16,10 +16,13 @@ conv2_v has num_output 40 with group 2: 20 per group), which is how LowRankConv2
 from torch import nn
 
 from .layer_names import in_order
-from .registry import register_model
+from .registry import Preset, register_model
 
 # Tai et al., imagenet/models_caffenet/config.json: conv1..conv5, totals over the groups.
 TAI2016_RANKS = [8, 40, 60, 100, 200]
+# Not the paper's (its low-rank models keep fc6/fc7 dense): the same convs, and fc6/fc7 at rank 256,
+# which cuts the gradients all-reduced per step ~6× (docs/benchmarks.md#gradient-bytes-per-step).
+TAI2016_FC256 = Preset(tuple(TAI2016_RANKS), {"fc6": 256, "fc7": 256})
 
 
 def _conv(in_channels, out_channels, kernel_size, stride, padding, groups, batch_norm):
@@ -73,7 +76,7 @@ class CaffeNet(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("caffenet", input_size=(3, 227, 227), presets={"tai2016": TAI2016_RANKS},
-                layer_names=in_order("conv1", "conv2", "conv3", "conv4", "conv5"))
+@register_model("caffenet", input_size=(3, 227, 227), presets={"tai2016": TAI2016_RANKS, "tai2016_fc256": TAI2016_FC256},
+                layer_names=in_order("conv1", "conv2", "conv3", "conv4", "conv5"), fc_names=("fc6", "fc7"))
 def caffenet(num_classes: int = 1000, batch_norm: bool = True, dropout: float = 0.5) -> nn.Module:
     return CaffeNet(num_classes, batch_norm, dropout)

@@ -6,6 +6,12 @@ exact decomposition of its trained kernel — the decompose-and-fine-tune path �
 layer's approximation error. Both leave 1×1 convs dense (nothing to factorize) and, unless the
 policy names every layer explicitly, keep the first conv dense (it sees 3 input channels, so it is
 cheap and its rank would be tiny).
+
+Fully-connected layers (fc6, fc7 of AlexNet, CaffeNet and VGG-16: `fc_layers`) follow their own
+policy, the `fc` argument: W (out×in) becomes a LowRankLinear U·V, freshly initialised (`convert`)
+or the truncated SVD of the trained W (`decompose_model`, Eckart–Young for matrices). Ranks of
+both kinds travel together as one map module path → K (a checkpoint's `ranks`); `split_ranks`
+tells them apart by the module each path names.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Iterator, Mapping
 from torch import nn
 
 from ..lowrank.ranks import ExplicitRanks, RankPolicy, policy_from_config
-from ..lowrank.layers import LowRankConv2d
-from ..lowrank.svd import check_rank, decompose_kernel
-from .layer_names import layer_names
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
+from ..lowrank.svd import check_rank, decompose_kernel, decompose_linear
+from .layer_names import REGISTERED_AS, fc_layer_names, fc_layers, layer_names
+from .registry import MODELS
 
 
 def factorizable_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
@@ -97,19 +104,81 @@ def choose_ranks(model: nn.Module, policy: RankPolicy | Mapping, factorize_first
     return chosen
 
 
+def _no_fc_layers(model_name: str) -> str:
+    """Why a model takes no FC policy: one line naming the models that do."""
+    which = sorted(name for name, spec in MODELS.items() if spec.fc_names)
+    return (f"model.lowrank.fc: {model_name} has no fully-connected layers to factorize; fc applies to"
+            f" {', '.join(which)} (every classifier layer but the last)")
+
+
+def check_fc_names(model_name: str, ranks: Mapping) -> None:
+    """ValueError, naming the key and the layers there are, unless every key of `ranks` is an FC
+    layer name of the registered model `model_name` (the config's check, before any model is built)."""
+    names = MODELS[model_name].fc_names
+    if not names:
+        raise ValueError(_no_fc_layers(model_name))
+    unknown = sorted(set(ranks) - set(names))
+    if unknown:
+        raise ValueError(f"model.lowrank.fc.ranks: {model_name} has no FC layer {', '.join(map(repr, unknown))};"
+                         f" its factorizable FC layers: {', '.join(names)}")
+
+
+def choose_fc_ranks(model: nn.Module, policy: RankPolicy | Mapping) -> dict[str, int]:
+    """Module path → rank for every FC layer (fc6, fc7; `fc_layers`) the policy factorizes; explicit
+    ranks name a layer by its name or its module path. Cost and spectrum are W's own (out·in MACs
+    dense, K·(in + out) factorized: lowrank.ranks)."""
+    policy = policy_from_config(policy)
+    layers = fc_layers(model)
+    if not layers:
+        raise ValueError(_no_fc_layers(getattr(model, REGISTERED_AS, type(model).__name__)))
+    if isinstance(policy, ExplicitRanks):
+        if not isinstance(policy.ranks, Mapping):
+            raise ValueError("model.lowrank.fc.ranks: a mapping of FC layer → rank, e.g. {fc6: 256, fc7: 256}")
+        names = fc_layer_names(model)
+        paths = {name: path for path, name in names.items()}
+        unknown = sorted(key for key in policy.ranks if key not in names and key not in paths)
+        if unknown:
+            raise ValueError(f"model.lowrank.fc.ranks: no FC layer {', '.join(map(repr, unknown))};"
+                             f" factorizable FC layers: {', '.join(f'{n} ({p})' for p, n in names.items())}")
+        policy = ExplicitRanks({paths.get(key, key): rank for key, rank in policy.ranks.items()})
+    chosen = {}
+    for path, linear in layers:
+        rank = policy.rank_for(path, linear.weight)
+        if rank is None:
+            continue
+        if not 1 <= rank <= min(linear.weight.shape):
+            raise ValueError(f"model.lowrank.fc: rank {rank} of {path} ({linear.out_features}×{linear.in_features}) must"
+                             f" be in 1..{min(linear.weight.shape)}")
+        chosen[path] = int(rank)
+    return chosen
+
+
+def split_ranks(model: nn.Module, ranks: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """A map module path → rank of both kinds (a checkpoint's `ranks`) as (conv ranks, FC ranks),
+    by the module each path names in `model` (dense or low-rank)."""
+    linear = {path for path, _ in fc_layers(model)}
+    convs = {path: rank for path, rank in ranks.items() if path not in linear}
+    return convs, {path: rank for path, rank in ranks.items() if path in linear}
+
+
 def convert(
     model: nn.Module,
     policy: RankPolicy | Mapping,
     factorize_first: bool | None = None,
     bn_between: bool = False,
     inplace: bool = False,
+    fc: RankPolicy | Mapping | None = None,
 ) -> nn.Module:
     """Low-rank twin of `model` for training from scratch: factorized layers are freshly initialised
-    with the same gain as the dense layer they replace (see LowRankConv2d.from_scratch_like)."""
+    with the same gain as the dense layer they replace (see LowRankConv2d.from_scratch_like and
+    LowRankLinear.from_scratch_like); `fc`, if given, the policy of the FC layers."""
     model = model if inplace else copy.deepcopy(model)
+    fc_ranks = choose_fc_ranks(model, fc) if fc is not None else {}
     for name, rank in choose_ranks(model, policy, factorize_first).items():
         conv = model.get_submodule(name)
         _replace(model, name, LowRankConv2d.from_scratch_like(conv, rank, bn_between))
+    for name, rank in fc_ranks.items():
+        _replace(model, name, LowRankLinear.from_scratch_like(model.get_submodule(name), rank))
     return model
 
 
@@ -128,10 +197,13 @@ def decompose_model(
     factorize_first: bool | None = None,
     bn_between: bool = False,
     inplace: bool = False,
+    fc: RankPolicy | Mapping | None = None,
 ) -> tuple[nn.Module, list[LayerError]]:
-    """Low-rank model from trained weights by the exact decomposition, with per-layer errors."""
+    """Low-rank model from trained weights by the exact decomposition, with per-layer errors; `fc`,
+    if given, the policy of the FC layers, each replaced by the truncated SVD of its weight."""
     model = model if inplace else copy.deepcopy(model)
     errors = []
+    fc_ranks = choose_fc_ranks(model, fc) if fc is not None else {}
     for name, rank in choose_ranks(model, policy, factorize_first).items():
         conv = model.get_submodule(name)
         decomposition = decompose_kernel(conv.weight, rank // conv.groups, conv.groups)
@@ -142,4 +214,9 @@ def decompose_model(
                 decomposition.relative_error,
             )
         )
+    for name, rank in fc_ranks.items():
+        linear = model.get_submodule(name)
+        decomposition = decompose_linear(linear.weight, rank)[2]
+        _replace(model, name, LowRankLinear.from_linear(linear, rank, decomposition))
+        errors.append(LayerError(name, rank, min(linear.weight.shape), decomposition.error, decomposition.relative_error))
     return model, errors

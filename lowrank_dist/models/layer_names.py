@@ -1,5 +1,7 @@
 """Each conv layer's name as the paper and the authors' prototxts give it (conv1_2, conv4_2,
-inception_3a/3x3), beside its module path (features.2, features.19, inception3a.branch2.1.conv).
+inception_3a/3x3), beside its module path (features.2, features.19, inception3a.branch2.1.conv);
+and, for the models whose fully-connected layers may be factorized (AlexNet, CaffeNet, VGG-16:
+ModelSpec.fc_names), those layers' names (fc6, fc7 — every classifier nn.Linear but the last).
 
 The names are the model registry's: each ModelSpec may carry a `layer_names` rule, written beside
 the model (vgg.py, googlenet.py, ...), and `layer_names(model)` applies the rule of the spec the
@@ -16,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..lowrank.layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
 from .registry import MODELS
 
 # The attribute build_model sets on a model it builds: the registry name, which finds its naming.
@@ -38,6 +40,35 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def fc_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every fully-connected layer of `model` that may be factorized, in module order, with its
+    module path: each nn.Linear (or LowRankLinear, as one layer) but the last, the class layer,
+    which stays dense. Empty for a model whose registry entry names no FC layers."""
+    spec = MODELS.get(getattr(model, REGISTERED_AS, None))
+    if spec is None or not spec.fc_names:
+        return []
+    layers, inner = [], set()
+    for path, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            inner.update(module.modules())
+            layers.append((path, module))
+        elif isinstance(module, nn.Linear) and module not in inner:
+            layers.append((path, module))
+    return layers[:-1]
+
+
+def fc_layer_names(model: nn.Module) -> dict[str, str]:
+    """Module path → name (fc6, fc7) of every factorizable FC layer of `model` (see `fc_layers`)."""
+    paths = [path for path, _ in fc_layers(model)]
+    if not paths:
+        return {}
+    names = MODELS[getattr(model, REGISTERED_AS)].fc_names
+    if len(paths) != len(names):
+        raise ValueError(f"{getattr(model, REGISTERED_AS)}: {len(paths)} fully-connected layers before the class layer,"
+                         f" but the naming has {len(names)} names ({', '.join(names)})")
+    return dict(zip(paths, names))
+
+
 def in_order(*names: str) -> LayerNaming:
     """A naming that gives the conv layers these names in module order (the model must have
     exactly as many conv layers: a model changed under its naming fails loudly, not misnamed)."""
@@ -56,8 +87,11 @@ def in_order(*names: str) -> LayerNaming:
 
 def layer_names(model: nn.Module) -> dict[str, str]:
     """Module path → paper name for every conv layer of `model` (see `conv_layers`), in module
-    order; the module path itself where the model has no paper names."""
+    order, the module path itself where the model has no paper names; then its factorizable FC
+    layers (fc6, fc7; `fc_layers`), if it has any."""
     spec = MODELS.get(getattr(model, REGISTERED_AS, None))
     if spec is None or spec.layer_names is None:
-        return {path: path for path, _ in conv_layers(model)}
-    return spec.layer_names(model)
+        convs = {path: path for path, _ in conv_layers(model)}
+    else:
+        convs = spec.layer_names(model)
+    return convs | fc_layer_names(model)

@@ -5,7 +5,7 @@ from torch import nn
 from torchvision.models import vgg16 as tv_vgg16, vgg16_bn as tv_vgg16_bn
 
 from .layer_names import in_order
-from .registry import register_model
+from .registry import Preset, register_model
 
 # The authors' (and Oxford's Caffe model's) names: conv<block>_<index>, blocks split by the max pools.
 LAYER_NAMES = [f"conv{block}_{index}" for block, convs in enumerate((2, 2, 3, 3, 3), 1) for index in range(1, convs + 1)]
@@ -19,6 +19,9 @@ TAI2016_2_4X_RANKS = [  # 2.42×
     5, 32, 64, 64, 96, 160, 192, 256, 256, 320, 384, 384, 384]
 TAI2016_4_0X_RANKS = [  # 3.97×
     5, 24, 32, 48, 64, 96, 96, 128, 192, 192, 192, 192, 192]
+# Not the paper's (its models keep fc6/fc7 dense): the released convs, and fc6/fc7 at rank 256, which
+# cuts the gradients all-reduced per step ~7× (docs/benchmarks.md#gradient-bytes-per-step).
+TAI2016_FC256 = Preset(tuple(TAI2016_RANKS), {"fc6": 256, "fc7": 256})
 
 
 def _with_fc_batch_norm(classifier: nn.Sequential) -> nn.Sequential:
@@ -33,9 +36,11 @@ def _with_fc_batch_norm(classifier: nn.Sequential) -> nn.Sequential:
 
 @register_model(
     "vgg16",
-    presets={"tai2016": TAI2016_RANKS, "tai2016_2.4x": TAI2016_2_4X_RANKS, "tai2016_4.0x": TAI2016_4_0X_RANKS},
+    presets={"tai2016": TAI2016_RANKS, "tai2016_2.4x": TAI2016_2_4X_RANKS, "tai2016_4.0x": TAI2016_4_0X_RANKS,
+             "tai2016_fc256": TAI2016_FC256},
     options={"fc_batch_norm": False},
     layer_names=in_order(*LAYER_NAMES),
+    fc_names=("fc6", "fc7"),
 )
 def vgg16(num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5, fc_batch_norm: bool = False) -> nn.Module:
     build = tv_vgg16_bn if batch_norm else tv_vgg16

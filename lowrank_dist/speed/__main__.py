@@ -3,11 +3,15 @@
     python -m lowrank_dist.speed --config configs/vgg16_lr.yaml [--device cuda] [--dtype bf16] [--batch 64] [--execution auto]
     python -m lowrank_dist.speed --model vgg16 --preset tai2016 --device cpu --batch 2 --image-size 64
     python -m lowrank_dist.speed --model vgg16 --speed-aware --search 2,3,4 --write-config vgg16_fast.yaml
+    python -m lowrank_dist.speed --model caffenet --preset tai2016_fc256 --link-gbps 400 --nodes 4 --gpus-per-node 8
 
 Writes speed.md, speed.csv, speed.json, speed.png and tensorboard/ into --out (default
 runs/speed/<model>-<device>-<dtype>-b<batch>) and prints the table. With --speed-aware it first
 chooses per-layer ranks by measured speed (speed.speed_aware), writes them into a YAML config
-(--write-config) and then reports the chosen model against dense. Bad input: one line, exit 2.
+(--write-config) and then reports the chosen model against dense. After the report it prints the
+gradient bytes each model all-reduces per optimizer step (fp32, bf16 and the config's PowerSGD)
+and the ring all-reduce time they imply over --nodes × --gpus-per-node GPUs at --link-gbps: an
+estimate from counted bytes, not a measurement. Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from ..runtime import DTYPES, select_device
 from .costs import default_lowrank
 from .execution import lowrank_layers
+from .network import network_table
 from .report import speed_report
 
 
@@ -57,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before measuring")
     parser.add_argument("--layers-only", action="store_true", help="skip the whole-model images/s")
     parser.add_argument("--out", type=Path, help="output folder")
+    network = parser.add_argument_group("gradient all-reduce (an estimate from counted bytes, not timed)")
+    network.add_argument("--link-gbps", type=float, default=400.0, help="per-GPU link rate between nodes, Gb/s (400)")
+    network.add_argument("--nodes", type=int, default=4, help="nodes in the ring (4)")
+    network.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (8)")
     aware = parser.add_argument_group("speed-aware ranks")
     aware.add_argument("--speed-aware", action="store_true", help="factorize only the layers measured faster")
     aware.add_argument("--search", help="extra theoretical speedups whose ranks are tried, e.g. 2,3,4")
@@ -94,6 +103,9 @@ def _model_setup(args) -> tuple[dict, dict | None, dict]:
         "dtype": "bf16" if cfg.precision.amp == "bf16" else "fp32", "channels_last": cfg.precision.channels_last,
         "execution": cfg.precision.execution,
     }
+    if cfg.distributed.grad_compression == "powersgd":
+        psgd = cfg.distributed.powersgd
+        defaults["powersgd"] = (f"PowerSGD rank {psgd.rank}", ("powersgd", psgd.rank, psgd.min_compression_rate))
     return build, tree, defaults
 
 
@@ -114,6 +126,11 @@ def run(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.link_gbps > 0:
+        raise ValueError(f"--link-gbps must be > 0, got {args.link_gbps}")
     search = [float(s) for s in args.search.split(",")] if args.search else []
     if (search or args.write_config or args.target != 1.0) and not args.speed_aware:
         raise ValueError("--search, --target and --write-config go with --speed-aware")
@@ -150,6 +167,11 @@ def run(args) -> int:
         plan_source=None if fixed is None else f"--execution {execution}", **timing
     )
     print(report.to_markdown())
+    compressions = {"fp32": ("none",), "bf16": ("bf16",)} | dict([defaults["powersgd"]] if "powersgd" in defaults else [])
+    print("\nGradients all-reduced per optimizer step, counted from the parameters; the ring all-reduce time is an"
+          " estimate from those bytes (no latency, no overlap with backward), not measured:\n")
+    print(network_table({"dense": dense, "low-rank": lowrank_model}, compressions, args.link_gbps, args.nodes,
+                        args.gpus_per_node))
     print(f"\nwrote {', '.join(str(p) for p in report.files.values())} and {out / 'tensorboard'}")
     return 0
 

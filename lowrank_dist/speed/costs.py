@@ -6,6 +6,8 @@ conv ((C/groups)·kh per element of the K-channel intermediate, which has the ou
 input's width) plus its horizontal conv ((K/groups)·kw per output element, K the layer's rank: the
 vertical filters of all groups). For stride 1 this is the paper's
 K·(C·kh + N·kw) per output pixel; the "dense" column is what the original kh×kw conv would cost.
+A fully-connected layer (fc6, fc7: `fc_costs`) costs out·in MACs and parameters dense, K·(in + out)
+as a LowRankLinear U·V; its rows come in a table of their own, after the convs'.
 
     python -m lowrank_dist.speed.costs                      # every model, its default policy
     python -m lowrank_dist.speed.costs --model vgg16 --speedup 3
@@ -20,15 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..lowrank.layers import LowRankConv2d
-from ..models import conv_layers, layer_names
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
+from ..models import conv_layers, fc_layers, layer_names
 
 
 @dataclass
 class LayerCost:
     module: str  # the module path (features.2)
     layer: str  # the paper's name (conv1_2; models/layer_names.py), else the module path
-    kernel: tuple[int, int, int, int]  # N × C/groups × kh × kw of the (equivalent) dense kernel
+    kernel: tuple[int, ...]  # N × C/groups × kh × kw of the (equivalent) dense kernel; out × in for an FC layer
     groups: int
     rank: int | None  # None: dense
     output: tuple[int, int]  # H × W of the layer's output
@@ -90,8 +92,22 @@ def conv_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
     return rows
 
 
-def format_table(rows: list[LayerCost], title: str = "") -> str:
-    """Markdown table with a totals line."""
+def fc_costs(model: nn.Module) -> list[LayerCost]:
+    """One row per factorizable FC layer (fc6, fc7; models.fc_layers), dense or LowRankLinear, per
+    image: out·in MACs and weights dense, K·(in + out) factorized (biases alike in both)."""
+    names = layer_names(model)
+    rows = []
+    for path, layer in fc_layers(model):
+        out, inp = layer.out_features, layer.in_features
+        rank = layer.rank if isinstance(layer, LowRankLinear) else None
+        macs = out * inp if rank is None else rank * (inp + out)
+        bias = out if (layer.second.bias if rank is not None else layer.bias) is not None else 0
+        rows.append(LayerCost(path, names[path], (out, inp), 1, rank, (1, 1), out * inp, macs, out * inp + bias, macs + bias))
+    return rows
+
+
+def format_table(rows: list[LayerCost], title: str = "", what: str = "convs") -> str:
+    """Markdown table with a totals line (`what`: what the rows are, for that line)."""
     lines = [f"### {title}", ""] if title else []
     lines += [
         "| layer | kernel N×C×kh×kw | rank | output | dense MMACs | low-rank MMACs | speedup | dense params | low-rank params |",
@@ -108,7 +124,7 @@ def format_table(rows: list[LayerCost], title: str = "") -> str:
     dense_p, lowrank_p = sum(r.dense_params for r in rows), sum(r.lowrank_params for r in rows)
     factorized = sum(r.rank is not None for r in rows)
     lines.append(
-        f"| **all {len(rows)} convs ({factorized} factorized)** | | | | **{dense / 1e6:,.1f}** | **{lowrank / 1e6:,.1f}**"
+        f"| **all {len(rows)} {what} ({factorized} factorized)** | | | | **{dense / 1e6:,.1f}** | **{lowrank / 1e6:,.1f}**"
         f" | **{dense / lowrank:.2f}×** | **{dense_p:,}** | **{lowrank_p:,}** |"
     )
     return "\n".join(lines)
@@ -160,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         size = "×".join(map(str, spec.input_size[1:]))
         print(format_table(rows, f"{name} — low-rank ({policy_text}) at {size}, per image"))
         print()
+        fc = fc_costs(model)
+        if fc:
+            print(format_table(fc, f"{name} — fully-connected layers but the class layer, per image", "FC layers"))
+            print()
     return 0
 
 

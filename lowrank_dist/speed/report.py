@@ -1,4 +1,4 @@
-"""Measured speed of a low-rank model beside its dense twin: per conv layer and for the whole model.
+"""Measured speed of a low-rank model beside its dense twin: per conv (and FC) layer and for the whole model.
 
 The theoretical speedup of a layer is its MAC ratio (speed.costs.conv_costs); the measured one is
 dense time / low-rank time for the same layer on the same input. They differ because FLOPs are not
@@ -21,6 +21,9 @@ function and parameters; report/execution.py), and the report says which form th
 runs: a run's plan, or by default the faster forward+backward measured here. The whole model is
 timed dense, all-factorized and under that plan.
 
+Where fc6 or fc7 is factorized (LowRankLinear, U·V), fc6 and fc7 have rows too, after the convs:
+dense against factorized, with no composed form (the composed U·V is the dense layer).
+
 Layers that the low-rank model keeps dense (1×1 convs, usually the first conv) are the same module
 in both models, so they are timed once and their measured ratio is 1 by construction; they are in
 the table so that the layer times add up to the whole network's conv time.
@@ -37,10 +40,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..models import conv_layers
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
+from ..models import conv_layers, fc_layers
 from ..runtime import check_dtype, dtype_name, select_device
 from . import render
-from .costs import LayerCost, conv_costs
+from .costs import LayerCost, conv_costs, fc_costs
 from .execution import set_execution
 from .timing import (
     Timing, capture_inputs, device_description, layer_functions, measure, model_functions,
@@ -202,16 +206,18 @@ def _layer_rows(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, dev
                 dtype: torch.dtype, channels_last: bool, plan: Mapping[str, str] | None, timing_options: dict) -> list[LayerSpeed]:
     """One LayerSpeed per conv of `lowrank` on the inference path: dense against its factorized
     and composed forms, alternated; the form the plan (or the faster forward+backward) picks."""
-    costs = {row.module: row for row in conv_costs(lowrank, tuple(example.shape[1:]))}
+    costs = {row.module: row for row in conv_costs(lowrank, tuple(example.shape[1:])) + fc_costs(lowrank)}
     inputs = capture_inputs(lowrank, example)
     dense_layers = dict(dense.named_modules())
     rows = []
-    for name, layer in conv_layers(lowrank):
+    fcs = fc_layers(lowrank)  # fc6/fc7 have rows where one of them is factorized (conv-only reports stay as they were)
+    fcs = fcs if any(isinstance(layer, LowRankLinear) for _, layer in fcs) else []
+    for name, layer in conv_layers(lowrank) + fcs:
         if name not in inputs or name not in costs:
             continue  # not on the inference path (GoogLeNet's auxiliary heads run in training only)
         reference = dense_layers.get(name)
-        if not isinstance(reference, nn.Conv2d):
-            raise ValueError(f"the dense model has no conv named {name!r} to compare the low-rank layer with")
+        if not isinstance(reference, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"the dense model has no conv or FC layer named {name!r} to compare the low-rank layer with")
         dense_forward, dense_train = layer_functions(reference, inputs[name], device, dtype, channels_last)
         if costs[name].rank is None:  # the same dense layer in both models
             timings = measure({"forward": dense_forward, "train": dense_train}, device, **timing_options)
@@ -221,7 +227,7 @@ def _layer_rows(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, dev
         forward = {"dense": dense_forward}
         train = {"dense": dense_train}
         forward["factorized"], train["factorized"] = layer_functions(layer, inputs[name], device, dtype, channels_last)
-        if layer.between is None:  # with BatchNorm between V and H there is no composed form
+        if isinstance(layer, LowRankConv2d) and layer.between is None:  # an FC layer, or BN between V and H: no composed form
             composed = copy.deepcopy(layer)
             composed.execution = "composed"
             forward["composed"], train["composed"] = layer_functions(composed, inputs[name], device, dtype, channels_last)

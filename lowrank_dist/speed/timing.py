@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import conv_layers
+from ..models import conv_layers, fc_layers
 from ..runtime import autocast_for, logits_of
 
 
@@ -139,14 +139,15 @@ class LayerInput:
 
 
 def capture_inputs(model: nn.Module, example: torch.Tensor, training: bool = True) -> dict[str, LayerInput]:
-    """Input shape of every conv layer (models.conv_layers) in one training-mode forward of
+    """Input shape of every conv layer (models.conv_layers) and factorizable FC layer
+    (models.fc_layers: fc6, fc7) in one training-mode forward of
     `example`. Layers the forward does not reach are left out. The forward runs on `model` itself,
     in train mode (BatchNorm running statistics move): pass a copy if that matters.
     `training=False`: an eval-mode forward without autograd instead, the layers inference runs
     (GoogLeNet's auxiliary heads are not among them), none of them needing an input gradient."""
     found: dict[str, LayerInput] = {}
     hooks = []
-    for name, layer in conv_layers(model):
+    for name, layer in conv_layers(model) + fc_layers(model):
         def hook(_module, args, _output, name=name):
             found[name] = LayerInput(tuple(args[0].shape), bool(args[0].requires_grad))
         hooks.append(layer.register_forward_hook(hook))

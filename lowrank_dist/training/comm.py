@@ -29,37 +29,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-BF16_BYTES = torch.tensor([], dtype=torch.bfloat16).element_size()
-
-
-def factor_layout(shapes: dict[str, torch.Size], rank: int, min_compression_rate: float) -> dict[str, tuple[int, int]]:
-    """The parameters PowerSGD compresses, in the order torch lays out their P and Q factors in a
-    bucket (grouped by matrix shape, groups in order of first appearance), each with its P and Q
-    lengths (n·r, m·r for its n×m matrix view, r = min(n, m, rank)); torch's own rule
-    (powerSGD_hook._should_compress) decides which are worth compressing."""
-    groups: dict[tuple[int, int], list[str]] = {}
-    for name, shape in shapes.items():
-        n = shape[0] if len(shape) else 1
-        m = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-        r = min(n, m, rank)
-        if powersgd._should_compress(n, m, r, min_compression_rate)[0]:
-            groups.setdefault((n, m), []).append(name)
-    return {name: (n * min(n, m, rank), m * min(n, m, rank)) for (n, m), names in groups.items() for name in names}
-
-
-def expected_bytes_per_step(model: nn.Module, compression: str, rank: int = 1, min_compression_rate: float = 2.0) -> int:
-    """Bytes all-reduced per optimizer step by the hook for `compression` (PowerSGD: once
-    compressing), from the trainable parameters' shapes alone; fp32 gradients."""
-    shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    total = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
-    if compression == "none":
-        return 4 * total
-    if compression == "bf16":
-        return BF16_BYTES * total
-    factors = factor_layout(shapes, rank, min_compression_rate)
-    compressed = sum(int(np.prod(shapes[name], dtype=np.int64)) for name in factors)
-    return 4 * (total - compressed + sum(p + q for p, q in factors.values()))
-
+# the bytes a hook sends, counted from the parameters' shapes alone (the speed report uses them too)
+from ..speed.network import BF16_BYTES, expected_bytes_per_step, factor_layout  # noqa: F401
 
 def _numpy_rng_state(rng: np.random.RandomState) -> dict:
     _, keys, pos, has_gauss, gaussian = rng.get_state()

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..lowrank.layers import LowRankConv2d
+from ..lowrank.layers import LowRankConv2d, LowRankLinear
 from ..runtime import amp_dtype
 from ..speed.execution import ExecutionPlan, default_execution, lowrank_layers, plan_execution
-from ..models import build_model, choose_ranks, convert, decompose_model, lowrank_policy, model_spec
+from ..models import (
+    build_model, choose_fc_ranks, choose_ranks, convert, decompose_model, fc_policy, lowrank_policy, model_spec, split_ranks,
+)
 from .checkpoint import CheckpointError, is_state_dict, load_checkpoint, state_dict_mismatch
 from .distributed import DistContext
 from .projection import Projector
@@ -76,15 +78,17 @@ def build_model_for(cfg: Config, num_classes: int, saved: dict | None = None) ->
         if lowrank.mode == "projected" and not exported:
             return ModelSetup(dense)
         ranks = saved.get("ranks") or {}
-        model = convert(dense, {"ranks": ranks}, factorize_first=True, bn_between=lowrank.bn_between and not exported,
-                        inplace=True)
+        convs, fcs = split_ranks(dense, ranks)  # a checkpoint keeps conv and FC ranks in one map
+        model = convert(dense, {"ranks": convs}, factorize_first=True, bn_between=lowrank.bn_between and not exported,
+                        inplace=True, fc={"ranks": fcs} if fcs else None)
         return ModelSetup(model, dict(ranks))
     if lowrank.mode == "factorized":
         model = build_model(build)
-        ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankConv2d)}
+        ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, (LowRankConv2d, LowRankLinear))}
         return ModelSetup(model, ranks)
 
-    policy = lowrank_policy(model_spec(cfg.model.name), build["lowrank"])
+    spec = model_spec(cfg.model.name)
+    policy, fc = lowrank_policy(spec, build["lowrank"]), fc_policy(spec, build["lowrank"])
     dense = build_model(build, dense=True)
     if lowrank.mode == "decomposed":
         state = _dense_state_dict(lowrank.dense_checkpoint, cfg.model.name)
@@ -95,9 +99,9 @@ def build_model_for(cfg: Config, num_classes: int, saved: dict | None = None) ->
                 f" with {num_classes} classes: {mismatch}"
             )
         dense.load_state_dict(state)
-        model, errors = decompose_model(dense, policy, lowrank.factorize_first, lowrank.bn_between, inplace=True)
+        model, errors = decompose_model(dense, policy, lowrank.factorize_first, lowrank.bn_between, inplace=True, fc=fc)
         return ModelSetup(model, {e.name: e.rank for e in errors}, None, {e.name: e.relative_error for e in errors})
-    ranks = choose_ranks(dense, policy, lowrank.factorize_first)
+    ranks = choose_ranks(dense, policy, lowrank.factorize_first) | (choose_fc_ranks(dense, fc) if fc is not None else {})
     return ModelSetup(dense, ranks, Projector(dense, ranks))
 
 
