@@ -353,6 +353,7 @@ def test_cli_reads_a_training_config(tmp_path, capsys):
     (["--model", "vgg16", "--preset", "nope"], "has no preset 'nope'"),
     (["--model", "vgg16", "--batch", "0"], "--batch must be >= 1"),
     (["--model", "vgg16", "--search", "2"], "go with --speed-aware"),
+    (["--model", "caffenet", "--batch", "1"], "--batch 1: caffenet has BatchNorm after its fully-connected layers"),
     (["--config", "missing.yaml"], "does not exist"),
     (["--config", str(REPO / "configs/vgg16.yaml")], "model.lowrank is not set"),
     (["--config", str(REPO / "configs/vgg16_lr.yaml"), "--speedup", "2"], "go with --model"),

@@ -144,6 +144,10 @@ def run(args) -> int:
     torch.manual_seed(0)
     lowrank_model = build_model(build)  # first: a bad rank policy fails before anything is timed
     dense = build_model(build, dense=True)
+    if batch == 1 and any(isinstance(m, torch.nn.BatchNorm1d) for m in dense.modules()):
+        # BN on fc6/fc7 normalises over the batch: one image has no batch statistics to train on
+        raise ValueError(f"--batch 1: {spec.name} has BatchNorm after its fully-connected layers, which cannot train"
+                         " on one image (the report times training steps too); use --batch 2 or more")
     if args.speed_aware:
         lowrank = build["lowrank"]
         chosen = speed_aware_ranks(
