@@ -23,7 +23,7 @@ from torch.utils.benchmark import Timer
 
 from lowrank_dist.config import load_config
 from lowrank_dist.lowrank.ranks import TargetSpeedup
-from lowrank_dist.lowrank.layers import LowRankConv2d
+from lowrank_dist.lowrank.layers import LowRankConv2d, LowRankLinear
 from lowrank_dist.models import build_model, convert, factorizable_convs, layer_names
 from lowrank_dist.speed import render
 from lowrank_dist.speed.__main__ import main
@@ -328,6 +328,21 @@ def test_cli_speed_aware_writes_a_config_that_builds(tmp_path, capsys):
     model_section = yaml.safe_load(path.read_text())["model"]
     assert model_section["name"] == "tiny_vgg" and len(model_section["lowrank"]["ranks"]) == 4
     build_model(model_section)
+
+
+def test_cli_speed_aware_keeps_the_fc_ranks_of_the_preset_it_replaces(tmp_path, capsys):
+    """The search picks conv ranks only; fc6/fc7 stay at the ranks the replaced preset gave them,
+    in the timed model and in the written config."""
+    path = tmp_path / "fast.yaml"
+    argv = ["--model", "tiny_caffenet", "--preset", "fc32", "--device", "cpu", "--batch", "2", "--repeats", "1",
+            "--warmup", "0", "--layers-only", "--out", str(tmp_path / "out"), "--speed-aware", "--search", "2",
+            "--write-config", str(path)]
+    assert main(argv) == 0
+    assert "| fc6 |" in capsys.readouterr().out  # timed as a factorized layer
+    model_section = yaml.safe_load(path.read_text())["model"]
+    assert model_section["lowrank"]["fc"] == {"ranks": {"fc6": 32, "fc7": 32}}
+    model = build_model(model_section)
+    assert sorted(m.rank for m in model.modules() if isinstance(m, LowRankLinear)) == [32, 32]
 
 
 def test_cli_reads_a_training_config(tmp_path, capsys):

@@ -110,7 +110,7 @@ def _model_setup(args) -> tuple[dict, dict | None, dict]:
 
 
 def run(args) -> int:
-    from ..models import build_model, lowrank_policy, model_spec
+    from ..models import build_model, fc_policy, lowrank_policy, model_spec
     from .speed_aware import speed_aware_ranks
 
     build, tree, defaults = _model_setup(args)
@@ -157,9 +157,11 @@ def run(args) -> int:
         print(chosen.to_markdown() + "\n")
         config_path = args.write_config or out / "speed_aware.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(chosen.to_yaml(build, tree))
+        fc = fc_policy(spec, lowrank)  # the search picks conv ranks; fc6/fc7 keep the policy given
+        config_path.write_text(chosen.to_yaml(build, tree, fc=fc))
         print(f"wrote the speed-aware ranks to {config_path}\n")
-        build = build | {"lowrank": {"ranks": chosen.ranks, "bn_between": bool(lowrank.get("bn_between", False))}}
+        build = build | {"lowrank": {"ranks": chosen.ranks, "bn_between": bool(lowrank.get("bn_between", False))}
+                                    | ({"fc": fc} if fc else {})}
         lowrank_model = build_model(build)
         title = f"{spec.name}, speed-aware ranks"
     else:

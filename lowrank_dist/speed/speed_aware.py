@@ -135,21 +135,23 @@ class SpeedAwareRanks:
         ]
         return "\n".join(lines)
 
-    def to_yaml(self, model: Mapping, base: Mapping | None = None) -> str:
+    def to_yaml(self, model: Mapping, base: Mapping | None = None, fc: Mapping | None = None) -> str:
         """A YAML config whose model.lowrank is this rank table keyed by module path, one comment
         per layer with its paper name and why.
 
         `model` is the build dict of the model (name, batch_norm, ...); `base`, if given, is a whole
         config tree (a parsed config file) to copy everything else from: its lowrank mode and
         options stay, its rank policy is replaced, and a run.name it sets is dropped so that the
-        new config does not resume the old run's checkpoints."""
+        new config does not resume the old run's checkpoints. `fc`, if given, is the FC layers'
+        policy (models.fc_policy), written as model.lowrank.fc: the speed-aware search picks conv
+        ranks only, and a preset it replaces may have carried FC ranks."""
         import yaml
 
         tree = copy.deepcopy(dict(base)) if base is not None else {}
         model_section = dict(tree.get("model") or {}) or {k: v for k, v in model.items() if k != "lowrank"}
         lowrank = {k: v for k, v in dict(model_section.get("lowrank") or model.get("lowrank") or {}).items()
                    if k not in ("preset", *POLICIES, "factorize_first")}
-        model_section["lowrank"] = lowrank | {"ranks": self.ranks}
+        model_section["lowrank"] = lowrank | {"ranks": self.ranks} | ({"fc": dict(fc)} if fc else {})
         tree["model"] = model_section
         if isinstance(tree.get("run"), dict):
             tree["run"].pop("name", None)
