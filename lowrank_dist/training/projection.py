@@ -19,13 +19,13 @@ from ..models import decompose_model, split_ranks
 class Projector:
     def __init__(self, model: nn.Module, ranks: dict[str, int]):
         self.ranks = dict(ranks)
-        self.convs = {name: model.get_submodule(name) for name in self.ranks}  # convs and FC layers
+        self.layers = {name: model.get_submodule(name) for name in self.ranks}  # convs and FC layers (fc6, fc7)
 
     @torch.no_grad()
     def project(self) -> dict[str, float]:
         """Project every chosen kernel onto its rank in place; returns the relative residual of each."""
         residuals = {}
-        for name, layer in self.convs.items():
+        for name, layer in self.layers.items():
             if isinstance(layer, nn.Linear):
                 u, v, d = decompose_linear(layer.weight, self.ranks[name])
                 layer.weight.copy_(u.double() @ v.double())
