@@ -404,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     settings = SMOKE if args.smoke else GPU
     torch.backends.cudnn.benchmark = True  # fixed shapes throughout
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout`'s TERM too: save, then stop
+    # `timeout -s INT` (the device plan's) and its TERM: save, then stop. SIGINT explicitly too: a
+    # command started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt for it (the bench would run on past its limit).
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     started = time.monotonic()
     bench = Bench(device, settings, started + args.budget_s, Path(tempfile.mkdtemp(prefix="gpu-bench-")))
     card = device_description(device)

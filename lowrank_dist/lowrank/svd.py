@@ -84,9 +84,9 @@ def _rank_limit(in_per_group: int, out_per_group: int, kh: int, kw: int) -> int:
 def max_rank(weight: torch.Tensor, groups: int = 1) -> int:
     """Largest meaningful rank: min(C·kh, kw·N), with C and N per group; min(out, in) for a linear
     layer's out×in weight."""
-    if weight.dim() == 2:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return min(weight.shape)
-    n, c, kh, kw = _check_weight(weight, groups)
+    n, c, kh, kw = _check_weight(weight, groups)  # a ValueError naming what it got, for anything else
     return _rank_limit(c, n // groups, kh, kw)
 
 
