@@ -26,7 +26,7 @@ PAPER = {  # what each of the authors' recipes must say (their prototxts and sol
     "caffenet_bn": ("caffenet", None, 0.1, 1e-4, "caffe", 227),
     "caffenet": ("caffenet", None, 0.01, 5e-4, "caffe", 227),
     "caffenet_decompose": ("caffenet", "decomposed", 0.001, 5e-4, "caffe", 227),
-    "vgg16_bn_lr": ("vgg16", "factorized", 0.1, 1e-4, "caffe", 224),
+    "vgg16_bn_lr": ("vgg16", "factorized", 0.01, 1e-4, "caffe", 224),  # CaffeNet-BN's solver at VGG's lr (header)
     "vgg16_decompose": ("vgg16", "decomposed", 0.01, 5e-4, None, 224),
     "nin_cifar10_lr": ("nin", "factorized", 0.01, 5e-4, "none", 32),
     "nin_cifar10": ("nin", None, 0.01, 5e-4, "none", 32),
