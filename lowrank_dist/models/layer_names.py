@@ -30,12 +30,18 @@ LayerNaming = Callable[[nn.Module], "dict[str, str]"]  # model → {module path:
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every conv layer of `model` in module order, with its module path: a LowRankConv2d as one
     layer (the two convs inside it are not layers of their own), a plain Conv2d elsewhere."""
+    return _layers_of(model, LowRankConv2d, nn.Conv2d)
+
+
+def _layers_of(model: nn.Module, factorized: type, dense: type) -> list[tuple[str, nn.Module]]:
+    """(module path, module) of every `factorized` or `dense` layer in module order, a factorized
+    one counted once (the dense layers inside it are its parts, not layers of their own)."""
     layers, inner = [], set()
     for path, module in model.named_modules():
-        if isinstance(module, LowRankConv2d):
+        if isinstance(module, factorized):
             inner.update(module.modules())
             layers.append((path, module))
-        elif isinstance(module, nn.Conv2d) and module not in inner:
+        elif isinstance(module, dense) and module not in inner:
             layers.append((path, module))
     return layers
 
@@ -47,14 +53,7 @@ def fc_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     spec = MODELS.get(getattr(model, REGISTERED_AS, None))
     if spec is None or not spec.fc_names:
         return []
-    layers, inner = [], set()
-    for path, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            inner.update(module.modules())
-            layers.append((path, module))
-        elif isinstance(module, nn.Linear) and module not in inner:
-            layers.append((path, module))
-    return layers[:-1]
+    return _layers_of(model, LowRankLinear, nn.Linear)[:-1]
 
 
 def fc_layer_names(model: nn.Module) -> dict[str, str]:
