@@ -152,6 +152,26 @@ def test_one_process_builds_while_the_others_wait_then_read_it(tmp_path, monkeyp
     assert sorted(builds.read_text().split()) == ["train", "val"]  # once each
 
 
+def test_a_folder_another_rank_creates_while_this_one_looks_is_still_roots(tmp_path, monkeypatch):
+    """The race the test above once lost: this rank finds no index folder, another creates it before
+    this one looks again; the folder is ROOT's still, not a second index in the user cache."""
+    folder = tmp_path / FOLDER
+    real_is_dir = Path.is_dir
+
+    def created_right_after_the_first_look(path):
+        answer = real_is_dir(path)
+        if path == folder and not answer:
+            folder.mkdir()  # the other rank, between this rank's two looks
+        return answer
+
+    monkeypatch.setattr(Path, "is_dir", created_right_after_the_first_look)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert index_module.index_folder(tmp_path) == folder
+    (tmp_path / "file_root").mkdir()
+    (tmp_path / "file_root" / FOLDER).write_text("not a folder")
+    assert index_module.index_folder(tmp_path / "file_root").is_relative_to(tmp_path / "cache")
+
+
 def test_an_unwritable_root_keeps_its_index_in_the_user_cache(tmp_path, monkeypatch):
     root = write_jpeg_folder(tmp_path / "data", COUNTS)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -59,7 +59,14 @@ FOLDER = ".lowrank_index"
 def index_folder(root: Path) -> Path:
     """ROOT/.lowrank_index if it can be written there, else a per-root folder in the user's cache."""
     folder = root / FOLDER
-    if folder.is_dir() and os.access(folder, os.W_OK) or not folder.exists() and os.access(root, os.W_OK):
+    # Another rank may create the folder while this one looks: "not a folder yet" followed by "but it
+    # exists now" must still mean ROOT's folder (it once sent this rank to the user cache, to build a
+    # second index). A file of that name is not a folder: the user cache then.
+    if folder.is_dir():
+        writable = os.access(folder, os.W_OK)
+    else:
+        writable = os.access(root, os.W_OK) and (not folder.exists() or folder.is_dir())
+    if writable:
         return folder
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "lowrank_dist" / "index" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
