@@ -82,9 +82,9 @@ class LowRankConfig(Section):
             one_policy(given, keys)  # with fc alone the convs stay dense
         if self.energy is not None and self.mode != "decomposed":
             # factorized: V and H are random; projected: the ranks are fixed before the first projection
-            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode))
+            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(key="energy", mode=self.mode))
         if self.fc is not None and self.fc.energy is not None and self.mode != "decomposed":
-            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode=self.mode).replace("lowrank.energy", "lowrank.fc.energy"))
+            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(key="fc.energy", mode=self.mode))
         if self.mode == "decomposed" and self.dense_checkpoint is None:
             raise ValueError("mode 'decomposed' needs dense_checkpoint: the trained dense model to decompose")
         if isinstance(self.ranks, list) and any(r is not None and r < 1 for r in self.ranks):

@@ -17,7 +17,8 @@ from lowrank_dist.config import ConfigError, config_from_dict, load_config
 from lowrank_dist.data.synthetic import make_synthetic
 from lowrank_dist.models import build_model
 from lowrank_dist.training.checkpoint import CheckpointManager, load_checkpoint
-from lowrank_dist.training.comm import CommHook, expected_bytes_per_step, factor_layout
+from lowrank_dist.speed.network import expected_bytes_per_step, factor_layout
+from lowrank_dist.training.comm import CommHook
 from lowrank_dist.training.distributed import DistContext, Rendezvous, process_group
 from lowrank_dist.training.engines import DDPEngine
 from lowrank_dist.training.trainer import communication_line, fit

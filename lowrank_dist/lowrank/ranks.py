@@ -23,7 +23,7 @@ POLICIES = ("ranks", "speedup", "energy")  # a rank policy is exactly one of the
 SPEEDUP_ABOVE = 1.0  # a target speedup is greater than this (at 1 a factorization saves nothing)
 ENERGY_RANGE = (0.0, 1.0)  # a kept energy fraction is in (low, high]
 ENERGY_NEEDS_TRAINED_WEIGHTS = (
-    "model.lowrank.energy: the energy policy reads the singular values of trained weights; mode {mode!r}"
+    "model.lowrank.{key}: the energy policy reads the singular values of trained weights; mode {mode!r}"
     " chooses ranks from randomly initialised ones, where they mean nothing: use mode 'decomposed'"
     " (a trained dense_checkpoint) or give preset, ranks or speedup"
 )

@@ -85,8 +85,9 @@ def build_model(cfg: Mapping, dense: bool = False) -> nn.Module:
     model = spec.build(num_classes=cfg.get("num_classes", spec.num_classes), **options)
     setattr(model, REGISTERED_AS, spec.name)  # before convert: ranks may name layers as the paper does
     lowrank = None if dense else cfg.get("lowrank")
-    if lowrank and (lowrank.get("energy") is not None or (lowrank.get("fc") or {}).get("energy") is not None):
-        raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(mode="factorized"))
+    for key, section in (("energy", lowrank or {}), ("fc.energy", (lowrank or {}).get("fc") or {})):
+        if section.get("energy") is not None:
+            raise ValueError(ENERGY_NEEDS_TRAINED_WEIGHTS.format(key=key, mode="factorized"))
     if lowrank:
         model = convert(
             model,

@@ -121,14 +121,12 @@ def run(args) -> int:
     channels_last = args.channels_last if args.channels_last is not None else defaults.get("channels_last", False)
     batch = args.batch if args.batch is not None else defaults.get("batch", 64 if device.type == "cuda" else 4)
     size = args.image_size if args.image_size is not None else defaults.get("image_size", spec.input_size[1])
-    for flag, value in (("--batch", batch), ("--image-size", size), ("--repeats", args.repeats)):
+    for flag, value in (("--batch", batch), ("--image-size", size), ("--repeats", args.repeats), ("--nodes", args.nodes),
+                        ("--gpus-per-node", args.gpus_per_node)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
     if not args.link_gbps > 0:
         raise ValueError(f"--link-gbps must be > 0, got {args.link_gbps}")
     search = [float(s) for s in args.search.split(",")] if args.search else []

@@ -29,8 +29,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-# the bytes a hook sends, counted from the parameters' shapes alone (the speed report uses them too)
-from ..speed.network import BF16_BYTES, expected_bytes_per_step, factor_layout  # noqa: F401
+from ..speed.network import BF16_BYTES, factor_layout
 
 def _numpy_rng_state(rng: np.random.RandomState) -> dict:
     _, keys, pos, has_gauss, gaussian = rng.get_state()

@@ -31,11 +31,11 @@ from ..data import build_loaders
 from ..files import write_text_atomic
 from ..models import build_model, layer_names, model_spec
 from ..speed.execution import ExecutionPlan
+from ..speed.network import expected_bytes_per_step
 from ..runtime import amp_dtype, device_type_for, select_device
 from .checkpoint import (CheckpointError, CheckpointManager, atomic_save, check_fits, check_resumable, load_checkpoint,
                          restore_rng_states)
 from .distributed import DistContext, process_group, rendezvous
-from .comm import expected_bytes_per_step
 from .engines import build_engine, global_batch, powersgd_start
 from .evaluate import evaluate
 from .loop import Meter, Preempted, Run, TrainingError, TrainState, project, save_checkpoint, train_one_epoch
